@@ -1,0 +1,20 @@
+"""Export-friendly PyTorch Gemma (families gemma, gemma2, gemma3_text) and weight loading."""
+
+from .config import SUPPORTED_MODEL_TYPES, GemmaConfig, Gemma2Config, Gemma3TextConfig, config_from_dict, load_config
+from .gemma import (
+    GemmaForCausalLM,
+    GemmaForSequenceClassification,
+    GemmaForTokenClassification,
+    GemmaModel,
+    empty_past,
+    position_ids_from_mask,
+    use_static_cache,
+)
+from .loading import TASKS, Checkpoint, load_model, random_model, resolve
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES", "GemmaConfig", "Gemma2Config", "Gemma3TextConfig", "config_from_dict", "load_config",
+    "GemmaForCausalLM", "GemmaForSequenceClassification", "GemmaForTokenClassification", "GemmaModel",
+    "empty_past", "position_ids_from_mask", "use_static_cache",
+    "TASKS", "Checkpoint", "load_model", "random_model", "resolve",
+]

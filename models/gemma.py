@@ -1,0 +1,268 @@
+"""Export-friendly Gemma text decoder (families gemma, gemma2, gemma3_text).
+
+The KV cache is explicit: `forward(input_ids, position_ids, attention_mask, past) -> (logits, present)`,
+where `past` and `present` are lists of (key, value) tensors [B, num_kv_heads, T, head_dim]. What the
+ONNX graph takes and gives is what this function takes and gives.
+
+Two cache layouts:
+- dynamic: past holds the T_past tokens seen so far; present = concat(past, new).
+- static: past is a buffer of `max_length` slots; the new entries are written at slots
+  T_past..T_past+S-1 (T_past = attention_mask.shape[1] - S) and present is the whole updated buffer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GemmaConfig
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Gemma scales by (1 + w), all in float32, then casts (transformers modular_gemma.py, PR #29402).
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_inv_freq(config: GemmaConfig, layer_type: str) -> torch.Tensor:
+    theta, factor = config.rope(layer_type)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim))
+    return inv_freq / factor  # linear scaling (Gemma 3 global layers of the 4B+ models)
+
+
+def rotary(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = position_ids[..., None].float() * inv_freq  # [B, S, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, D]
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, S, D]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GemmaConfig, layer_idx: int):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = config.query_pre_attn_scalar**-0.5
+        self.softcap = config.attn_logit_softcapping  # Gemma 2 only
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        if config.qk_norm:  # Gemma 3 normalizes q and k per head
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, past: KV, static_slots: torch.Tensor | None) -> tuple[torch.Tensor, KV]:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+
+        past_k, past_v = past
+        if static_slots is None:
+            k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)  # [B, Hkv, T, D]
+        else:
+            k, v = past_k.index_copy(2, static_slots, k), past_v.index_copy(2, static_slots, v)  # [B, Hkv, L, D]
+        present = (k, v)
+
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(B, self.num_kv_heads, groups * S, self.head_dim)  # [B, Hkv, G*S, D]: heads share their kv
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling  # [B, Hkv, G*S, T]
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.view(B, self.num_heads, S, -1)  # [B, H, S, T]
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.matmul(probs.view(B, self.num_kv_heads, groups * S, -1), v)  # [B, Hkv, G*S, D]
+        out = out.view(B, self.num_heads, S, self.head_dim).transpose(1, 2).reshape(B, S, -1)  # [B, S, H*D]
+        return self.o_proj(out), present
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: GemmaConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.sandwich_norms = config.sandwich_norms
+        if config.sandwich_norms:  # Gemma 2 and 3 norm before and after both attention and MLP
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+
+    def forward(self, x, cos, sin, mask, past, static_slots):
+        h, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, static_slots)
+        if not self.sandwich_norms:
+            x = x + h
+            return x + self.mlp(self.post_attention_layernorm(x)), present
+        x = x + self.post_attention_layernorm(h)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), present
+
+
+def attention_masks(
+    attention_mask: torch.Tensor, seq_len: int, kv_len: int, sliding_window: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Boolean masks [B, 1, S, kv_len] for full and sliding layers.
+
+    Cache slot indices decide causality and the window, as transformers' masking_utils does: query i sits
+    at slot T - S + i, where T = attention_mask.shape[1] counts the slots in use (pads included).
+    """
+    total = attention_mask.shape[1]
+    if kv_len != total:  # static layout: slots past T are empty
+        attention_mask = F.pad(attention_mask, (0, kv_len - total))
+    kv_idx = torch.arange(kv_len, device=attention_mask.device)  # [T]
+    q_idx = torch.arange(seq_len, device=attention_mask.device) + (total - seq_len)  # [S]
+    causal = kv_idx[None, :] <= q_idx[:, None]  # [S, T]
+    full = causal[None, None] & attention_mask.bool()[:, None, None, :]  # [B, 1, S, T]
+    if sliding_window is None:
+        return full, None
+    window = kv_idx[None, :] > q_idx[:, None] - sliding_window  # [S, T]
+    return full, full & window[None, None]
+
+
+class GemmaModel(nn.Module):
+    """The decoder stack; returns the last hidden state (feature extraction) and the present KV."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layer_types = list(config.layer_types)
+        self.static_cache = False  # KV layout; see `use_static_cache`
+        for layer_type in set(self.layer_types):
+            self.register_buffer(f"inv_freq_{layer_type}", rope_inv_freq(config, layer_type), persistent=False)
+
+    def forward(self, input_ids, position_ids, attention_mask, past: list[KV]) -> tuple[torch.Tensor, list[KV]]:
+        S = input_ids.shape[1]
+        x = self.embed_tokens(input_ids)
+        # sqrt(hidden_size) is cast to the compute dtype first: 55.4256 becomes 55.5 in bf16 (PR #29402).
+        x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
+
+        kv_len = past[0][0].shape[2] + S
+        static_slots = None
+        if self.static_cache:  # buffers of max_length slots; write the new entries at slots T-S..T-1
+            kv_len = past[0][0].shape[2]
+            static_slots = torch.arange(S, device=input_ids.device) + (attention_mask.shape[1] - S)
+        full_mask, sliding_mask = attention_masks(attention_mask, S, kv_len, self.config.sliding_window)
+        ropes = {t: rotary(position_ids, getattr(self, f"inv_freq_{t}"), x.dtype) for t in set(self.layer_types)}
+
+        present = []
+        for layer, layer_type, layer_past in zip(self.layers, self.layer_types, past):
+            mask = sliding_mask if layer_type == "sliding_attention" else full_mask
+            x, kv = layer(x, *ropes[layer_type], mask, layer_past, static_slots)
+            present.append(kv)
+        return self.norm(x), present
+
+
+class GemmaForCausalLM(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.model = GemmaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head.weight = self.model.embed_tokens.weight  # tied to the embedding
+
+    def forward(
+        self, input_ids, position_ids, attention_mask, past: list[KV], last_logits_only: bool = False
+    ) -> tuple[torch.Tensor, list[KV]]:
+        hidden, present = self.model(input_ids, position_ids, attention_mask, past)
+        if last_logits_only:
+            hidden = hidden[:, -1:]  # [B, 1, hidden]: the vocabulary is 256k, skip what nobody reads
+        logits = self.lm_head(hidden).float()  # [B, S, V]
+        if self.config.final_logit_softcapping is not None:  # Gemma 2
+            cap = self.config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits, present
+
+
+class GemmaForSequenceClassification(nn.Module):
+    """A linear score over the hidden state of each row's last non-pad token (transformers' pooling)."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.model = GemmaModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+
+    def forward(self, input_ids, position_ids, attention_mask, past: list[KV]) -> tuple[torch.Tensor, list[KV]]:
+        hidden, present = self.model(input_ids, position_ids, attention_mask, past)
+        logits = self.score(hidden)  # [B, S, num_labels]
+        non_pad = (input_ids != self.config.pad_token_id).to(torch.int64)
+        last = (torch.arange(input_ids.shape[1], device=input_ids.device) * non_pad).argmax(-1)  # [B]
+        return logits[torch.arange(input_ids.shape[0], device=input_ids.device), last].float(), present
+
+
+class GemmaForTokenClassification(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.model = GemmaModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)  # with bias, as transformers'
+
+    def forward(self, input_ids, position_ids, attention_mask, past: list[KV]) -> tuple[torch.Tensor, list[KV]]:
+        hidden, present = self.model(input_ids, position_ids, attention_mask, past)
+        return self.score(hidden).float(), present  # [B, S, num_labels]
+
+
+TASK_CLASSES = {
+    "text-generation": GemmaForCausalLM,
+    "feature-extraction": GemmaModel,
+    "sequence-classification": GemmaForSequenceClassification,
+    "token-classification": GemmaForTokenClassification,
+}
+
+
+def decoder_of(model: nn.Module) -> GemmaModel:
+    return model if isinstance(model, GemmaModel) else model.model
+
+
+def use_static_cache(model: nn.Module, enabled: bool = True) -> None:
+    """Select the static KV layout (past buffers of max_length slots, updated in place) or the dynamic one."""
+    decoder_of(model).static_cache = enabled
+
+
+def empty_past(config: GemmaConfig, batch_size: int, length: int = 0, dtype=torch.float32) -> list[KV]:
+    shape = (batch_size, config.num_key_value_heads, length, config.head_dim)
+    return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(config.num_hidden_layers)]
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions as transformers' generate computes them: count real tokens, pads at 1."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)

@@ -1,0 +1,236 @@
+"""Resolve a model name or path to a checkpoint and build the PyTorch module from it.
+
+Accepted sources (no pickle: safetensors and GGUF only):
+- a Hugging Face folder (config.json + model.safetensors, sharded or not);
+- a `.gguf` file from llama.cpp (dequantized to float32);
+- `random:<preset>` or `random:<path/to/config.json>`: random weights for a real config (tests, benchmarks);
+- the packaged real model, `gemma3-270m` (assembled and cached once per machine, see `packaged.py`);
+- a hub name such as `google/gemma-2b`, from the local Hugging Face cache (or the hub when reachable).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import packaged, presets
+from .config import GemmaConfig, config_from_dict, load_config
+from .gemma import TASK_CLASSES, decoder_of, rope_inv_freq
+
+log = logging.getLogger(__name__)
+
+TASKS = tuple(TASK_CLASSES)
+
+
+@dataclass
+class Checkpoint:
+    """Where a model's config, weights and tokenizer files come from."""
+
+    source: str
+    config: GemmaConfig
+    folder: Path | None = None  # holds tokenizer.json, tokenizer_config.json, generation_config.json...
+    gguf: Path | None = None
+    random_seed: int | None = None  # random weights instead of a file
+
+    def tensors(self) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
+        """The number of tensors and an iterator of (Hugging Face name, tensor), read lazily."""
+        if self.gguf is not None:
+            from .gguf_file import gguf_tensors
+
+            _, count, tensors = gguf_tensors(self.gguf)
+            return count, tensors
+        return _safetensors(self.folder)
+
+
+def resolve(model: str | Path) -> Checkpoint:
+    """A checkpoint for a path, a name of the packaged model, `random:...`, or a hub name."""
+    text = str(model)
+    if text.startswith("random:"):
+        spec = text.removeprefix("random:")
+        config = load_config(spec) if spec.endswith(".json") or Path(spec).is_dir() else presets.config(spec)
+        return Checkpoint(source=text, config=config, random_seed=0)
+    if text in packaged.NAMES:
+        folder = packaged.prepare(text)
+        return Checkpoint(source=text, config=load_config(folder), folder=folder)
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf" or path.is_file():
+        if not path.exists():
+            raise FileNotFoundError(f"model file {path} does not exist")
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path} is not a .gguf file; pass a GGUF file or a Hugging Face folder")
+        from .gguf_file import gguf_config
+
+        return Checkpoint(source=text, config=gguf_config(path), gguf=path, folder=path.parent)
+    if path.is_dir():
+        return Checkpoint(source=text, config=load_config(path), folder=path)
+    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") != 1:
+        raise FileNotFoundError(
+            f"model {text!r} is neither an existing folder or .gguf file, nor a hub name (org/name), nor one of "
+            f"{', '.join(packaged.NAMES)} or random:<{'|'.join(presets.PRESETS)}>"
+        )
+    folder = _from_hub(text)
+    return Checkpoint(source=text, config=load_config(folder), folder=folder)
+
+
+def _from_hub(name: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns, etag_timeout=5))
+    except Exception as e:
+        raise FileNotFoundError(
+            f"{name!r} is not in the local Hugging Face cache and the hub is not reachable ({type(e).__name__}). "
+            f"Download it where there is network (`hf download {name}`) and pass the folder, e.g. "
+            f"--model /path/to/{name.split('/')[-1]}, or pass a .gguf file"
+        ) from None
+
+
+def _safetensors(folder: Path) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        hint = f" (found {', '.join(pickles)}: pickle files are not loaded; convert them to safetensors)" if pickles else ""
+        raise FileNotFoundError(f"no *.safetensors weights in {folder}{hint}")
+    handles = []
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"weight file {path} listed in {index.name} does not exist")
+        try:
+            handles.append(safe_open(path, framework="pt"))
+        except Exception as e:
+            raise ValueError(f"weight file {path} is corrupted or truncated ({e}); re-download it") from e
+    count = sum(len(h.keys()) for h in handles)
+
+    def tensors():
+        for handle, name in zip(handles, files):
+            for key in handle.keys():
+                try:
+                    yield key, handle.get_tensor(key)
+                except Exception as e:
+                    raise ValueError(f"tensor {key!r} of {folder / name} cannot be read ({e}); re-download it") from e
+
+    return count, tensors()
+
+
+def _normalize(name: str) -> str:
+    """Map checkpoint names onto ours (multimodal Gemma 3 keeps the decoder under language_model)."""
+    for prefix in ("model.language_model.", "language_model.model.", "language_model."):
+        if name.startswith(prefix):
+            return "model." + name.removeprefix(prefix)
+    return name
+
+
+def load_model(
+    model: str | Path | Checkpoint,
+    task: str = "text-generation",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> tuple[nn.Module, Checkpoint]:
+    """Build the module for `task` and fill it with the checkpoint's weights (shapes and names checked)."""
+    if task not in TASK_CLASSES:
+        raise ValueError(f"task {task!r} is not supported; supported: {', '.join(TASKS)}")
+    ckpt = model if isinstance(model, Checkpoint) else resolve(model)
+    if ckpt.random_seed is not None:
+        return random_model(ckpt.config, task=task, seed=ckpt.random_seed, dtype=dtype), ckpt
+
+    with torch.device("meta"):  # no memory until the real tensors are assigned
+        module = TASK_CLASSES[task](ckpt.config)
+    expected = {k: v for k, v in module.state_dict().items()}
+    prefix = "" if task == "feature-extraction" else "model."
+    tied = ckpt.config.tie_word_embeddings and "lm_head.weight" in expected
+
+    count, tensors = ckpt.tensors()
+    state: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for key, tensor in _progress(tensors, count, f"loading {ckpt.source}", progress):
+        key = _normalize(key)
+        key = key.removeprefix("model.") if not prefix else key
+        if key == "lm_head.weight" and (tied or task != "text-generation"):
+            continue  # tied to the embedding (Gemma's checkpoints may still carry a copy)
+        if key not in expected:
+            unexpected.append(key)
+            continue
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"tensor {key!r} has shape {tuple(tensor.shape)} in {ckpt.source} but the config "
+                f"({ckpt.config.model_type}) expects {tuple(expected[key].shape)}"
+            )
+        state[key] = tensor.to(dtype)
+    if unexpected:
+        raise ValueError(f"{ckpt.source} has tensors a {ckpt.config.model_type} decoder does not: {unexpected[:8]}")
+    if tied:
+        state["lm_head.weight"] = state.get(f"{prefix}embed_tokens.weight")
+    missing = [k for k in expected if k not in state or state[k] is None]
+    head = [k for k in missing if k.startswith("score.")]
+    if head:  # transformers also starts a classification head from random weights
+        log.warning("%s has no %s head; it is initialized randomly: fine-tune it before use", ckpt.source, task)
+        generator = torch.Generator().manual_seed(0)
+        for k in head:
+            state[k] = torch.randn(expected[k].shape, generator=generator, dtype=dtype) * 0.02
+        missing = [k for k in missing if k not in head]
+    if missing:
+        raise ValueError(f"{ckpt.source} lacks tensors of the {ckpt.config.model_type} decoder: {missing[:8]}")
+    module.load_state_dict(state, strict=True, assign=True)
+    _finish(module, dtype)
+    return module, ckpt
+
+
+def _finish(module: nn.Module, dtype: torch.dtype) -> None:
+    """Re-tie lm_head (assign=True replaced the parameter) and rebuild the RoPE buffers off the meta device."""
+    decoder = decoder_of(module)
+    if hasattr(module, "lm_head") and module.config.tie_word_embeddings:
+        module.lm_head.weight = decoder.embed_tokens.weight
+    for layer_type in set(decoder.layer_types):
+        decoder.register_buffer(f"inv_freq_{layer_type}", rope_inv_freq(decoder.config, layer_type), persistent=False)
+    module.eval()
+
+
+def random_model(
+    config: GemmaConfig, task: str = "text-generation", seed: int = 0, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """Random weights, scaled so that greedy decoding does not collapse onto one token (DESIGN.md):
+    the default std 0.02 lets the tied embedding echo the input token back. Here the layers dominate the
+    residual stream: norms ~N(0, 2), linears ~N(0, 4/fan_in), embedding ~N(0, 0.16/hidden)."""
+    torch.manual_seed(seed)
+    module = TASK_CLASSES[task](config)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0.0, 2.0)
+            elif "embed_tokens" in name:
+                p.normal_(0.0, 0.4 * config.hidden_size**-0.5)
+            elif p.dim() == 2:
+                p.normal_(0.0, 2.0 * p.shape[1] ** -0.5)
+            else:
+                p.normal_(0.0, 0.02)
+    return module.to(dtype).eval()
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="tensor", leave=False)
+
+
+__all__ = ["Checkpoint", "resolve", "load_model", "random_model", "config_from_dict", "TASKS"]

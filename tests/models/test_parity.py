@@ -1,0 +1,137 @@
+"""models/ against transformers: every family's tiny config, and the real Gemma 3 270M."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import empty_past, position_ids_from_mask, presets, random_model, use_static_cache
+from models.loading import load_model
+from tests.reference import PROMPTS, left_padded_batch, transformers_reference
+
+FAMILIES = ["tiny-gemma-2b", "tiny-gemma-7b", "tiny-gemma2", "tiny-gemma3"]
+FP32_TOL = 1e-4
+
+
+def run_steps(model, config, ids, mask, decode_ids, static_length=None):
+    """Prefill `ids`, then feed `decode_ids` one column at a time; logits of every step [B, S, V]."""
+    B = ids.shape[0]
+    use_static_cache(model, static_length is not None)
+    past = empty_past(config, B, static_length or 0)
+    outputs = []
+    with torch.no_grad():
+        logits, past = model(ids, position_ids_from_mask(mask), mask, past)
+        outputs.append(logits)
+        for t in range(decode_ids.shape[1]):
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
+            position_ids = position_ids_from_mask(mask)[:, -1:]
+            logits, past = model(decode_ids[:, t : t + 1], position_ids, mask, past)
+            outputs.append(logits)
+    use_static_cache(model, False)
+    return outputs
+
+
+def reference_steps(ref, ids, mask, decode_ids):
+    """transformers with its own DynamicCache over the same steps."""
+    outputs = []
+    with torch.no_grad():
+        out = ref(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True)
+        outputs.append(out.logits)
+        cache = out.past_key_values
+        for t in range(decode_ids.shape[1]):
+            mask = torch.cat([mask, torch.ones(ids.shape[0], 1, dtype=mask.dtype)], dim=1)
+            out = ref(
+                input_ids=decode_ids[:, t : t + 1],
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask)[:, -1:],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            outputs.append(out.logits)
+            cache = out.past_key_values
+    return outputs
+
+
+def max_diff(ours, theirs, mask):
+    """Largest |difference| over the real (non-pad) positions of every step."""
+    diffs = [(ours[0] - theirs[0])[mask.bool()].abs().max()]
+    diffs += [(a - b).abs().max() for a, b in zip(ours[1:], theirs[1:])]
+    return float(max(diffs))
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tiny_family_matches_transformers(name, static):
+    config = presets.config(name)
+    model = random_model(config, seed=1)
+    ref = transformers_reference(config, model)
+    # Two prompts of different lengths, left-padded; 12 + 6 steps crosses the sliding window of 8.
+    ids, mask = left_padded_batch(config.vocab_size, [12, 7])
+    decode_ids = torch.randint(3, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(2))
+    ours = run_steps(model, config, ids, mask, decode_ids, static_length=32 if static else None)
+    theirs = reference_steps(ref, ids, mask, decode_ids)
+    assert max_diff(ours, theirs, mask) <= FP32_TOL
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_greedy_decoding_is_not_degenerate(name):
+    """Random weights must give varied greedy tokens, or KV-cache bugs hide (DESIGN.md)."""
+    config = presets.config(name)
+    model = random_model(config)
+    ids, mask = left_padded_batch(config.vocab_size, [5])
+    tokens = []
+    past = empty_past(config, 1)
+    with torch.no_grad():
+        step_ids = ids
+        for _ in range(48):
+            logits, past = model(step_ids, position_ids_from_mask(mask)[:, -step_ids.shape[1] :], mask, past)
+            step_ids = logits[:, -1:].argmax(-1)
+            tokens.append(int(step_ids))
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+    assert len(set(tokens)) >= 12
+
+
+@pytest.mark.parametrize("task", ["feature-extraction", "sequence-classification", "token-classification"])
+def test_heads_match_transformers(task):
+    config = presets.config("tiny-gemma-2b")  # the seeds' GemmaFor{Sequence,Token}Classification
+    model = random_model(config, task=task)
+    ref = transformers_reference(config, model, task=task)
+    ids, mask = left_padded_batch(config.vocab_size, [9, 5])
+    with torch.no_grad():
+        ours, _ = model(ids, position_ids_from_mask(mask), mask, empty_past(config, 2))
+        out = ref(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+    theirs = out.last_hidden_state if task == "feature-extraction" else out.logits
+    if task == "sequence-classification":
+        assert float((ours - theirs).abs().max()) <= FP32_TOL
+    else:
+        assert float((ours - theirs)[mask.bool()].abs().max()) <= FP32_TOL
+
+
+@pytest.mark.real
+def test_real_model_logits_and_greedy_tokens(real_model_dir, real_reference, real_tokenizer):
+    model, _ = load_model(real_model_dir, progress=False)
+    config = model.config
+    worst = 0.0
+    for prompt in PROMPTS:
+        enc = real_tokenizer(prompt, return_tensors="pt")
+        ids, mask = enc.input_ids, enc.attention_mask
+        with torch.no_grad():
+            ours, _ = model(ids, position_ids_from_mask(mask), mask, empty_past(config, 1))
+            theirs = real_reference(input_ids=ids, attention_mask=mask).logits
+        worst = max(worst, float((ours - theirs).abs().max()))
+    assert real_tokenizer(PROMPTS[-1], return_tensors="pt").input_ids.shape[1] > 512
+    assert worst <= 1e-3
+
+    # 40 greedy tokens, identical to transformers' generate.
+    enc = real_tokenizer(PROMPTS[0], return_tensors="pt")
+    expected = real_reference.generate(**enc, max_new_tokens=40, do_sample=False)[0, enc.input_ids.shape[1] :]
+    ids, mask, past, tokens = enc.input_ids, enc.attention_mask, empty_past(config, 1), []
+    with torch.no_grad():
+        step_ids = ids
+        for _ in range(40):
+            logits, past = model(step_ids, position_ids_from_mask(mask)[:, -step_ids.shape[1] :], mask, past)
+            step_ids = logits[:, -1:].argmax(-1)
+            tokens.append(int(step_ids))
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+    assert tokens == expected.tolist()
+    assert real_tokenizer.decode(tokens).startswith(" the capital of the country of France")
