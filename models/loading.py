@@ -209,13 +209,13 @@ def random_model(
 ) -> nn.Module:
     """Random weights, scaled so that greedy decoding does not collapse onto one token (DESIGN.md):
     the default std 0.02 lets the tied embedding echo the input token back. Here the layers dominate the
-    residual stream: norms ~N(0, 2), linears ~N(0, 4/fan_in), embedding ~N(0, 0.16/hidden)."""
+    residual stream: norms ~N(0, 1), linears ~N(0, 4/fan_in), embedding ~N(0, 0.16/hidden)."""
     torch.manual_seed(seed)
     module = TASK_CLASSES[task](config)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if name.endswith("norm.weight"):
-                p.normal_(0.0, 2.0)
+                p.normal_(0.0, 1.0)
             elif "embed_tokens" in name:
                 p.normal_(0.0, 0.4 * config.hidden_size**-0.5)
             elif p.dim() == 2:

@@ -1,0 +1,188 @@
+"""`export()`: checkpoint -> traced ONNX -> verified, self-describing artifact directory.
+
+The CLI (`gemma-export`) parses options and calls this; a Python user can call it too.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from .artifact import SCHEMA_VERSION, ArtifactDir, add_bos_token, end_token_ids, write_manifest, write_tokenizer_files
+from .trace import GraphSpec, parameter_bytes, trace
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("onnx",)
+KV_LAYOUTS = ("dynamic", "static")
+LOGITS = ("all", "last")
+DTYPES = ("fp32",)
+DTYPE_NAMES = {"fp32": "float32"}
+
+
+class ParityError(RuntimeError):
+    """The exported graph does not match the PyTorch reference; nothing was written."""
+
+    def __init__(self, report):
+        self.report = report
+        super().__init__(
+            f"parity failed: max |logit difference| {report.max_abs_diff:.3g} (tolerance {report.tolerance:.3g}), "
+            f"greedy agreement {100 * report.greedy_agreement:.0f}% (needs {100 * report.min_greedy_agreement:.0f}%)"
+        )
+
+
+@dataclass
+class ExportOptions:
+    target: str = "onnx"
+    task: str = "text-generation"
+    dtype: str = "fp32"
+    kv_cache: str = "dynamic"
+    max_length: int | None = None
+    logits: str = "all"
+    verify: bool = True
+    overwrite: bool = False
+    tokenizer: Path | None = None
+    progress: bool = True
+
+    def check(self) -> None:
+        from models.loading import TASKS
+
+        choices = {"target": TARGETS, "task": TASKS, "dtype": DTYPES, "kv_cache": KV_LAYOUTS, "logits": LOGITS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not supported; supported: {', '.join(allowed)}")
+        if self.kv_cache == "static" and not self.max_length:
+            raise ValueError("--kv-cache static needs --max-length N (the size of the KV buffers)")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length {self.max_length} must be a positive number of tokens")
+        if self.task != "text-generation" and (self.kv_cache != "dynamic" or self.logits != "all"):
+            raise ValueError(f"--kv-cache and --logits apply to text-generation only, not to {self.task}")
+
+
+def export(model: str | Path, output: str | Path, options: ExportOptions | None = None) -> dict:
+    """Export `model` to the artifact directory `output`; returns its manifest."""
+    from models.loading import load_model, resolve
+
+    options = options or ExportOptions()
+    options.check()
+    start = time.perf_counter()
+    ckpt = resolve(model)
+    config = ckpt.config
+    if options.max_length and options.max_length > config.max_position_embeddings:
+        raise ValueError(
+            f"max_length {options.max_length} exceeds the model's context of {config.max_position_embeddings} tokens"
+        )
+    spec = GraphSpec(
+        task=options.task,
+        num_layers=config.num_hidden_layers,
+        kv_layout=options.kv_cache,
+        max_length=options.max_length if options.kv_cache == "static" else None,
+        logits=options.logits,
+    )
+    with ArtifactDir(output, options.overwrite) as tmp:
+        torch_model, _ = load_model(ckpt, task=options.task, progress=options.progress)
+        weight_bytes = parameter_bytes(torch_model)
+        trace_start = time.perf_counter()
+        trace(torch_model, spec, tmp / "model.onnx")
+        trace_seconds = time.perf_counter() - trace_start
+        del torch_model
+        gc.collect()
+        export_rss = _peak_rss()
+        files = write_tokenizer_files(ckpt, tmp, options.tokenizer)
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+        parity = None
+        if options.verify:
+            from .verify import verify
+
+            report = verify(
+                lambda: load_model(ckpt, task=options.task, progress=False)[0],
+                tmp / "model.onnx",
+                spec,
+                config,
+                dtype=DTYPE_NAMES[options.dtype],
+                tokenizer_dir=tmp if "tokenizer.json" in files else None,
+            )
+            (tmp / "parity.json").write_text(json.dumps(report.to_dict(), indent=2))
+            if not report.passed:
+                raise ParityError(report)
+            parity = report.summary()
+
+        manifest = build_manifest(config, spec, options, tmp, ckpt.source, parity)
+        manifest["export"] = {
+            "seconds": round(time.perf_counter() - start, 1),
+            "trace_seconds": round(trace_seconds, 1),
+            "peak_rss_bytes": export_rss,
+            "weight_bytes": weight_bytes,
+        }
+        manifest = write_manifest(tmp, manifest)
+    log.info("wrote %s in %.0f s", output, time.perf_counter() - start)
+    return manifest
+
+
+def build_manifest(config, spec: GraphSpec, options: ExportOptions, folder: Path, source: str, parity) -> dict:
+    dtype = DTYPE_NAMES[options.dtype]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "gemma-deploy-artifact",
+        "task": spec.task,
+        "target": options.target,
+        "family": config.model_type,
+        "source": source,
+        "config": {
+            "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_hidden_layers,
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads,
+            "head_dim": config.head_dim,
+            "vocab_size": config.vocab_size,
+            "max_position_embeddings": config.max_position_embeddings,
+            "sliding_window": config.sliding_window,
+            "layer_types": list(config.layer_types),
+        },
+        "dtype": dtype,
+        "io": {"inputs": spec.input_names, "outputs": spec.output_names},
+        "kv_cache": {
+            "layout": spec.kv_layout,
+            "max_length": spec.max_length,
+            "num_layers": config.num_hidden_layers,
+            "num_kv_heads": config.num_key_value_heads,
+            "head_dim": config.head_dim,
+            "dtype": dtype,
+            "sliding_window": config.sliding_window,
+            "sliding_window_layers": config.sliding_window_layers,
+            "shares_buffers": False,
+        },
+        "logits": spec.logits,
+        "quantization": None,
+        "generation": {
+            "bos_token_id": config.bos_token_id,
+            "eos_token_ids": end_token_ids(config, folder),
+            "pad_token_id": config.pad_token_id,
+            "add_bos_token": add_bos_token(folder),
+            "context_length": spec.max_length or config.max_position_embeddings,
+        },
+        "tools": _tool_versions(),
+        "parity": parity,
+        "fusions": {},
+    }
+
+
+def _tool_versions() -> dict:
+    versions = {}
+    for name in ("gemma-deploy", "torch", "transformers", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            versions[name.replace("-", "_")] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -1,0 +1,113 @@
+"""Console scripts: gemma-export and gemma-parity. Thin: parse options, call the library, map errors
+to exit codes a CI job can rely on."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .api import DTYPES, KV_LAYOUTS, LOGITS, TARGETS, ExportOptions, ParityError, export
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    for noisy in ("onnxscript", "onnx_ir", "torch", "transformers", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "-m", required=True, help="HF folder or hub name, .gguf file, gemma3-270m, or random:<preset>.")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
+@click.option("--target", type=click.Choice(TARGETS), default="onnx", show_default=True)
+@click.option(
+    "--task",
+    type=click.Choice(["text-generation", "feature-extraction", "sequence-classification", "token-classification"]),
+    default="text-generation",
+    show_default=True,
+)
+@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True)
+@click.option("--kv-cache", type=click.Choice(KV_LAYOUTS), default="dynamic", show_default=True,
+              help="dynamic: past grows each step; static: buffers of --max-length updated in place.")
+@click.option("--max-length", type=int, default=None, help="KV buffer length (static layout) / context limit.")
+@click.option("--logits", type=click.Choice(LOGITS), default="all", show_default=True,
+              help="last: logits of the last position only (faster prefill with a 256k vocabulary).")
+@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder with tokenizer.json to ship instead of the checkpoint's (e.g. for random weights).")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check parity with PyTorch after export.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--verbose", "-v", is_flag=True)
+def export_command(model, output, target, task, dtype, kv_cache, max_length, logits, tokenizer, verify, overwrite,
+                   quiet, verbose):
+    """Export a Gemma model to a verified artifact directory."""
+    _setup_logging(verbose)
+    options = ExportOptions(
+        target=target, task=task, dtype=dtype, kv_cache=kv_cache, max_length=max_length, logits=logits,
+        verify=verify, overwrite=overwrite, tokenizer=tokenizer, progress=not quiet,
+    )
+    try:
+        manifest = export(model, output, options)
+    except ParityError as e:
+        click.echo(f"gemma-export: {e}; no artifact was written (use --no-verify to keep it anyway)", err=True)
+        sys.exit(EXIT_FAIL)
+    except USER_ERRORS as e:
+        click.echo(f"gemma-export: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    info = manifest.get("export", {})
+    size = sum(f["size"] for f in manifest["files"].values())
+    click.echo(
+        f"exported {model} -> {output} ({size / 2**20:.1f} MiB) in {info.get('seconds')} s, "
+        f"peak RSS {info.get('peak_rss_bytes', 0) / 2**30:.2f} GiB"
+    )
+    if manifest.get("parity"):
+        p = manifest["parity"]
+        click.echo(f"parity: max |logit diff| {p['max_abs_diff']:.2e}, greedy agreement {100 * p['greedy_agreement']:.0f}%")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--model", "-m", required=True, help="The PyTorch source the artifact was exported from.")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Text file, one prompt a line.")
+@click.option("--new-tokens", type=int, default=8, show_default=True)
+@click.option("--tolerance", type=float, default=None, help="Max |logit difference| (default: per precision).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@click.option("--verbose", "-v", is_flag=True)
+def parity_command(artifact, model, prompts, new_tokens, tolerance, as_json, verbose):
+    """Check an artifact against its PyTorch source. Exit 0 pass, 1 fail, 2 usage or load error."""
+    _setup_logging(verbose)
+    from .parity import check_artifact
+
+    try:
+        prompt_list = None
+        if prompts is not None:
+            prompt_list = [line for line in prompts.read_text().splitlines() if line.strip()]
+            if not prompt_list:
+                raise ValueError(f"{prompts} has no prompts; expected one prompt a line")
+        if tolerance is not None and tolerance <= 0:
+            raise ValueError(f"tolerance {tolerance} must be > 0")
+        report = check_artifact(artifact, model, prompt_list, new_tokens, tolerance)
+    except USER_ERRORS as e:
+        click.echo(f"gemma-parity: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    except Exception as e:  # a manifest the runtime refuses, a graph ORT cannot load...
+        click.echo(f"gemma-parity: cannot check {artifact}: {type(e).__name__}: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(
+            f"{'PASS' if report.passed else 'FAIL'}: max |logit diff| {report.max_abs_diff:.2e} "
+            f"(tolerance {report.tolerance:.1e}), greedy agreement {100 * report.greedy_agreement:.0f}% "
+            f"over {report.new_tokens} steps x {report.batch_size} prompts"
+        )
+    sys.exit(EXIT_OK if report.passed else EXIT_FAIL)

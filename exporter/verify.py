@@ -1,0 +1,197 @@
+"""Parity of an exported graph with the PyTorch reference: prefill + greedy decode steps, teacher-forced.
+
+The reference (models/, itself tested against transformers) decodes greedily; the ONNX graph is fed the
+same tokens, so every step's logits are comparable. Reported per step: max and mean |logit difference|
+over real positions; and the greedy agreement: the share of steps whose argmax is the reference's token.
+The reference runs first and is freed before ONNX Runtime loads the graph: peak memory stays at one model.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "LLMs generate text through a process known as",
+    "def fibonacci(n):",
+)
+# Max |logit difference| allowed per precision of the graph.
+TOLERANCES = {"float32": 1e-3, "float16": 0.5, "bfloat16": 1.0}
+MIN_AGREEMENT = {"float32": 1.0, "float16": 0.9, "bfloat16": 0.9}
+
+
+@dataclass
+class ParityReport:
+    passed: bool
+    tolerance: float
+    min_greedy_agreement: float
+    max_abs_diff: float
+    mean_abs_diff: float
+    greedy_agreement: float
+    steps: list[dict] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    batch_size: int = 0
+    new_tokens: int = 0
+    reference: str = "models/ (PyTorch)"
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> dict:
+        keys = ("passed", "tolerance", "max_abs_diff", "mean_abs_diff", "greedy_agreement", "new_tokens")
+        return {k: getattr(self, k) for k in keys}
+
+
+def encode_prompts(tokenizer_dir: Path | None, prompts, vocab_size: int, seed: int = 0):
+    """Token ids per prompt: the artifact's tokenizer when it has one, else random ids (random models)."""
+    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
+        from runtime.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(tokenizer_dir)
+        return [tokenizer.encode(p) for p in prompts]
+    rng = np.random.default_rng(seed)
+    return [[2, *rng.integers(3, vocab_size, size=4 + 3 * i).tolist()] for i in range(len(prompts))]
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = seq
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    pos = np.cumsum(mask, axis=-1) - 1
+    return np.where(mask == 0, 1, pos).astype(np.int64)
+
+
+def reference_steps(model, spec, ids: np.ndarray, mask: np.ndarray, new_tokens: int):
+    """Greedy decode with the PyTorch module; returns (tokens [B, N], logits per step)."""
+    import torch
+
+    from models.gemma import empty_past, use_static_cache
+
+    config = model.config
+    B = ids.shape[0]
+    use_static_cache(model, spec.kv_layout == "static")
+    past = empty_past(config, B, spec.max_length or 0) if spec.with_past else None
+    steps, tokens = [], []
+    with torch.no_grad():
+        step_ids, step_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+        for step in range(new_tokens + 1 if spec.with_past else 1):
+            pos = torch.from_numpy(positions(step_mask.numpy()))[:, -step_ids.shape[1] :]
+            if spec.with_past:
+                logits, past = model(step_ids, pos, step_mask, past, last_logits_only=spec.logits == "last")
+            else:
+                logits, _ = model(step_ids, pos, step_mask, empty_past(config, B))
+            steps.append(logits.float().numpy())
+            if not spec.with_past or step == new_tokens:
+                break
+            step_ids = logits[:, -1:].argmax(-1)
+            tokens.append(step_ids.numpy()[:, 0])
+            step_mask = torch.cat([step_mask, torch.ones(B, 1, dtype=step_mask.dtype)], dim=1)
+    use_static_cache(model, False)
+    return np.stack(tokens, axis=1) if tokens else np.zeros((B, 0), np.int64), steps
+
+
+def onnx_steps(onnx_path: Path, spec, config, ids: np.ndarray, mask: np.ndarray, tokens: np.ndarray, kv_dtype):
+    """The graph on ONNX Runtime (CPU), fed the reference's tokens; logits per step."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    B = ids.shape[0]
+    length = spec.max_length if spec.kv_layout == "static" else 0
+    shape = (B, config.num_key_value_heads, length, config.head_dim)
+    past = {name: np.zeros(shape, dtype=kv_dtype) for name in spec.past_names}
+    steps = []
+    step_ids, step_mask = ids, mask
+    for step in range(tokens.shape[1] + 1):
+        feeds = {
+            "input_ids": step_ids,
+            "attention_mask": step_mask,
+            "position_ids": positions(step_mask)[:, -step_ids.shape[1] :],
+            **past,
+        }
+        outputs = session.run(None, feeds)
+        steps.append(outputs[0].astype(np.float32))
+        if step == tokens.shape[1]:
+            break
+        past = dict(zip(spec.past_names, outputs[1:]))
+        step_ids = tokens[:, step : step + 1]
+        step_mask = np.concatenate([step_mask, np.ones((B, 1), np.int64)], axis=1)
+    return steps
+
+
+def compare(reference, candidate, mask: np.ndarray, spec, tokens: np.ndarray) -> tuple[list[dict], float]:
+    """Per-step differences over real positions, and the greedy agreement."""
+    rows = []
+    agree = total = 0
+    for step, (ref, got) in enumerate(zip(reference, candidate)):
+        diff = np.abs(ref - got)
+        if step == 0 and diff.ndim == 3 and diff.shape[1] == mask.shape[1]:
+            diff = diff[mask.astype(bool)]  # prefill over all positions: only real tokens count
+        rows.append({"step": step, "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())})
+        if step < tokens.shape[1]:
+            agree += int((got[:, -1].argmax(-1) == tokens[:, step]).sum())
+            total += tokens.shape[0]
+    if spec.with_past is False:  # heads: agreement of the argmax over labels / features is not greedy decoding
+        agree, total = 1, 1
+    return rows, (agree / total if total else 1.0)
+
+
+def verify(
+    model_factory,
+    onnx_path: Path,
+    spec,
+    config,
+    dtype: str = "float32",
+    tokenizer_dir: Path | None = None,
+    prompts=DEFAULT_PROMPTS,
+    new_tokens: int = 8,
+    tolerance: float | None = None,
+) -> ParityReport:
+    """Compare the graph at `onnx_path` with the module `model_factory()` builds (loaded only for this)."""
+    start = time.perf_counter()
+    tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
+    sequences = encode_prompts(tokenizer_dir, prompts, config.vocab_size)
+    ids, mask = left_pad(sequences, config.pad_token_id)
+    model = model_factory()
+    tokens, reference = reference_steps(model, spec, ids, mask, new_tokens)
+    del model
+    gc.collect()
+    kv_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}[dtype]
+    candidate = onnx_steps(onnx_path, spec, config, ids, mask, tokens, kv_dtype)
+    rows, agreement = compare(reference, candidate, mask, spec, tokens)
+    max_diff = max(r["max_abs_diff"] for r in rows)
+    mean_diff = float(np.mean([r["mean_abs_diff"] for r in rows]))
+    min_agreement = MIN_AGREEMENT[dtype]
+    report = ParityReport(
+        passed=bool(max_diff <= tolerance and agreement >= min_agreement),
+        tolerance=tolerance,
+        min_greedy_agreement=min_agreement,
+        max_abs_diff=max_diff,
+        mean_abs_diff=mean_diff,
+        greedy_agreement=agreement,
+        steps=rows,
+        prompts=list(prompts) if tokenizer_dir else [f"<{len(s)} random ids>" for s in sequences],
+        batch_size=len(sequences),
+        new_tokens=int(tokens.shape[1]),
+        seconds=round(time.perf_counter() - start, 2),
+    )
+    log.info(
+        "parity %s: max |diff| %.3g (tolerance %.3g), greedy agreement %.0f%% over %d steps",
+        "passed" if report.passed else "FAILED", max_diff, tolerance, 100 * agreement, len(rows),
+    )
+    return report
