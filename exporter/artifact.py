@@ -18,6 +18,28 @@ SCHEMA_VERSION = 1  # the runtime refuses other versions
 
 log = logging.getLogger(__name__)
 
+# Gemma's chat format, written when the source has no template (the packaged base model has none).
+# As in Gemma 3's own template, a system message is prepended to the first user turn.
+DEFAULT_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") + message['content'] | trim + '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<start_of_turn>model\n' }}
+{%- endif -%}
+"""
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
@@ -96,8 +118,6 @@ def write_tokenizer_files(ckpt, destination: Path, tokenizer_dir: Path | None = 
         return written
     template = _chat_template(source or destination)
     if template is None:
-        from runtime.chat import DEFAULT_CHAT_TEMPLATE
-
         log.info("the source has no chat template; writing Gemma's")
         template = DEFAULT_CHAT_TEMPLATE
     (destination / "chat_template.jinja").write_text(template)

@@ -54,10 +54,10 @@ class ParityReport:
 def encode_prompts(tokenizer_dir: Path | None, prompts, vocab_size: int, seed: int = 0):
     """Token ids per prompt: the artifact's tokenizer when it has one, else random ids (random models)."""
     if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
-        from runtime.tokenizer import Tokenizer
+        from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_dir(tokenizer_dir)
-        return [tokenizer.encode(p) for p in prompts]
+        tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))  # its post-processor adds <bos>
+        return [tokenizer.encode(p).ids for p in prompts]
     rng = np.random.default_rng(seed)
     return [[2, *rng.integers(3, vocab_size, size=4 + 3 * i).tolist()] for i in range(len(prompts))]
 
