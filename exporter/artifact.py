@@ -6,15 +6,13 @@ something that loads: the manifest, which the runtime requires, is the last file
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
-MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 1  # the runtime refuses other versions
+from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, sha256  # noqa: F401  (the contract lives in runtime)
 
 log = logging.getLogger(__name__)
 
@@ -157,14 +155,6 @@ def add_bos_token(destination: Path) -> bool:
     if config.is_file():
         return bool(json.loads(config.read_text()).get("add_bos_token", True))
     return True
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(folder: Path, manifest: dict) -> dict:

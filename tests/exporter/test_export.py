@@ -1,0 +1,151 @@
+"""gemma-export: traced graphs against PyTorch, the artifact contract, interrupted exports, gemma-parity."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from exporter import ExportOptions, export
+from exporter.cli import export_command, parity_command
+from exporter.verify import left_pad, positions
+
+FAMILIES = ["tiny-gemma-2b", "tiny-gemma-7b", "tiny-gemma2", "tiny-gemma3"]
+
+
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tiny_export_matches_pytorch(tmp_path, name, kv_cache):
+    """Batch of three left-padded prompts, prefill + 8 decode steps, past the window of 8."""
+    options = ExportOptions(kv_cache=kv_cache, max_length=48 if kv_cache == "static" else None, progress=False)
+    manifest = export(f"random:{name}", tmp_path / "a", options)
+    parity = json.loads((tmp_path / "a" / "parity.json").read_text())
+    assert parity["passed"] and parity["batch_size"] == 3 and parity["new_tokens"] == 8
+    assert parity["max_abs_diff"] <= 1e-4
+    assert parity["greedy_agreement"] == 1.0
+    assert manifest["kv_cache"]["layout"] == kv_cache
+    assert manifest["family"] == {"tiny-gemma2": "gemma2", "tiny-gemma3": "gemma3_text"}.get(name, "gemma")
+
+
+def test_graph_io_names_dtypes_and_dims(tmp_path):
+    export("random:tiny-gemma3", tmp_path / "a", ExportOptions(verify=False, progress=False))
+    model = onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False)
+
+    def dims(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    inputs = {v.name: v for v in model.graph.input}
+    outputs = {v.name: v for v in model.graph.output}
+    assert list(inputs)[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert dims(inputs["input_ids"]) == ["batch_size", "sequence_length"]
+    assert dims(inputs["attention_mask"]) == ["batch_size", "total_sequence_length"]
+    assert dims(inputs["past_key_values.5.value"]) == ["batch_size", 2, "past_sequence_length", 32]
+    assert dims(outputs["present.0.key"]) == ["batch_size", 2, "total_sequence_length", 32]
+    assert dims(outputs["logits"]) == ["batch_size", "sequence_length", 512]
+    assert inputs["input_ids"].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert outputs["logits"].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert len(inputs) == 3 + 2 * 6 and len(outputs) == 1 + 2 * 6
+
+
+def test_last_logits_only(tmp_path):
+    import onnxruntime as ort
+
+    export("random:tiny-gemma-2b", tmp_path / "a", ExportOptions(logits="last", progress=False))
+    session = ort.InferenceSession(str(tmp_path / "a" / "model.onnx"))
+    ids, mask = left_pad([[2, 5, 6, 7], [2, 9]], 0)
+    empty = np.zeros((2, 1, 0, 32), np.float32)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
+    feeds.update({f"past_key_values.{i}.{kv}": empty for i in range(2) for kv in ("key", "value")})
+    assert session.run(["logits"], feeds)[0].shape == (2, 1, 512)
+
+
+@pytest.mark.parametrize("task", ["feature-extraction", "sequence-classification", "token-classification"])
+def test_other_heads(tmp_path, task):
+    manifest = export("random:tiny-gemma-2b", tmp_path / "a", ExportOptions(task=task, progress=False))
+    assert manifest["task"] == task and manifest["parity"]["passed"]
+    assert manifest["parity"]["max_abs_diff"] <= 1e-4
+    assert not any(name.startswith("past_key_values") for name in manifest["io"]["inputs"])
+
+
+def test_manifest_lists_every_file_with_sha256(tmp_path):
+    import hashlib
+
+    manifest = export("random:tiny-gemma3", tmp_path / "a", ExportOptions(progress=False))
+    folder = tmp_path / "a"
+    on_disk = sorted(p.name for p in folder.iterdir() if p.name != "manifest.json")
+    assert sorted(manifest["files"]) == on_disk
+    for name, entry in manifest["files"].items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == entry["sha256"]
+    assert manifest["schema_version"] == 1 and manifest["parity"]["passed"]
+    assert manifest["kv_cache"]["sliding_window_layers"] == [0, 1, 2, 3, 4]
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    (tmp_path / "a").mkdir()
+    result = CliRunner().invoke(export_command, ["--model", "random:tiny-gemma-2b", "--output", str(tmp_path / "a")])
+    assert result.exit_code == 2
+    assert "already exists; pass --overwrite" in result.output
+
+
+def test_unsupported_and_missing_models_exit_2(tmp_path):
+    result = CliRunner().invoke(export_command, ["--model", str(tmp_path / "none.gguf"), "--output", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    result = CliRunner().invoke(export_command, ["--model", str(tmp_path / "llama"), "--output", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "model_type 'llama' is not supported" in result.output
+    assert not (tmp_path / "a").exists()
+
+
+def test_interrupted_export_leaves_no_artifact(tmp_path):
+    output = tmp_path / "a"
+    command = [sys.executable, "-c", "from exporter.cli import export_command; export_command()", "--model", "random:tiny-gemma3", "--output", str(output), "-q"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    partial = []
+    while time.time() < deadline and not partial:
+        partial = list(tmp_path.glob(".a.partial-*"))
+        time.sleep(0.2)
+    assert partial, "the export never started writing"
+    time.sleep(1.0)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not output.exists()
+    # The next export succeeds and removes what the killed one left.
+    export("random:tiny-gemma3", output, ExportOptions(verify=False, progress=False))
+    assert (output / "manifest.json").is_file()
+    assert not list(tmp_path.glob(".a.partial-*"))
+
+
+def test_failed_parity_writes_nothing(tmp_path, monkeypatch):
+    from exporter import ParityError, verify
+
+    monkeypatch.setitem(verify.TOLERANCES, "float32", 1e-12)
+    with pytest.raises(ParityError, match="parity failed"):
+        export("random:tiny-gemma-2b", tmp_path / "a", ExportOptions(progress=False))
+    assert not (tmp_path / "a").exists()
+    result = CliRunner().invoke(export_command, ["--model", "random:tiny-gemma-2b", "--output", str(tmp_path / "a")])
+    assert result.exit_code == 1 and "no artifact was written" in result.output
+
+
+def test_gemma_parity_exit_codes(tmp_path):
+    export("random:tiny-gemma2", tmp_path / "a", ExportOptions(verify=False, progress=False))
+    runner = CliRunner()
+    ok = runner.invoke(parity_command, [str(tmp_path / "a"), "--model", "random:tiny-gemma2", "--json"])
+    assert ok.exit_code == 0, ok.output
+    report = json.loads(ok.output)
+    assert report["passed"] and report["max_abs_diff"] <= 1e-4
+    strict = runner.invoke(parity_command, [str(tmp_path / "a"), "--model", "random:tiny-gemma2", "--tolerance", "1e-12"])
+    assert strict.exit_code == 1 and strict.output.startswith("FAIL")
+    other = runner.invoke(parity_command, [str(tmp_path / "a"), "--model", "random:tiny-gemma3"])
+    assert other.exit_code == 2 and "does not match" in other.output
+    missing = runner.invoke(parity_command, [str(tmp_path / "nothing"), "--model", "random:tiny-gemma2"])
+    assert missing.exit_code == 2
