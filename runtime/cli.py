@@ -1,0 +1,184 @@
+"""gemma-run: generate, chat and bench on an artifact. Exit codes: 0 ok, 1 runtime failure, 2 usage or
+load error (one line on stderr, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .manifest import ArtifactError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _sampling_options(f):
+    options = [
+        click.option("--max-new-tokens", "-n", type=int, default=64, show_default=True),
+        click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 means greedy."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 disables it."),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--min-p", type=float, default=0.0, show_default=True),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
+        click.option("--seed", type=int, default=None, help="Makes sampling repeatable."),
+        click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable)."),
+        click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True),
+        click.option("--allow-cpu-fallback", is_flag=True, help="Run on the CPU if the provider is not usable."),
+        click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _options(kw):
+    from .model import GenerationOptions
+
+    return GenerationOptions(
+        max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"], top_k=kw["top_k"], top_p=kw["top_p"],
+        min_p=kw["min_p"], repetition_penalty=kw["repetition_penalty"], seed=kw["seed"],
+        stop_strings=list(kw["stop_strings"]),
+    )
+
+
+def _load(artifact, kw):
+    from .model import load
+
+    return load(artifact, provider=kw["provider"], allow_cpu_fallback=kw["allow_cpu_fallback"], threads=kw["threads"])
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"gemma-run: {message}", err=True)
+    sys.exit(code)
+
+
+def _guard(run):
+    """Bad input and unusable artifacts exit 2 with their message; anything else exits 1."""
+    from .backends.onnxruntime_backend import ProviderError
+
+    try:
+        return run()
+    except (ArtifactError, ValueError, FileNotFoundError, ProviderError) as e:
+        _fail(str(e), EXIT_USAGE)
+    except KeyboardInterrupt:
+        _fail("interrupted", EXIT_FAIL)
+    except Exception as e:  # a failure while running: say what, keep the exit code distinct
+        _fail(f"{type(e).__name__}: {e}", EXIT_FAIL)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--verbose", "-v", is_flag=True)
+def main(verbose):
+    """Run exported Gemma artifacts (gemma-export writes them)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("prompt", required=False)
+@_sampling_options
+@click.option("--stream", is_flag=True, help="Print text as it is generated.")
+@click.option("--chat", is_flag=True, help="Apply the artifact's chat template to the prompt.")
+@click.option("--json", "as_json", is_flag=True, help="Print {prompt, generated_text, tokens, timings}.")
+def generate(artifact, prompt, stream, chat, as_json, **kw):
+    """Complete PROMPT (or standard input when PROMPT is absent)."""
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            _fail("no prompt: pass PROMPT or pipe text on standard input", EXIT_USAGE)
+        prompt = sys.stdin.read().rstrip("\n")
+    if not prompt:
+        _fail("the prompt is empty", EXIT_USAGE)
+
+    def run():
+        options = _options(kw)
+        options.check()
+        model = _load(artifact, kw)
+        text = model.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+        if stream and not as_json:
+            for piece in model.stream(text, options, chat=chat):
+                click.echo(piece, nl=False)
+            click.echo()
+            return
+        completion = model.generate_text(text, options, chat=chat)
+        if as_json:
+            t = model.last_timings
+            click.echo(json.dumps({"prompt": prompt, "generated_text": completion, "tokens": t["new_tokens"],
+                                   "timings": {"seconds": round(t["seconds"], 4), "run_seconds": round(t["run_seconds"], 4)}}))
+        else:
+            click.echo(completion)
+
+    _guard(run)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@_sampling_options
+@click.option("--system", default=None, help="System prompt.")
+def chat(artifact, system, **kw):
+    """Interactive multi-turn chat; /reset starts over, /exit (or end of input) quits."""
+
+    def run():
+        options = _options(kw)
+        options.check()
+        session = _load(artifact, kw).chat_session(options)
+        interactive = sys.stdin is not None and sys.stdin.isatty()
+        first = True
+        while True:
+            if interactive:
+                click.echo("> ", nl=False)
+            line = sys.stdin.readline()
+            if not line or line.strip() == "/exit":
+                return
+            line = line.strip()
+            if not line:
+                continue
+            if line == "/reset":
+                session.reset()
+                first = True
+                click.echo("(conversation reset)")
+                continue
+            if first and system:
+                line = f"{system}\n\n{line}"
+            first = False
+            for piece in session.send(line):
+                click.echo(piece, nl=False)
+            click.echo()
+
+    _guard(run)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt-length", type=int, default=128, show_default=True)
+@click.option("--new-tokens", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--runs", type=int, default=5, show_default=True)
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--allow-cpu-fallback", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw decode tokens/s against context length to this PNG (needs matplotlib).")
+def bench(artifact, prompt_length, new_tokens, batch_size, runs, warmup, threads, provider, allow_cpu_fallback,
+          as_json, plot):
+    """Prefill ms, decode tokens/s, per-token overhead and peak RSS (median of runs after warm-up)."""
+    from .bench import benchmark, context_sweep, format_report
+
+    def run():
+        for name, value in (("prompt-length", prompt_length), ("new-tokens", new_tokens), ("batch-size", batch_size),
+                            ("runs", runs)):
+            if value < 1:
+                raise ValueError(f"--{name} {value} must be >= 1")
+        from .model import load
+
+        model = load(artifact, provider=provider, allow_cpu_fallback=allow_cpu_fallback, threads=threads)
+        report = benchmark(model, prompt_length, new_tokens, batch_size, runs, warmup)
+        if plot is not None:
+            report["context_sweep"] = context_sweep(model, plot, new_tokens=16)
+        click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+    _guard(run)
