@@ -173,7 +173,9 @@ class GemmaRuntime:
         decoder = self._require_tokenizer().stream_decoder()
         past = self.backend.past_length if continue_cache else 0
         max_new = fit_new_tokens(past + ids.shape[1], options.max_new_tokens, self.context_length)
-        text = ""
+        text, emitted = "", 0
+        # Text that could still grow into a stop string is held back until it cannot.
+        holdback = max((len(s) for s in options.stop_strings), default=1) - 1
         self.generated_ids = []
         steps = generate_step(self.backend, ids, mask, options.sampler(), max_new,
                               options.repetition_penalty != 1.0, continue_cache)
@@ -183,19 +185,21 @@ class GemmaRuntime:
             if token in self.eos_token_ids:
                 steps.close()
                 break
-            piece = decoder.push(token)
-            text += piece
+            text += decoder.push(token)
             cut = _stop_index(text, options.stop_strings)
             if cut is not None:
-                if cut > len(text) - len(piece):
-                    yield piece[: len(piece) - (len(text) - cut)]
                 steps.close()
+                if cut > emitted:
+                    yield text[emitted:cut]
                 return
-            if piece:
-                yield piece
-        rest = decoder.flush()
-        if rest:
-            yield rest
+            if len(text) - holdback > emitted:
+                yield text[emitted : len(text) - holdback]
+                emitted = len(text) - holdback
+        text += decoder.flush()
+        cut = _stop_index(text, options.stop_strings)
+        text = text if cut is None else text[:cut]
+        if len(text) > emitted:
+            yield text[emitted:]
 
     def _stop_on_strings(self, stop_strings: list[str]):
         if not stop_strings:

@@ -28,3 +28,25 @@ def real_tokenizer(real_model_dir):
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(real_model_dir)
+
+
+@pytest.fixture(scope="session")
+def real_artifact(tmp_path_factory, real_model_dir):
+    """The packaged real model exported once per test session (float32, dynamic KV, all logits)."""
+    from exporter import ExportOptions, export
+
+    folder = tmp_path_factory.mktemp("real") / "gemma3-270m"
+    export("gemma3-270m", folder, ExportOptions(progress=False))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory):
+    """tiny-gemma3 (random weights, sliding window 8) in both KV layouts; token ids only."""
+    from exporter import ExportOptions, export
+
+    root = tmp_path_factory.mktemp("tiny")
+    dynamic, static = root / "dynamic", root / "static"
+    export("random:tiny-gemma3", dynamic, ExportOptions(progress=False, verify=False))
+    export("random:tiny-gemma3", static, ExportOptions(progress=False, verify=False, kv_cache="static", max_length=64))
+    return {"dynamic": dynamic, "static": static}
