@@ -24,7 +24,8 @@ def prompt_ids(model, length: int, batch_size: int, seed: int = 0) -> np.ndarray
     """Random ordinary tokens after <bos>: the content does not change the cost."""
     vocab = model.manifest["config"]["vocab_size"]
     rng = np.random.default_rng(seed)
-    ids = rng.integers(1000, min(vocab, 200_000), size=(batch_size, length), dtype=np.int64)
+    low = 1000 if vocab > 2000 else 3  # past the special tokens
+    ids = rng.integers(low, min(vocab, 200_000), size=(batch_size, length), dtype=np.int64)
     ids[:, 0] = model.manifest.generation.get("bos_token_id", 2)
     return ids
 
