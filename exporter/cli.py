@@ -111,3 +111,7 @@ def parity_command(artifact, model, prompts, new_tokens, tolerance, as_json, ver
             f"over {report.new_tokens} steps x {report.batch_size} prompts"
         )
     sys.exit(EXIT_OK if report.passed else EXIT_FAIL)
+
+
+if __name__ == "__main__":  # python -m exporter.cli (used by scripts/bench_export.py)
+    export_command()
