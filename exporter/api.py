@@ -85,15 +85,20 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
         max_length=options.max_length if options.kv_cache == "static" else None,
         logits=options.logits,
     )
-    with ArtifactDir(output, options.overwrite) as tmp:
+    stages = _Stages(["load", "trace and save", "tokenizer", "verify" if options.verify else None, "manifest"],
+                     options.progress)
+    with ArtifactDir(output, options.overwrite) as tmp, stages:
+        stages.next()
         torch_model, _ = load_model(ckpt, task=options.task, progress=options.progress)
         weight_bytes = parameter_bytes(torch_model)
+        stages.next()
         trace_start = time.perf_counter()
         trace(torch_model, spec, tmp / "model.onnx")
         trace_seconds = time.perf_counter() - trace_start
         del torch_model
         gc.collect()
         export_rss = _peak_rss()
+        stages.next()
         files = write_tokenizer_files(ckpt, tmp, options.tokenizer)
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
@@ -101,6 +106,7 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
         if options.verify:
             from .verify import verify
 
+            stages.next()
             report = verify(
                 lambda: load_model(ckpt, task=options.task, progress=False)[0],
                 tmp / "model.onnx",
@@ -114,6 +120,7 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
                 raise ParityError(report)
             parity = report.summary()
 
+        stages.next()
         manifest = build_manifest(config, spec, options, tmp, ckpt.source, parity)
         manifest["export"] = {
             "seconds": round(time.perf_counter() - start, 1),
@@ -172,6 +179,33 @@ def build_manifest(config, spec: GraphSpec, options: ExportOptions, folder: Path
         "parity": parity,
         "fusions": {},
     }
+
+
+class _Stages:
+    """A progress bar over the export's stages (tracing itself reports no progress of its own)."""
+
+    def __init__(self, names: list[str | None], enabled: bool):
+        self.names = [n for n in names if n]
+        self.enabled = enabled
+        self.bar = None
+        self.done = -1
+
+    def __enter__(self):
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=len(self.names), desc="export", unit="stage", leave=False)
+        return self
+
+    def next(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.n = self.done
+            self.bar.set_postfix_str(self.names[min(self.done, len(self.names) - 1)])
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _tool_versions() -> dict:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from models.config import GemmaConfig
-from models.gemma import GemmaForCausalLM, GemmaModel, decoder_of, use_static_cache
+from models.gemma import GemmaForCausalLM, decoder_of, use_static_cache
 
 log = logging.getLogger(__name__)
 
@@ -81,49 +81,39 @@ class MatMulLinear(nn.Module):
 
 
 class TransposedEmbedding(nn.Module):
-    """The tied embedding stored once as [hidden, vocab]: lm_head is MatMul(x, E^T) and the lookup a
-    Gather on axis 1, exact and cheap for the few tokens of a step."""
+    """The tied embedding stored once as [hidden, vocab]; the lookup is a Gather on axis 1, exact and
+    cheap for the few tokens of a step."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.weight_t = nn.Parameter(weight.detach().t().contiguous(), requires_grad=False)  # [H, V]
 
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight_t[:, ids].permute(1, 2, 0)  # [H, B, S] -> [B, S, H]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+
+class TiedLogits(nn.Module):
+    """lm_head as MatMul(x, E^T) on the embedding's own parameter."""
+
+    def __init__(self, embedding: TransposedEmbedding):
+        super().__init__()
+        self.weight_t = embedding.weight_t  # shared, not copied
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.matmul(hidden, self.weight_t)  # [B, S, V]
 
 
 def to_export_form(model: nn.Module) -> None:
     """Rewrite Linears and the tied embedding in place, freeing each original as it goes."""
     decoder = decoder_of(model)
+    tied = isinstance(model, GemmaForCausalLM) and model.lm_head.weight is decoder.embed_tokens.weight
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and not (parent is model and name == "lm_head"):
+            if isinstance(child, nn.Linear) and not (tied and parent is model and name == "lm_head"):
                 setattr(parent, name, MatMulLinear(child))
-    embedding = TransposedEmbedding(decoder.embed_tokens.weight)
-    decoder.embed_tokens = _Lookup(embedding)
-    if isinstance(model, GemmaForCausalLM):
-        model.lm_head = _Logits(embedding)
-
-
-class _Lookup(nn.Module):
-    def __init__(self, table: TransposedEmbedding):
-        super().__init__()
-        self.table = table
-
-    def forward(self, ids):
-        return self.table.lookup(ids)
-
-
-class _Logits(nn.Module):
-    def __init__(self, table: TransposedEmbedding):
-        super().__init__()
-        self.table = table
-
-    def forward(self, hidden):
-        return self.table.logits(hidden)
+    decoder.embed_tokens = TransposedEmbedding(decoder.embed_tokens.weight)
+    if tied:
+        model.lm_head = TiedLogits(decoder.embed_tokens)
 
 
 class GraphModule(nn.Module):

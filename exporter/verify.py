@@ -16,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.generate import positions
+from runtime.tokenizer import left_pad
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = (
@@ -60,21 +63,6 @@ def encode_prompts(tokenizer_dir: Path | None, prompts, vocab_size: int, seed: i
         return [tokenizer.encode(p).ids for p in prompts]
     rng = np.random.default_rng(seed)
     return [[2, *rng.integers(3, vocab_size, size=4 + 3 * i).tolist()] for i in range(len(prompts))]
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(s) for s in sequences)
-    ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(sequences), width), dtype=np.int64)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq) :] = seq
-        mask[row, width - len(seq) :] = 1
-    return ids, mask
-
-
-def positions(mask: np.ndarray) -> np.ndarray:
-    pos = np.cumsum(mask, axis=-1) - 1
-    return np.where(mask == 0, 1, pos).astype(np.int64)
 
 
 def reference_steps(model, spec, ids: np.ndarray, mask: np.ndarray, new_tokens: int):

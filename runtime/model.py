@@ -34,6 +34,22 @@ class GenerationOptions:
     def sampler(self):
         return make_sampler(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty, self.seed)
 
+    @classmethod
+    def from_transformers(cls, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                          top_k: int = 50, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                          seed: int | None = None, stop_strings=None) -> "GenerationOptions":
+        """transformers' arguments and defaults: greedy unless do_sample, top_k 50 when sampling."""
+        return cls(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature if do_sample else 0.0,
+            top_k=top_k if do_sample else 0,
+            top_p=top_p if do_sample else 1.0,
+            min_p=min_p if do_sample else 0.0,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop_strings=list(stop_strings or []),
+        )
+
     def check(self) -> None:
         if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens {self.max_new_tokens} is out of range; expected an integer >= 1")
@@ -102,14 +118,8 @@ class GemmaRuntime:
             raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {input_ids.shape}")
         if max_new_tokens is None:
             max_new_tokens = max((max_length or 20) - input_ids.shape[1], 1)
-        options = GenerationOptions(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature if do_sample else 0.0,
-            top_k=top_k if do_sample else 0,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
+        options = GenerationOptions.from_transformers(
+            max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty, seed
         )
         eos = self.eos_token_ids if eos_token_id is None else np.atleast_1d(eos_token_id).tolist()
         pad = self.pad_token_id if pad_token_id is None else pad_token_id

@@ -18,15 +18,8 @@ class TextGenerationPipeline:
                  seed: int | None = None, return_full_text: bool = True, stop_strings=None, **unused):
         if unused:
             raise TypeError(f"unsupported generation arguments: {', '.join(sorted(unused))}")
-        options = GenerationOptions(
-            max_new_tokens=max_new_tokens or 256,
-            temperature=temperature if do_sample else 0.0,
-            top_k=top_k if do_sample else 0,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop_strings=list(stop_strings or []),
+        options = GenerationOptions.from_transformers(
+            max_new_tokens or 256, do_sample, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop_strings
         )
         if _is_chat(inputs):
             reply = self.model.generate_text(self.model.apply_chat_template(inputs), options, chat=True)

@@ -39,3 +39,19 @@ def left_padded_batch(vocab_size: int, lengths: list[int], seed: int = 0):
         ids[row, width - n :] = torch.randint(3, vocab_size, (n,), generator=generator)
         mask[row, width - n :] = 1
     return ids, mask
+
+
+def torch_greedy(model, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy new tokens [B, steps] of a models/ decoder for a (left-padded) batch."""
+    from models import empty_past, position_ids_from_mask
+
+    past = empty_past(model.config, ids.shape[0])
+    out = []
+    with torch.no_grad():
+        step = ids
+        for _ in range(steps):
+            logits, past = model(step, position_ids_from_mask(mask)[:, -step.shape[1] :], mask, past)
+            step = logits[:, -1:].argmax(-1)
+            out.append(step[:, 0])
+            mask = torch.cat([mask, torch.ones(ids.shape[0], 1, dtype=mask.dtype)], dim=1)
+    return torch.stack(out, dim=1)

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from exporter import ExportOptions, export
 from exporter.cli import export_command, parity_command
-from exporter.verify import left_pad, positions
+from runtime.generate import positions
+from runtime.tokenizer import left_pad
 
 FAMILIES = ["tiny-gemma-2b", "tiny-gemma-7b", "tiny-gemma2", "tiny-gemma3"]
 

@@ -7,7 +7,7 @@ import torch
 
 from models import empty_past, position_ids_from_mask, presets, random_model, use_static_cache
 from models.loading import load_model
-from tests.reference import PROMPTS, left_padded_batch, transformers_reference
+from tests.reference import PROMPTS, left_padded_batch, torch_greedy, transformers_reference
 
 FAMILIES = ["tiny-gemma-2b", "tiny-gemma-7b", "tiny-gemma2", "tiny-gemma3"]
 FP32_TOL = 1e-4
@@ -79,15 +79,7 @@ def test_greedy_decoding_is_not_degenerate(name):
     config = presets.config(name)
     model = random_model(config)
     ids, mask = left_padded_batch(config.vocab_size, [5])
-    tokens = []
-    past = empty_past(config, 1)
-    with torch.no_grad():
-        step_ids = ids
-        for _ in range(48):
-            logits, past = model(step_ids, position_ids_from_mask(mask)[:, -step_ids.shape[1] :], mask, past)
-            step_ids = logits[:, -1:].argmax(-1)
-            tokens.append(int(step_ids))
-            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+    tokens = torch_greedy(model, ids, mask, 48)[0].tolist()
     assert len(set(tokens)) >= 12
 
 
@@ -125,13 +117,6 @@ def test_real_model_logits_and_greedy_tokens(real_model_dir, real_reference, rea
     # 40 greedy tokens, identical to transformers' generate.
     enc = real_tokenizer(PROMPTS[0], return_tensors="pt")
     expected = real_reference.generate(**enc, max_new_tokens=40, do_sample=False)[0, enc.input_ids.shape[1] :]
-    ids, mask, past, tokens = enc.input_ids, enc.attention_mask, empty_past(config, 1), []
-    with torch.no_grad():
-        step_ids = ids
-        for _ in range(40):
-            logits, past = model(step_ids, position_ids_from_mask(mask)[:, -step_ids.shape[1] :], mask, past)
-            step_ids = logits[:, -1:].argmax(-1)
-            tokens.append(int(step_ids))
-            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+    tokens = torch_greedy(model, enc.input_ids, enc.attention_mask, 40)[0].tolist()
     assert tokens == expected.tolist()
     assert real_tokenizer.decode(tokens).startswith(" the capital of the country of France")

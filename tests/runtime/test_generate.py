@@ -7,24 +7,14 @@ import pytest
 import torch
 
 import runtime
-from models import empty_past, position_ids_from_mask, presets, random_model
+from models import presets, random_model
 from runtime.generate import ContextLengthError
+from tests import reference
 from tests.reference import PROMPTS
 
 
 def torch_greedy(model, ids: np.ndarray, mask: np.ndarray, steps: int) -> np.ndarray:
-    """Greedy tokens of the models/ decoder (the exporter's source) for a left-padded batch."""
-    ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-    past = empty_past(model.config, ids.shape[0])
-    out = []
-    with torch.no_grad():
-        step = ids_t
-        for _ in range(steps):
-            logits, past = model(step, position_ids_from_mask(mask_t)[:, -step.shape[1] :], mask_t, past)
-            step = logits[:, -1:].argmax(-1)
-            out.append(step[:, 0].numpy())
-            mask_t = torch.cat([mask_t, torch.ones(ids.shape[0], 1, dtype=mask_t.dtype)], dim=1)
-    return np.stack(out, axis=1)
+    return reference.torch_greedy(model, torch.from_numpy(ids), torch.from_numpy(mask), steps).numpy()
 
 
 @pytest.fixture(scope="module")
