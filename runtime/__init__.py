@@ -1,19 +1,21 @@
-"""gemma-deploy's runtime: generation over exported artifacts with ONNX Runtime (TensorRT on GPUs).
+"""gemma-deploy's runtime: generation over exported artifacts with ONNX Runtime.
 
-Imports numpy, onnxruntime, tokenizers and jinja2 only: never torch, transformers or onnx.
+Imports numpy, onnxruntime (when a model is loaded), tokenizers and jinja2 only: never torch,
+transformers or onnx, and nothing else of gemma-deploy.
 
     import runtime
     model = runtime.load("artifacts/gemma3-270m")
-    print(model.generate_text("The capital of France is", runtime.GenerationOptions(max_new_tokens=20)))
+    model.generate(ids, max_new_tokens=20)                       # numpy [batch, prompt + new], as transformers'
+    model.generate_text("The capital of France is", runtime.GenerationOptions(max_new_tokens=20))
     runtime.pipeline("text-generation", model="artifacts/gemma3-270m")("LLMs generate text through")
 """
 
-from .manifest import ArtifactError, read_manifest
+from .manifest import SCHEMA_VERSION, ArtifactError, Manifest, read_manifest
 from .model import ChatSession, GemmaRuntime, GenerationOptions, load
 from .pipeline import pipeline
 from .sampling import make_sampler
 
 __all__ = [
-    "ArtifactError", "read_manifest", "ChatSession", "GemmaRuntime", "GenerationOptions", "load", "pipeline",
-    "make_sampler",
+    "SCHEMA_VERSION", "ArtifactError", "Manifest", "read_manifest", "ChatSession", "GemmaRuntime", "GenerationOptions",
+    "load", "pipeline", "make_sampler",
 ]

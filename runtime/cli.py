@@ -56,17 +56,18 @@ def _fail(message: str, code: int) -> None:
 
 
 def _guard(run):
-    """Bad input and unusable artifacts exit 2 with their message; anything else exits 1."""
+    """Bad input and unusable artifacts (ValueError, ArtifactError, ProviderError, a missing file) exit 2
+    with their message; a failure while running exits 1; neither prints a traceback."""
     from .backends.onnxruntime_backend import ProviderError
 
     try:
         return run()
     except (ArtifactError, ValueError, FileNotFoundError, ProviderError) as e:
-        _fail(str(e), EXIT_USAGE)
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, EXIT_USAGE)
     except KeyboardInterrupt:
         _fail("interrupted", EXIT_FAIL)
     except Exception as e:  # a failure while running: say what, keep the exit code distinct
-        _fail(f"{type(e).__name__}: {e}", EXIT_FAIL)
+        _fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", EXIT_FAIL)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -105,8 +106,10 @@ def generate(artifact, prompt, stream, chat, as_json, **kw):
         completion = model.generate_text(text, options, chat=chat)
         if as_json:
             t = model.last_timings
+            timings = {"seconds": round(t["seconds"], 4), "run_seconds": round(t["run_seconds"], 4),
+                       "tokens_per_s": round(t["tokens_per_s"], 2)}
             click.echo(json.dumps({"prompt": prompt, "generated_text": completion, "tokens": t["new_tokens"],
-                                   "timings": {"seconds": round(t["seconds"], 4), "run_seconds": round(t["run_seconds"], 4)}}))
+                                   "timings": timings}, ensure_ascii=False))
         else:
             click.echo(completion)
 
@@ -123,9 +126,8 @@ def chat(artifact, system, **kw):
     def run():
         options = _options(kw)
         options.check()
-        session = _load(artifact, kw).chat_session(options)
+        session = _load(artifact, kw).chat_session(options, system=system)
         interactive = sys.stdin is not None and sys.stdin.isatty()
-        first = True
         while True:
             if interactive:
                 click.echo("> ", nl=False)
@@ -137,12 +139,8 @@ def chat(artifact, system, **kw):
                 continue
             if line == "/reset":
                 session.reset()
-                first = True
                 click.echo("(conversation reset)")
                 continue
-            if first and system:
-                line = f"{system}\n\n{line}"
-            first = False
             for piece in session.send(line):
                 click.echo(piece, nl=False)
             click.echo()
@@ -169,10 +167,15 @@ def bench(artifact, prompt_length, new_tokens, batch_size, runs, warmup, threads
     from .bench import benchmark, context_sweep, format_report
 
     def run():
-        for name, value in (("prompt-length", prompt_length), ("new-tokens", new_tokens), ("batch-size", batch_size),
-                            ("runs", runs)):
-            if value < 1:
-                raise ValueError(f"--{name} {value} must be >= 1")
+        for name, value, least in (("prompt-length", prompt_length, 1), ("new-tokens", new_tokens, 2),
+                                   ("batch-size", batch_size, 1), ("runs", runs, 1), ("warmup", warmup, 0)):
+            if value < least:
+                raise ValueError(f"--{name} {value} must be >= {least}")
+        if plot is not None:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise ValueError("--plot needs matplotlib: pip install 'gemma-deploy[plot]'") from None
         from .model import load
 
         model = load(artifact, provider=provider, allow_cpu_fallback=allow_cpu_fallback, threads=threads)

@@ -1,17 +1,22 @@
-"""The generation loop, as mlx-lm's generate_step: a generator that yields one token per row and step.
+"""The generation loop, as mlx-lm's generate_step: a generator that yields the next token of every row.
 
     prompt ids ─> prefill ─> logits ─> sample ─> token ─┐
-                              ^                          │ yield
-                              └──── decode step <────────┘
+                               ^                          │ yield
+                               └──── decode step <────────┘
 
-The backend owns the KV cache; the loop owns the attention mask, positions and the token history, in
-buffers allocated once per batch.
+The backend owns the KV cache. The loop owns the attention mask, the positions and the token history,
+in buffers allocated once per batch and filled in place: a decode step slices them and binds them,
+without concatenating anything.
+
+    generate_step(backend, ids, mask, sampler, n)   tokens [B] per step
+    generate_tokens(...)                            new tokens [B, n]: eos per row, padding, stop callbacks
+    stream(...)                                     text pieces of one row, stop strings held back
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,35 +28,74 @@ log = logging.getLogger(__name__)
 
 
 class ContextLengthError(ValueError):
-    """The prompt alone does not fit the model's (or the static cache's) context."""
-
-
-@dataclass
-class StepState:
-    """Buffers of one batch: [batch, capacity], filled up to `length` columns."""
-
-    mask: np.ndarray
-    tokens: np.ndarray
-    length: int
+    """The prompt (with max_new_tokens, for a static cache) does not fit the context."""
 
 
 def positions(mask: np.ndarray) -> np.ndarray:
-    """Position ids as transformers' generate computes them: real tokens counted, pads at 1."""
+    """Position ids as transformers' generate computes them: cumsum(mask) - 1, pads at 1."""
     pos = np.cumsum(mask, axis=-1) - 1
     return np.where(mask == 0, 1, pos).astype(np.int64)
 
 
-def fit_new_tokens(prompt_length: int, max_new_tokens: int, limit: int) -> int:
-    """max_new_tokens cut to the context; a prompt that alone does not fit is refused."""
+def fit_new_tokens(prompt_length: int, max_new_tokens: int, limit: int, static: bool = False) -> int:
+    """max_new_tokens that fit the context `limit`. A prompt that alone fills it is refused; so is one
+    that leaves too little room in a static cache (its buffers cannot grow); otherwise max_new_tokens
+    is cut to the room left, with a warning."""
     if prompt_length >= limit:
         raise ContextLengthError(
             f"the prompt has {prompt_length} tokens but the context holds {limit} (with room for at least one "
             f"new token); shorten the prompt, or export with a larger --max-length"
         )
-    if prompt_length + max_new_tokens > limit:
-        log.warning("max_new_tokens %d cut to %d to fit the context of %d", max_new_tokens, limit - prompt_length, limit)
-        return limit - prompt_length
-    return max_new_tokens
+    if prompt_length + max_new_tokens <= limit:
+        return max_new_tokens
+    if static:
+        raise ContextLengthError(
+            f"the prompt has {prompt_length} tokens and max_new_tokens is {max_new_tokens}: {prompt_length + max_new_tokens} "
+            f"tokens do not fit the static KV cache of {limit}; lower max_new_tokens to {limit - prompt_length} or less, "
+            "or export with a larger --max-length"
+        )
+    log.warning("max_new_tokens %d cut to %d to fit the context of %d", max_new_tokens, limit - prompt_length, limit)
+    return limit - prompt_length
+
+
+@dataclass
+class LoopBuffers:
+    """The loop's arrays for one batch, allocated once: mask and token history [B, capacity] filled up
+    to `length` columns, the next token and its position [B, 1]."""
+
+    mask: np.ndarray
+    tokens: np.ndarray
+    next_token: np.ndarray
+    next_position: np.ndarray
+    length: int
+
+    @classmethod
+    def allocate(cls, attention_mask: np.ndarray, input_ids: np.ndarray, max_new_tokens: int) -> "LoopBuffers":
+        B, total = attention_mask.shape  # total = cached + new prompt tokens
+        capacity = total + max_new_tokens
+        mask = np.ones((B, capacity), np.int64)
+        mask[:, :total] = attention_mask
+        tokens = np.zeros((B, capacity), np.int64)
+        tokens[:, total - input_ids.shape[1] : total] = input_ids
+        return cls(mask, tokens, np.zeros((B, 1), np.int64), np.zeros((B, 1), np.int64), total)
+
+
+def prefill(backend: Backend, input_ids: np.ndarray, buffers: LoopBuffers) -> np.ndarray:
+    """The prompt (after what the cache holds) in one run; logits [B, V] of its last position."""
+    mask = buffers.mask[:, : buffers.length]
+    pos = positions(mask)[:, -input_ids.shape[1] :]
+    buffers.next_position[:, 0] = pos[:, -1] + 1
+    return backend.forward(input_ids, mask, pos)
+
+
+def decode_step(backend: Backend, token: np.ndarray, buffers: LoopBuffers) -> np.ndarray:
+    """Feed one sampled token per row; logits [B, V]."""
+    buffers.tokens[:, buffers.length] = token
+    buffers.next_token[:, 0] = token
+    buffers.length += 1
+    logits = backend.forward(buffers.next_token, buffers.mask[:, : buffers.length], buffers.next_position)
+    buffers.next_position += 1
+    return logits
 
 
 def generate_step(
@@ -63,32 +107,26 @@ def generate_step(
     use_history: bool = False,
     continue_cache: bool = False,
 ) -> Iterator[np.ndarray]:
-    """Yield the next token of every row, `max_new_tokens` times (the caller stops earlier at will).
+    """Yield the next token of every row [B], `max_new_tokens` times (the caller may stop earlier).
 
-    With `continue_cache` the backend's cache is kept (a chat's earlier turns) and `attention_mask`
-    covers cache + new tokens; otherwise the cache is reset for this batch.
-    """
+    Without `continue_cache` the backend's cache is reset for this batch and attention_mask is
+    [B, S] like input_ids. With it the cache is kept (a chat's earlier turns) and attention_mask
+    covers the cache and the new tokens, [B, past_length + S]. `use_history` passes the tokens so far
+    to the sampler (repetition penalty)."""
     B, S = input_ids.shape
     past = backend.past_length if continue_cache else 0
+    if attention_mask.shape != (B, past + S):
+        raise ValueError(f"attention_mask shape {attention_mask.shape} must be {(B, past + S)} (cache + new tokens)")
     if not continue_cache:
         backend.reset(B, S + max_new_tokens)
-    capacity = past + S + max_new_tokens
-    state = StepState(np.ones((B, capacity), np.int64), np.zeros((B, capacity), np.int64), past + S)
-    state.mask[:, : past + S] = attention_mask
-    state.tokens[:, past : past + S] = input_ids
-
-    logits = backend.forward(input_ids, state.mask[:, : state.length], positions(state.mask[:, : state.length])[:, past:])
+    buffers = LoopBuffers.allocate(attention_mask, input_ids, max_new_tokens)
+    logits = prefill(backend, input_ids, buffers)
     for step in range(max_new_tokens):
-        history = state.tokens[:, : state.length] if use_history else None
-        token = sampler(logits[:, -1], history).astype(np.int64)
+        history = buffers.tokens[:, past : buffers.length] if use_history else None
+        token = sampler(logits, history)
         yield token
-        if step == max_new_tokens - 1:
-            return
-        state.tokens[:, state.length] = token
-        state.length += 1
-        mask = state.mask[:, : state.length]
-        position = (mask.sum(axis=-1, keepdims=True) - 1).astype(np.int64)  # [B, 1]
-        logits = backend.forward(token[:, None], mask, position)
+        if step + 1 < max_new_tokens:  # the last token is not fed: nothing would read its logits
+            logits = decode_step(backend, token, buffers)
 
 
 def generate_tokens(
@@ -99,26 +137,116 @@ def generate_tokens(
     max_new_tokens: int,
     eos_token_ids: list[int],
     pad_token_id: int,
-    stop=None,
+    stop: Callable[[int, int], bool] | None = None,
     use_history: bool = False,
     continue_cache: bool = False,
 ) -> np.ndarray:
-    """New tokens [batch, n]: each row ends at its first end token (kept) and is padded after it.
-    `stop(row, tokens) -> bool` can end a row early (stop strings)."""
+    """New tokens [B, n], n <= max_new_tokens: each row ends at its first end token (kept) and is
+    padded with pad_token_id after it, as transformers' generate does; generation stops when every
+    row has ended. `stop(row, token) -> bool`, called with each new token of an unfinished row, can
+    end a row early (stop strings)."""
     B = input_ids.shape[0]
-    eos = np.array(sorted(eos_token_ids), dtype=np.int64)
+    eos = np.asarray(sorted(eos_token_ids), dtype=np.int64)
     done = np.zeros(B, dtype=bool)
-    out = []
+    out = np.full((B, max_new_tokens), pad_token_id, dtype=np.int64)
+    n = 0
     steps = generate_step(backend, input_ids, attention_mask, sampler, max_new_tokens, use_history, continue_cache)
-    for token in steps:
-        token = np.where(done, pad_token_id, token)
-        out.append(token)
-        done |= np.isin(token, eos)
-        if stop is not None:
-            tokens = np.stack(out, axis=1)
-            for row in np.flatnonzero(~done):
-                done[row] = stop(row, tokens[row])
-        if done.all():
-            steps.close()
-            break
-    return np.stack(out, axis=1) if out else np.zeros((B, 0), np.int64)
+    try:
+        for n, token in enumerate(steps, start=1):
+            out[:, n - 1] = np.where(done, pad_token_id, token)
+            if stop is not None:
+                for row in np.flatnonzero(~done):
+                    done[row] = stop(int(row), int(token[row]))
+            done |= np.isin(token, eos)
+            if done.all():
+                break
+    finally:
+        steps.close()
+    return out[:, :n]
+
+
+def stream(
+    backend: Backend,
+    tokenizer,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    sampler: Sampler,
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    stop_strings: list[str] = (),
+    use_history: bool = False,
+    continue_cache: bool = False,
+    tokens: list[int] | None = None,
+) -> Iterator[str]:
+    """Text pieces of one row's completion as they are generated; they concatenate to the decoded
+    completion, cut before the first stop string. Text that may still grow into a stop string is held
+    back until it cannot. The generated token ids (end token included) are appended to `tokens`."""
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"stream takes one prompt, got a batch of {input_ids.shape[0]}")
+    decoder = tokenizer.stream_decoder()
+    eos = set(eos_token_ids)
+    text, emitted = "", 0
+    steps = generate_step(backend, input_ids, attention_mask, sampler, max_new_tokens, use_history, continue_cache)
+    try:
+        for token in steps:
+            token = int(token[0])
+            if tokens is not None:
+                tokens.append(token)
+            if token in eos:
+                break
+            piece = decoder.push(token)
+            if not piece:
+                continue
+            cut = stop_index(text + piece, stop_strings, start=len(text))
+            text += piece
+            if cut is not None:
+                if cut > emitted:
+                    yield text[emitted:cut]
+                return
+            ready = len(text) - partial_stop(text, stop_strings)
+            if ready > emitted:
+                yield text[emitted:ready]
+                emitted = ready
+    finally:
+        steps.close()
+    text += decoder.flush()
+    cut = stop_index(text, stop_strings)
+    end = len(text) if cut is None else cut
+    if end > emitted:
+        yield text[emitted:end]
+
+
+def stop_index(text: str, stop_strings, start: int = 0) -> int | None:
+    """Where the first stop string begins in `text` (the completion ends there), or None. Only matches
+    ending after `start` are looked for (what was searched before cannot hold a new one)."""
+    hits = [i for s in stop_strings if (i := text.find(s, max(0, start - len(s) + 1))) >= 0]
+    return min(hits) if hits else None
+
+
+def partial_stop(text: str, stop_strings) -> int:
+    """Length of the longest end of `text` that begins some stop string (and so must be held back)."""
+    longest = 0
+    for s in stop_strings:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
+
+
+class StopStrings:
+    """`stop(row, token)` for generate_tokens: each row's text decoded incrementally, True once it
+    holds one of the stop strings."""
+
+    def __init__(self, tokenizer, stop_strings: list[str], batch_size: int):
+        self.stop_strings = list(stop_strings)
+        self.decoders = [tokenizer.stream_decoder() for _ in range(batch_size)]
+        self.texts = [""] * batch_size
+
+    def __call__(self, row: int, token: int) -> bool:
+        piece = self.decoders[row].push(token)
+        if not piece:
+            return False
+        before = len(self.texts[row])
+        self.texts[row] += piece
+        return stop_index(self.texts[row], self.stop_strings, start=before) is not None

@@ -1,8 +1,14 @@
-"""A loaded artifact: `runtime.load(DIR)` -> GemmaRuntime, with transformers-shaped `generate`, text
-generation, streaming and a chat session that keeps its KV cache between turns."""
+"""A loaded artifact: `runtime.load(DIR)` -> GemmaRuntime.
+
+    model.generate(ids, attention_mask=None, max_new_tokens=20, do_sample=False, ...)   as transformers'
+    model.generate_text(prompts, GenerationOptions(...))                                 completions
+    model.stream(prompt, options)                                                        text pieces
+    model.chat_session(options).send(text)                                               multi-turn, cache kept
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -11,19 +17,26 @@ from pathlib import Path
 
 import numpy as np
 
+from . import generate as loop
 from .chat import ChatTemplate
-from .generate import fit_new_tokens, generate_tokens
 from .manifest import Manifest, read_manifest
-from .sampling import make_sampler
+from .sampling import check_options, make_sampler
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+# transformers' GenerationConfig defaults, for what neither the call nor generation_config.json sets
+TRANSFORMERS_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0,
+                         "repetition_penalty": 1.0, "max_length": 20}
+
 
 @dataclass
 class GenerationOptions:
+    """How to generate. temperature 0 is greedy; top_k 0, top_p 1, min_p 0 and repetition_penalty 1
+    disable their filter. Stop strings end a completion before the first of them."""
+
     max_new_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
+    temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
@@ -31,14 +44,11 @@ class GenerationOptions:
     seed: int | None = None
     stop_strings: list[str] = field(default_factory=list)
 
-    def sampler(self):
-        return make_sampler(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty, self.seed)
-
     @classmethod
     def from_transformers(cls, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
                           top_k: int = 50, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                           seed: int | None = None, stop_strings=None) -> "GenerationOptions":
-        """transformers' arguments and defaults: greedy unless do_sample, top_k 50 when sampling."""
+        """transformers' arguments: greedy unless do_sample (the sampling options are then ignored)."""
         return cls(
             max_new_tokens=max_new_tokens,
             temperature=temperature if do_sample else 0.0,
@@ -51,97 +61,113 @@ class GenerationOptions:
         )
 
     def check(self) -> None:
-        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, (int, np.integer)) \
+                or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens {self.max_new_tokens} is out of range; expected an integer >= 1")
-        self.sampler()  # validates the sampling options
+        check_options(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty, self.seed)
+        if isinstance(self.stop_strings, str) or any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ValueError(f"stop_strings {self.stop_strings!r} must be a list of non-empty strings")
+
+    def sampler(self):
+        return make_sampler(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty, self.seed)
+
+    @property
+    def use_history(self) -> bool:
+        return self.repetition_penalty != 1.0
 
 
-def load(
-    folder: str | Path,
-    provider: str = "cpu",
-    allow_cpu_fallback: bool = False,
-    threads: int | None = None,
-    verify: bool = True,
-) -> "GemmaRuntime":
-    """Open an artifact directory: validated manifest, session, tokenizer and chat template."""
+def load(folder: str | Path, provider: str = "cpu", allow_cpu_fallback: bool = False, threads: int | None = None,
+         verify: bool = True) -> "GemmaRuntime":
+    """Open an artifact directory: the validated manifest (sha256 of every file unless verify=False),
+    an ONNX Runtime session on `provider` ("cpu", "cuda", "tensorrt"; an unusable provider is an
+    error unless allow_cpu_fallback), the tokenizer and the chat template when the artifact has them."""
     manifest = read_manifest(folder, verify=verify)
-    if manifest["target"] == "trt" and provider == "cpu" and not (Path(folder) / "model.onnx").is_file():
-        raise ValueError(f"{folder} holds TensorRT engines only; load it with provider='trt' on a GPU machine")
+    if not manifest.path("model.onnx").is_file():
+        raise ValueError(f"{folder} has no model.onnx (target {manifest.target!r}); this runtime runs ONNX graphs")
     from .backends.onnxruntime_backend import OnnxRuntimeBackend
 
-    backend = OnnxRuntimeBackend(manifest, provider, allow_cpu_fallback, threads)
-    return GemmaRuntime(manifest, backend)
+    return GemmaRuntime(manifest, OnnxRuntimeBackend(manifest, provider, allow_cpu_fallback, threads))
 
 
 class GemmaRuntime:
+    """An artifact with its backend, tokenizer (None for a token-ids-only artifact) and chat template."""
+
     def __init__(self, manifest: Manifest, backend):
         self.manifest = manifest
         self.backend = backend
-        generation = manifest.generation
-        self.eos_token_ids = list(generation.get("eos_token_ids", [1]))
-        self.pad_token_id = generation.get("pad_token_id", 0)
-        self.context_length = int(backend.max_length or generation.get("context_length") or 8192)
+        spec = manifest.generation_spec
+        self.eos_token_ids = list(spec.eos_token_ids)
+        self.pad_token_id = spec.pad_token_id
+        self.context_length = int(backend.max_length or spec.context_length
+                                  or manifest["config"].get("max_position_embeddings") or 8192)
+        self.generation_config = _read_json(manifest.path("generation_config.json"))
         folder = manifest.folder
         self.tokenizer = None
         self.chat_template = None
         if (folder / "tokenizer.json").is_file():
-            self.tokenizer = Tokenizer.from_dir(folder, generation.get("bos_token_id"), self.pad_token_id)
-            self.tokenizer.add_bos_token = generation.get("add_bos_token", self.tokenizer.add_bos_token)
-            self.chat_template = ChatTemplate.from_dir(folder, self.tokenizer.bos_token)
+            self.tokenizer = Tokenizer.from_dir(folder, spec.add_bos_token, self.pad_token_id)
+            config = _read_json(folder / "tokenizer_config.json")
+            special = {k: v for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+                       if isinstance(v := config.get(k), str)}
+            self.chat_template = ChatTemplate.from_dir(folder, special)
         self.last_timings: dict = {}
+        self.cache_owner = None  # the ChatSession whose conversation the backend's cache holds
 
-    # -- token level: the shape of transformers' generate -------------------------------------------
+    # -- token level: the shape of transformers' generate ---------------------------------------------
 
-    def generate(
-        self,
-        input_ids,
-        attention_mask=None,
-        max_new_tokens: int | None = None,
-        max_length: int | None = None,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 50,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-    ) -> np.ndarray:
-        """Prompt + new tokens [batch, prompt + n], rows padded with pad_token_id after their end token.
-        Defaults as transformers': greedy unless do_sample; max_length 20 when neither length is given."""
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int | None = None,
+                 max_length: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                 repetition_penalty: float | None = None, seed: int | None = None,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> np.ndarray:
+        """Prompt + new tokens [batch, prompt + n] int64; a row that ends early (eos) is padded with
+        pad_token_id after its end token. Options left None come from the artifact's
+        generation_config.json, then transformers' defaults (greedy; max_length 20)."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids shape {input_ids.shape} is not supported; expected [batch, length >= 1]")
         mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        if mask.ndim == 1:
+            mask = mask[None]
         if mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {input_ids.shape}")
+        given = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+                 "repetition_penalty": repetition_penalty, "max_length": max_length}
+        o = {k: v if v is not None else self.generation_config.get(k, TRANSFORMERS_DEFAULTS[k]) for k, v in given.items()}
         if max_new_tokens is None:
-            max_new_tokens = max((max_length or 20) - input_ids.shape[1], 1)
-        options = GenerationOptions.from_transformers(
-            max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty, seed
-        )
-        eos = self.eos_token_ids if eos_token_id is None else np.atleast_1d(eos_token_id).tolist()
-        pad = self.pad_token_id if pad_token_id is None else pad_token_id
+            max_new_tokens = self.generation_config.get("max_new_tokens") or max(o["max_length"] - input_ids.shape[1], 1)
+        options = GenerationOptions.from_transformers(max_new_tokens, bool(o["do_sample"]), o["temperature"], o["top_k"],
+                                                      o["top_p"], o["min_p"], o["repetition_penalty"], seed)
+        eos = self.eos_token_ids if eos_token_id is None else [int(t) for t in np.atleast_1d(eos_token_id)]
+        pad = self.pad_token_id if pad_token_id is None else int(pad_token_id)
         new = self._generate(input_ids, mask, options, eos, pad)
         return np.concatenate([input_ids, new], axis=1)
 
-    def _generate(self, input_ids, mask, options: GenerationOptions, eos, pad, stop=None, continue_cache=False):
+    def _check(self, options: GenerationOptions, prompt_length: int) -> int:
+        """Validated options; the number of new tokens that fits the context."""
         options.check()
         if self.manifest.task != "text-generation":
-            raise ValueError(f"this artifact was exported for {self.manifest.task}, not text-generation")
-        past = self.backend.past_length if continue_cache else 0
-        max_new = fit_new_tokens(past + input_ids.shape[1], options.max_new_tokens, self.context_length)
+            raise ValueError(f"this artifact was exported for {self.manifest.task!r}, not text-generation")
+        return loop.fit_new_tokens(prompt_length, options.max_new_tokens, self.context_length,
+                                   static=self.backend.kv_layout == "static")
+
+    def _generate(self, input_ids, mask, options: GenerationOptions, eos, pad, stop=None) -> np.ndarray:
+        max_new = self._check(options, input_ids.shape[1])
+        self.cache_owner = None
         start = time.perf_counter()
-        new = generate_tokens(
-            self.backend, input_ids, mask, options.sampler(), max_new, eos, pad, stop,
-            use_history=options.repetition_penalty != 1.0, continue_cache=continue_cache,
-        )
-        seconds = time.perf_counter() - start
-        self.last_timings = {"seconds": seconds, "new_tokens": int(new.shape[1]), "run_seconds": self.backend.run_seconds}
+        new = loop.generate_tokens(self.backend, input_ids, mask, options.sampler(), max_new, eos, pad, stop,
+                                   options.use_history)
+        self._record(start, new.shape[1])
         return new
 
-    # -- text level --------------------------------------------------------------------------------
+    def _record(self, start: float, new_tokens: int) -> None:
+        seconds = time.perf_counter() - start
+        self.last_timings = {"seconds": seconds, "new_tokens": new_tokens, "run_seconds": self.backend.run_seconds,
+                             "tokens_per_s": new_tokens / seconds if seconds else 0.0}
+
+    # -- text level -----------------------------------------------------------------------------------
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -150,119 +176,114 @@ class GemmaRuntime:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self.chat_template is None:
-            raise ValueError(f"{self.manifest.folder} has no chat_template.jinja; re-export with a tokenizer")
+            raise ValueError(f"{self.manifest.folder} has no chat_template.jinja; re-export it with a tokenizer")
         return self.chat_template.render(messages, add_generation_prompt)
 
     def encode(self, prompts: list[str], chat: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        tokenizer = self._require_tokenizer()
-        # A rendered chat starts with <bos> already (the template writes it).
-        return tokenizer.encode_batch(prompts, add_special_tokens=not chat)
+        """Left-padded ids and mask. A rendered chat already starts with <bos>: the template writes it."""
+        return self._require_tokenizer().encode_batch(prompts, add_special_tokens=not chat)
 
     def generate_text(self, prompts: str | list[str], options: GenerationOptions | None = None,
-                      chat: bool = False) -> list[str]:
-        """Completions of one or several prompts (a batch, left-padded)."""
+                      chat: bool = False) -> str | list[str]:
+        """The completion of a prompt, or of each prompt of a list (one left-padded batch): the new text
+        up to the end token, cut before the first stop string."""
         options = options or GenerationOptions()
         single = isinstance(prompts, str)
         prompts = [prompts] if single else list(prompts)
         ids, mask = self.encode(prompts, chat)
-        stop = self._stop_on_strings(options.stop_strings)
+        tokenizer = self._require_tokenizer()
+        stop = loop.StopStrings(tokenizer, options.stop_strings, len(prompts)) if options.stop_strings else None
         new = self._generate(ids, mask, options, self.eos_token_ids, self.pad_token_id, stop)
         texts = [self._completion(row, options.stop_strings) for row in new]
         return texts[0] if single else texts
 
-    def stream(self, prompt: str, options: GenerationOptions | None = None, chat: bool = False) -> Iterator[str]:
-        """Text pieces of one completion as they are generated; they concatenate to generate_text's result."""
-        options = options or GenerationOptions()
-        ids, mask = self.encode([prompt], chat)
-        yield from self._stream(ids, mask, options, continue_cache=False)
-
-    def _stream(self, ids, mask, options: GenerationOptions, continue_cache: bool) -> Iterator[str]:
-        from .generate import generate_step
-
-        options.check()
-        decoder = self._require_tokenizer().stream_decoder()
-        past = self.backend.past_length if continue_cache else 0
-        max_new = fit_new_tokens(past + ids.shape[1], options.max_new_tokens, self.context_length)
-        text, emitted = "", 0
-        # Text that could still grow into a stop string is held back until it cannot.
-        holdback = max((len(s) for s in options.stop_strings), default=1) - 1
-        self.generated_ids = []
-        steps = generate_step(self.backend, ids, mask, options.sampler(), max_new,
-                              options.repetition_penalty != 1.0, continue_cache)
-        for token in steps:
-            token = int(token[0])
-            self.generated_ids.append(token)
-            if token in self.eos_token_ids:
-                steps.close()
-                break
-            text += decoder.push(token)
-            cut = _stop_index(text, options.stop_strings)
-            if cut is not None:
-                steps.close()
-                if cut > emitted:
-                    yield text[emitted:cut]
-                return
-            if len(text) - holdback > emitted:
-                yield text[emitted : len(text) - holdback]
-                emitted = len(text) - holdback
-        text += decoder.flush()
-        cut = _stop_index(text, options.stop_strings)
-        text = text if cut is None else text[:cut]
-        if len(text) > emitted:
-            yield text[emitted:]
-
-    def _stop_on_strings(self, stop_strings: list[str]):
-        if not stop_strings:
-            return None
-        tokenizer = self._require_tokenizer()
-        return lambda row, tokens: _stop_index(tokenizer.decode(tokens), stop_strings) is not None
-
     def _completion(self, row: np.ndarray, stop_strings: list[str]) -> str:
-        tokens = [int(t) for t in row]
-        for i, t in enumerate(tokens):
-            if t in self.eos_token_ids:
-                tokens = tokens[:i]
-                break
-        text = self._require_tokenizer().decode(tokens)
-        cut = _stop_index(text, stop_strings)
+        tokens = row.tolist()
+        ends = [i for i, t in enumerate(tokens) if t in self.eos_token_ids]
+        text = self.tokenizer.decode(tokens[: ends[0]] if ends else tokens)
+        cut = loop.stop_index(text, stop_strings)
         return text if cut is None else text[:cut]
 
-    def chat_session(self, options: GenerationOptions | None = None) -> "ChatSession":
-        return ChatSession(self, options or GenerationOptions())
+    def stream(self, prompt: str, options: GenerationOptions | None = None, chat: bool = False) -> Iterator[str]:
+        """Text pieces of one completion as they are generated; they concatenate to generate_text's."""
+        options = options or GenerationOptions()
+        ids, mask = self.encode([prompt], chat)
+        yield from self._stream(ids, mask, options)
 
+    def _stream(self, ids, mask, options: GenerationOptions, continue_cache: bool = False,
+                tokens: list[int] | None = None) -> Iterator[str]:
+        past = self.backend.past_length if continue_cache else 0
+        max_new = self._check(options, past + ids.shape[1])
+        tokens = [] if tokens is None else tokens
+        if not continue_cache:
+            self.cache_owner = None
+        start = time.perf_counter()
+        yield from loop.stream(self.backend, self._require_tokenizer(), ids, mask, options.sampler(), max_new,
+                               self.eos_token_ids, options.stop_strings, options.use_history, continue_cache, tokens)
+        self._record(start, len(tokens))
 
-def _stop_index(text: str, stop_strings: list[str]) -> int | None:
-    """Where the first stop string begins in `text` (the completion ends there), or None."""
-    hits = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
-    return min(hits) if hits else None
+    def chat_session(self, options: GenerationOptions | None = None, system: str | None = None) -> "ChatSession":
+        return ChatSession(self, options or GenerationOptions(), system)
 
 
 class ChatSession:
-    """A multi-turn chat that keeps the KV cache between turns: each turn prefills only the tokens that
-    the cache does not hold yet (when the rendered history extends what was fed; else it starts over)."""
+    """A multi-turn chat that keeps the KV cache between turns. Each turn renders the whole conversation,
+    keeps the cache for the longest prefix it shares with what the cache holds (trimming the rest), and
+    prefills only the tokens after it: the new user turn, and the end of the previous reply as the
+    template writes it."""
 
-    def __init__(self, model: GemmaRuntime, options: GenerationOptions):
+    def __init__(self, model: GemmaRuntime, options: GenerationOptions, system: str | None = None):
+        model._require_tokenizer()
+        model.apply_chat_template([{"role": "user", "content": "ping"}])  # fails now if there is no template
         self.model = model
         self.options = options
-        self.messages: list[dict] = []
-        self.cached: list[int] = []  # tokens whose keys and values are in the backend's cache
+        self.system = system
+        self.reset()
 
     def reset(self) -> None:
-        self.messages, self.cached = [], []
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.cached: list[int] = []  # the tokens whose keys and values the backend's cache holds
+        self.prefilled = 0  # tokens fed in the last turn's prefill (the rest came from the cache)
 
     def send(self, text: str) -> Iterator[str]:
-        """Add a user turn and stream the reply; the reply joins the history when the stream ends."""
-        self.messages.append({"role": "user", "content": text})
-        rendered = self.model.apply_chat_template(self.messages, add_generation_prompt=True)
-        ids = self.model._require_tokenizer().encode(rendered, add_special_tokens=False)
-        keep = len(self.cached) > 0 and ids[: len(self.cached)] == self.cached
-        new = ids[len(self.cached) :] if keep else ids
-        mask = np.ones((1, (len(self.cached) if keep else 0) + len(new)), np.int64)
+        """Add a user turn and stream the reply; the reply joins the conversation when the stream ends."""
+        model = self.model
+        messages = [*self.messages, {"role": "user", "content": text}]
+        rendered = model.apply_chat_template(messages, add_generation_prompt=True)
+        ids = model.tokenizer.encode(rendered, add_special_tokens=False)
+        if model.cache_owner is not self:  # someone else ran the model since our last turn
+            self.cached = []
+        keep = min(common_prefix(self.cached, ids), len(ids) - 1)  # at least one token to prefill
+        if keep:
+            model.backend.trim(keep)
+        new = np.array([ids[keep:]], np.int64)
+        mask = np.ones((1, keep + new.shape[1]), np.int64)
+        self.prefilled = new.shape[1]
+        self.cached = ids[:keep]
+        generated: list[int] = []
         reply = ""
-        for piece in self.model._stream(np.array([new], np.int64), mask, self.options, continue_cache=keep):
-            reply += piece
-            yield piece
-        generated = self.model.generated_ids
-        # The last sampled token was never fed to the model: the cache holds the prompt and all but it.
-        self.cached = ids + generated[:-1] if generated else ids
-        self.messages.append({"role": "assistant", "content": reply})
+        try:
+            for piece in model._stream(new, mask, self.options, continue_cache=keep > 0, tokens=generated):
+                model.cache_owner = self
+                reply += piece
+                yield piece
+        finally:
+            # The last sampled token was never fed: the cache holds the prompt and the reply but it
+            # (also when the caller stopped reading early).
+            if generated:
+                model.cache_owner = self
+                self.cached = ids + generated[:-1]
+        self.messages = [*messages, {"role": "assistant", "content": reply}]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,37 +1,55 @@
-"""The artifact's tokenizer (`tokenizers`, from tokenizer.json) with <bos> handled as transformers does,
-left-padded batches, and a streaming decoder that emits text pieces as they become complete."""
+"""The artifact's tokenizer: `tokenizers` on tokenizer.json, <bos> as transformers adds it, left-padded
+batches, and a streaming decoder whose pieces concatenate to the full decode.
+
+<bos>: transformers 5 takes tokenizer.json's post-processor as it is (Gemma's adds <bos>) and drops
+add_bos_token from tokenizer_config.json; transformers 4 rebuilt the post-processor from add_bos_token.
+Here an explicit add_bos_token (the manifest's, else tokenizer_config.json's) decides, and without one
+the post-processor does: the two agree on every Gemma checkpoint, and <bos> is never doubled.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 
 class Tokenizer:
-    def __init__(self, tokenizer, bos_token_id: int | None, add_bos_token: bool, pad_token_id: int = 0):
+    def __init__(self, tokenizer, bos_token: str | None = "<bos>", add_bos_token: bool | None = None,
+                 pad_token_id: int = 0):
+        """`tokenizer` is a tokenizers.Tokenizer; add_bos_token None follows its post-processor."""
         self.tokenizer = tokenizer
-        self.bos_token_id = bos_token_id
-        self.add_bos_token = add_bos_token
+        self.bos_token = bos_token or ""
+        self.bos_token_id = tokenizer.token_to_id(bos_token) if bos_token else None
         self.pad_token_id = pad_token_id
-        self.bos_token = tokenizer.id_to_token(bos_token_id) if bos_token_id is not None else ""
+        # What the post-processor adds in front of a text (Gemma's: <bos>), found once by encoding "".
+        specials = tokenizer.encode("", add_special_tokens=True).ids
+        self._post_adds_bos = bool(specials) and specials[0] == self.bos_token_id
+        self.add_bos_token = self._post_adds_bos if add_bos_token is None else bool(add_bos_token)
+        if self.add_bos_token and self.bos_token_id is None:
+            raise ValueError(f"add_bos_token is set but the bos token {bos_token!r} is not in the vocabulary")
 
     @classmethod
-    def from_dir(cls, folder: str | Path, bos_token_id: int | None = None, pad_token_id: int = 0) -> "Tokenizer":
+    def from_dir(cls, folder: str | Path, add_bos_token: bool | None = None, pad_token_id: int = 0) -> "Tokenizer":
+        """tokenizer.json and (if present) tokenizer_config.json of a folder; an explicit `add_bos_token`
+        wins over tokenizer_config.json's."""
         from tokenizers import Tokenizer as _Tokenizer
 
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: this artifact takes token ids only (export with --tokenizer)")
-        tokenizer = _Tokenizer.from_file(str(path))
+            raise FileNotFoundError(f"{path} does not exist: this artifact takes token ids only (export with a tokenizer)")
         config = {}
         if (folder / "tokenizer_config.json").is_file():
             config = json.loads((folder / "tokenizer_config.json").read_text())
-        if bos_token_id is None:
-            bos_token_id = tokenizer.token_to_id(config.get("bos_token") or "<bos>")
-        return cls(tokenizer, bos_token_id, bool(config.get("add_bos_token", True)), pad_token_id)
+        if add_bos_token is None:
+            add_bos_token = config.get("add_bos_token")
+        return cls(_Tokenizer.from_file(str(path)), _token_text(config.get("bos_token", "<bos>")), add_bos_token,
+                   pad_token_id)
 
     @property
     def vocab_size(self) -> int:
@@ -41,20 +59,17 @@ class Tokenizer:
         return self.tokenizer.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Ids with exactly one leading <bos> when add_bos_token says so, whatever tokenizer.json's
-        post-processor does (Gemma 3's adds it, some Gemma 1 files rely on tokenizer_config instead)."""
+        """Token ids; with add_special_tokens, one leading <bos> when add_bos_token (a <bos> written in
+        the text stays, as in transformers: "<bos>hi" gives two)."""
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-        if not add_special_tokens or self.bos_token_id is None:
+        if not add_special_tokens:
             return ids
-        has_bos = bool(ids) and ids[0] == self.bos_token_id and not text.startswith(self.bos_token)
-        if self.add_bos_token and not has_bos:
-            return [self.bos_token_id, *ids]
-        if not self.add_bos_token and has_bos:
-            return ids[1:]
-        return ids
+        if self._post_adds_bos:
+            ids = ids[1:]
+        return [self.bos_token_id, *ids] if self.add_bos_token else ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Left-padded ids and attention mask [batch, longest]."""
+        """Left-padded ids and attention mask, both [batch, longest] int64."""
         return left_pad([self.encode(t, add_special_tokens) for t in texts], self.pad_token_id)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -64,9 +79,18 @@ class Tokenizer:
         return StreamDecoder(self, skip_special_tokens)
 
 
+def _token_text(token) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    if not sequences or any(len(s) == 0 for s in sequences):
-        raise ValueError("every prompt must have at least one token")
+    """ids and attention mask [batch, longest] int64, each sequence right-aligned (left padding)."""
+    if not sequences:
+        raise ValueError("no prompts: expected at least one")
+    for i, seq in enumerate(sequences):
+        if len(seq) == 0:
+            raise ValueError(f"prompt {i} has no tokens; every prompt needs at least one")
     width = max(len(s) for s in sequences)
     ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(sequences), width), dtype=np.int64)
@@ -77,18 +101,20 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.nd
 
 
 class StreamDecoder:
-    """Incremental detokenization (the offsets scheme of text-generation-inference): a piece is emitted
-    once it decodes to complete characters, so byte-fallback tokens of one multi-byte character and
-    SentencePiece's spaces come out right; the pieces concatenate to the full decode."""
+    """Incremental detokenization (text-generation-inference's offsets): each new token is decoded
+    together with the few tokens before it, and text is emitted only when it ends in complete
+    characters, so the byte-fallback tokens of one character (<0xF0><0x9F><0x8E><0x89>) come out
+    as one piece and SentencePiece's spaces are right. The pieces concatenate to the full decode."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
         self.ids: list[int] = []
-        self.prefix = 0  # start of the window decoded for context
+        self.prefix = 0  # start of the context window
         self.read = 0  # end of what was already emitted
 
     def push(self, token: int) -> str:
+        """Add a token; returns the text it completes ("" while a character is incomplete)."""
         self.ids.append(int(token))
         before = self.tokenizer.decode(self.ids[self.prefix : self.read], self.skip)
         after = self.tokenizer.decode(self.ids[self.prefix :], self.skip)
@@ -98,7 +124,7 @@ class StreamDecoder:
         return ""
 
     def flush(self) -> str:
-        """What is left at the end (an incomplete character shows as U+FFFD, as a full decode would)."""
+        """What is left at the end (an incomplete character shows as U+FFFD, as in the full decode)."""
         before = self.tokenizer.decode(self.ids[self.prefix : self.read], self.skip)
         after = self.tokenizer.decode(self.ids[self.prefix :], self.skip)
         self.prefix = self.read = len(self.ids)

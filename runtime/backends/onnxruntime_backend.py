@@ -1,10 +1,15 @@
-"""ONNX Runtime backend: one InferenceSession, IO binding, KV buffers reused from step to step.
+"""ONNX Runtime backend: one InferenceSession, IO binding, the KV cache kept as OrtValues.
 
-dynamic layout: present outputs are allocated by ONNX Runtime and bound back as the next step's past
-  (OrtValues, no copy through numpy).
-static layout: two preallocated buffer sets of max_length slots, past bound to one and present to
-  the other, swapped each step (binding one buffer as both input and output of an operator that does
-  not promise in-place updates is undefined in ONNX Runtime). Nothing is allocated per step but logits.
+dynamic layout: the present outputs are allocated by ONNX Runtime on the provider's device and bound
+  as the next step's past as they are: no copy through numpy.
+static layout: buffers of max_length slots allocated once per batch. Past and present are two sets
+  swapped every step, each with its own IOBinding prepared at reset (binding one buffer as both the
+  input and the output of an operator that does not promise in-place updates is undefined in ONNX
+  Runtime); one set bound as both when the manifest says `shares_buffers`. Per step only the ids,
+  mask, positions and logits are bound: nothing is allocated but the logits.
+
+Providers: "cpu", "cuda", "tensorrt" (onnxruntime-gpu). A provider that cannot run here is an error
+(ProviderError), never a silent CPU fallback, unless allow_cpu_fallback=True, which logs a warning.
 """
 
 from __future__ import annotations
@@ -32,118 +37,158 @@ class ProviderError(RuntimeError):
 
 
 class OnnxRuntimeBackend(Backend):
-    def __init__(
-        self,
-        manifest: Manifest,
-        provider: str = "cpu",
-        allow_cpu_fallback: bool = False,
-        threads: int | None = None,
-    ):
+    def __init__(self, manifest: Manifest, provider: str = "cpu", allow_cpu_fallback: bool = False,
+                 threads: int | None = None):
         import onnxruntime as ort
 
-        self.ort = ort
-        self.manifest = manifest
         if provider not in PROVIDERS:
             raise ValueError(f"provider {provider!r} is not supported; supported: {', '.join(PROVIDERS)}")
-        self.provider = provider
-        providers = self._providers(provider, allow_cpu_fallback)
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads {threads!r} is out of range; expected an integer >= 1 (or None for all cores)")
+        kv = manifest.kv
+        if kv.dtype not in KV_DTYPES:
+            raise ValueError(f"kv_cache.dtype {kv.dtype!r} is not supported; supported: {', '.join(KV_DTYPES)}")
+        self.ort = ort
+        self.manifest = manifest
+        self.session = self._session(provider, allow_cpu_fallback, threads)
+        self.provider = provider if PROVIDERS[provider] in self.session.get_providers() else "cpu"
+        self.device = "cpu" if self.provider == "cpu" else "cuda"
+
+        self.kv_layout = kv.layout
+        self.max_length = kv.max_length if kv.layout == "static" else None
+        self.shares_buffers = kv.shares_buffers
+        self.kv_heads, self.head_dim = kv.num_kv_heads, kv.head_dim
+        self.kv_dtype = KV_DTYPES[kv.dtype]
+        self.logits_all = manifest.logits == "all"
+        self.past_names = manifest.past_names
+        self.present_names = manifest.present_names
+        self._binding = self.session.io_binding()
+        self.batch_size = 0
+        self._past_length = 0
+        self.run_seconds = 0.0
+
+    # -- session -------------------------------------------------------------------------------------
+
+    def _session(self, provider: str, allow_cpu_fallback: bool, threads: int | None):
+        ort = self.ort
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(manifest.path("model.onnx")), options, providers=providers)
-        active = self.session.get_providers()
-        if PROVIDERS[provider] not in active:
-            self._fallback(provider, allow_cpu_fallback, f"the session runs on {active}")
-
-        kv = manifest.kv_cache
-        self.kv_layout = kv.get("layout", "dynamic")
-        self.max_length = kv.get("max_length")
-        self.kv_shape = (kv.get("num_kv_heads"), kv.get("head_dim"))
-        self.kv_dtype = KV_DTYPES.get(kv.get("dtype", "float32"), np.float32)
-        self.past_names = manifest.past_names
-        self.present_names = manifest.present_names
-        self.output_name = manifest["io"]["outputs"][0]
-        self.binding = self.session.io_binding()
-        self.batch_size = 0
-        self._past_length = 0
-        self.run_seconds = 0.0
+        providers = self._providers(provider, allow_cpu_fallback)
+        session = ort.InferenceSession(str(self.manifest.path("model.onnx")), options, providers=providers)
+        # onnxruntime-gpu lists CUDA and TensorRT as available, then drops them when their libraries
+        # fail to load: only the session knows what it runs on.
+        if PROVIDERS[provider] not in session.get_providers():
+            _fallback(provider, allow_cpu_fallback, f"the session runs on {session.get_providers()}")
+        return session
 
     def _providers(self, provider: str, allow_cpu_fallback: bool) -> list:
         if provider == "cpu":
             return ["CPUExecutionProvider"]
         available = self.ort.get_available_providers()
         if PROVIDERS[provider] not in available:
-            self._fallback(provider, allow_cpu_fallback, f"this onnxruntime offers only {available}")
+            _fallback(provider, allow_cpu_fallback, f"this onnxruntime offers only {available}")
             return ["CPUExecutionProvider"]
         if provider == "tensorrt":
             cache = self.manifest.folder / "engines" / "ort-trt-cache"
-            options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache), "trt_fp16_enable": True}
-            return [(PROVIDERS[provider], options), "CUDAExecutionProvider", "CPUExecutionProvider"]
+            options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)}
+            return [(PROVIDERS["tensorrt"], options), "CUDAExecutionProvider", "CPUExecutionProvider"]
         return [PROVIDERS[provider], "CPUExecutionProvider"]
 
-    @staticmethod
-    def _fallback(provider: str, allowed: bool, why: str) -> None:
-        message = (
-            f"provider {provider!r} is not usable: {why}. Install onnxruntime-gpu with CUDA/TensorRT libraries "
-            f"on a GPU machine (pip install 'gemma-deploy[gpu]'), or pass allow_cpu_fallback=True "
-            f"(--allow-cpu-fallback) to run on the CPU"
-        )
-        if not allowed:
-            raise ProviderError(message)
-        log.warning("%s; falling back to the CPU as allowed", message)
+    # -- the cache -----------------------------------------------------------------------------------
 
     @property
     def past_length(self) -> int:
         return self._past_length
 
     def reset(self, batch_size: int, max_length: int) -> None:
+        if self.kv_layout == "static" and max_length > self.max_length:
+            raise ValueError(
+                f"{max_length} tokens (prompt + max_new_tokens) do not fit the static KV cache of "
+                f"{self.max_length}; shorten the prompt or max_new_tokens, or export with a larger --max-length"
+            )
         self.batch_size = batch_size
         self._past_length = 0
         self.run_seconds = 0.0
-        heads, dim = self.kv_shape
         if self.kv_layout == "static":
-            if max_length > self.max_length:
-                raise ValueError(
-                    f"{max_length} tokens do not fit the static KV cache of {self.max_length}; "
-                    f"shorten the prompt or max_new_tokens, or export with a larger --max-length"
-                )
-            shape = (batch_size, heads, self.max_length, dim)
-            self._buffers = [
-                [self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype)) for _ in self.past_names]
-                for _ in range(2)
-            ]
-            self._current = 0
+            self._reset_static(batch_size)
         else:
-            empty = self.ort.OrtValue.ortvalue_from_numpy(np.zeros((batch_size, heads, 0, dim), self.kv_dtype))
-            self._past = [empty] * len(self.past_names)
+            self._past = [self._kv_value((batch_size, self.kv_heads, 0, self.head_dim))] * len(self.past_names)
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        b = self.binding
-        b.clear_binding_inputs()
-        b.clear_binding_outputs()
-        b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        b.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        b.bind_output(self.output_name, "cpu")
+    def _kv_value(self, shape):
+        return self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), self.device, 0)
+
+    def _reset_static(self, batch_size: int) -> None:
+        """Zeroed buffers (unused slots are masked, but NaN garbage times a zero weight is NaN) and one
+        IOBinding per direction with the cache bound."""
+        shape = (batch_size, self.kv_heads, self.max_length, self.head_dim)
+        sets = 1 if self.shares_buffers else 2
+        self._buffers = [[self._kv_value(shape) for _ in self.past_names] for _ in range(sets)]
+        self._bindings = []
+        for i in range(sets):
+            binding = self.session.io_binding()
+            binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
+            for name, value in zip(self.past_names, self._buffers[i]):
+                binding.bind_ortvalue_input(name, value)
+            for name, value in zip(self.present_names, self._buffers[(i + 1) % sets]):
+                binding.bind_ortvalue_output(name, value)
+            self._bindings.append(binding)
+        self._current = 0  # the set that holds the cache
+
+    def trim(self, length: int) -> None:
+        if not 0 <= length <= self._past_length:
+            raise ValueError(f"cannot trim the cache to {length} slots; it holds {self._past_length}")
+        if self.kv_layout == "dynamic" and length < self._past_length:
+            # One copy per trim (a chat turn), not per step.
+            self._past = [
+                self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :length]), self.device, 0)
+                for v in self._past
+            ]
+        self._past_length = length  # static: the slots past the mask are ignored, then overwritten
+
+    # -- a step --------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                all_logits: bool = False) -> np.ndarray:
+        if all_logits and not self.logits_all:
+            raise ValueError("all_logits needs an artifact exported with --logits all; this one returns the last position only")
         if self.kv_layout == "static":
-            past, present = self._buffers[self._current], self._buffers[1 - self._current]
-            for name, value in zip(self.past_names, past):
-                b.bind_ortvalue_input(name, value)
-            for name, value in zip(self.present_names, present):
-                b.bind_ortvalue_output(name, value)
+            binding = self._bindings[self._current]
+            binding.bind_output("logits", "cpu")  # rebinding a name replaces it in place
         else:
+            binding = self._binding
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
             for name, value in zip(self.past_names, self._past):
-                b.bind_ortvalue_input(name, value)
+                binding.bind_ortvalue_input(name, value)
             for name in self.present_names:
-                b.bind_output(name, "cpu")
+                binding.bind_output(name, self.device)
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+
         start = time.perf_counter()
-        self.session.run_with_iobinding(b)
+        self.session.run_with_iobinding(binding)
         self.run_seconds += time.perf_counter() - start
-        outputs = b.get_outputs()
+
+        outputs = binding.get_outputs()
         if self.kv_layout == "static":
-            self._current = 1 - self._current
+            self._current = (self._current + 1) % len(self._buffers)
         else:
             self._past = outputs[1:]
         self._past_length = attention_mask.shape[1]
-        return outputs[0].numpy()
+        logits = outputs[0].numpy()  # a view of ONNX Runtime's buffer: copy what we keep
+        return np.array(logits) if all_logits else np.array(logits[:, -1])
+
+
+def _fallback(provider: str, allowed: bool, why: str) -> None:
+    message = (
+        f"provider {provider!r} is not usable: {why}. Install onnxruntime-gpu with the CUDA/TensorRT libraries "
+        f"on a GPU machine (pip install 'gemma-deploy[gpu]'), or pass allow_cpu_fallback=True "
+        f"(--allow-cpu-fallback) to run on the CPU"
+    )
+    if not allowed:
+        raise ProviderError(message)
+    log.warning("%s; running on the CPU as allowed", message)

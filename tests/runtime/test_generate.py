@@ -45,11 +45,15 @@ def test_static_layout_allocates_nothing_per_step(tiny_artifacts):
 
 
 def test_context_limits(tiny_artifacts):
-    model = runtime.load(tiny_artifacts["static"])  # max_length 64
+    static = runtime.load(tiny_artifacts["static"])  # max_length 64: the buffers cannot grow
     with pytest.raises(ContextLengthError, match="the prompt has 64 tokens but the context holds 64"):
-        model.generate(np.full((1, 64), 7), max_new_tokens=4)
-    out = model.generate(np.full((1, 60), 7), max_new_tokens=10, eos_token_id=[])
-    assert out.shape == (1, 64)  # cut to the context, with a warning
+        static.generate(np.full((1, 64), 7), max_new_tokens=4)
+    with pytest.raises(ContextLengthError, match="70 tokens do not fit the static KV cache of 64; lower max_new_tokens to 4"):
+        static.generate(np.full((1, 60), 7), max_new_tokens=10)
+    assert static.generate(np.full((1, 60), 7), max_new_tokens=4, eos_token_id=[]).shape == (1, 64)
+    dynamic = runtime.load(tiny_artifacts["dynamic"])
+    dynamic.context_length = 64  # as if the model's context were 64: max_new_tokens is cut to fit
+    assert dynamic.generate(np.full((1, 60), 7), max_new_tokens=10, eos_token_id=[]).shape == (1, 64)
 
 
 def test_eos_stops_each_row_and_pads(tiny_artifacts, tiny_torch):
