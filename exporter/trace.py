@@ -107,10 +107,15 @@ def to_export_form(model: nn.Module) -> None:
     """Rewrite Linears and the tied embedding in place, freeing each original as it goes."""
     decoder = decoder_of(model)
     tied = isinstance(model, GemmaForCausalLM) and model.lm_head.weight is decoder.embed_tokens.weight
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and not (tied and parent is model and name == "lm_head"):
-                setattr(parent, name, MatMulLinear(child))
+    # (parent, name) pairs only: a list holding the Linears themselves would keep every original alive.
+    slots = [
+        (parent, name)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear) and not (tied and parent is model and name == "lm_head")
+    ]
+    for parent, name in slots:
+        setattr(parent, name, MatMulLinear(getattr(parent, name)))
     decoder.embed_tokens = TransposedEmbedding(decoder.embed_tokens.weight)
     if tied:
         model.lm_head = TiedLogits(decoder.embed_tokens)

@@ -195,8 +195,9 @@ class GemmaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = GemmaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.lm_head.weight = self.model.embed_tokens.weight  # tied to the embedding
+        # Tied to the embedding: built on the meta device so that no [vocab, hidden] copy is ever allocated.
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
+        self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
         self, input_ids, position_ids, attention_mask, past: list[KV], last_logits_only: bool = False
