@@ -26,6 +26,7 @@ class Tokenizer:
         self.bos_token = bos_token or ""
         self.bos_token_id = tokenizer.token_to_id(bos_token) if bos_token else None
         self.pad_token_id = pad_token_id
+        self.special_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         # What the post-processor adds in front of a text (Gemma's: <bos>), found once by encoding "".
         specials = tokenizer.encode("", add_special_tokens=True).ids
         self._post_adds_bos = bool(specials) and specials[0] == self.bos_token_id
@@ -78,6 +79,11 @@ class Tokenizer:
     def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens)
 
+    def is_byte_token(self, token: int) -> bool:
+        """A byte-fallback token, <0x00> .. <0xFF>."""
+        piece = self.tokenizer.id_to_token(int(token))
+        return piece is not None and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+
 
 def _token_text(token) -> str | None:
     """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
@@ -102,9 +108,10 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.nd
 
 class StreamDecoder:
     """Incremental detokenization (text-generation-inference's offsets): each new token is decoded
-    together with the few tokens before it, and text is emitted only when it ends in complete
-    characters, so the byte-fallback tokens of one character (<0xF0><0x9F><0x8E><0x89>) come out
-    as one piece and SentencePiece's spaces are right. The pieces concatenate to the full decode."""
+    together with the tokens since the last emitted piece, and text is emitted only when it ends in
+    complete characters and not inside a run of byte-fallback tokens, so the bytes of one character
+    (<0xF0><0x9F><0x8E><0x89>) come out as one piece, invalid byte runs as the full decode shows them,
+    and SentencePiece's spaces are right. The pieces concatenate to the full decode."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
@@ -116,6 +123,11 @@ class StreamDecoder:
     def push(self, token: int) -> str:
         """Add a token; returns the text it completes ("" while a character is incomplete)."""
         self.ids.append(int(token))
+        if self.tokenizer.is_byte_token(token) or (self.skip and token in self.tokenizer.special_ids):
+            # tokenizers' ByteFallback decodes a run of byte tokens as a whole (skipped special tokens
+            # do not break a run), and when the run is not valid UTF-8 every byte of it becomes U+FFFD,
+            # the ASCII ones included: nothing is final before the run ends.
+            return ""
         before = self.tokenizer.decode(self.ids[self.prefix : self.read], self.skip)
         after = self.tokenizer.decode(self.ids[self.prefix :], self.skip)
         if len(after) > len(before) and not after.endswith("\ufffd"):

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from ..manifest import Manifest
+from ..manifest import ArtifactError, Manifest
 from .base import Backend
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,15 @@ class OnnxRuntimeBackend(Backend):
         if threads:
             options.intra_op_num_threads = threads
         providers = self._providers(provider, allow_cpu_fallback)
-        session = ort.InferenceSession(str(self.manifest.path("model.onnx")), options, providers=providers)
+        path = self.manifest.path("model.onnx")
+        try:
+            session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # onnxruntime's InvalidProtobuf, InvalidGraph, Fail...
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ArtifactError(
+                f"{path} cannot be loaded by onnxruntime {ort.__version__}: {reason}; export the artifact again "
+                "(or upgrade onnxruntime if the graph needs a newer opset)"
+            ) from e
         # onnxruntime-gpu lists CUDA and TensorRT as available, then drops them when their libraries
         # fail to load: only the session knows what it runs on.
         if PROVIDERS[provider] not in session.get_providers():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -25,6 +26,67 @@ def test_bad_artifact_and_options_exit_2(tmp_path, tiny_artifacts):
     assert result.exit_code == 2 and "no tokenizer.json" in result.output
     result = invoke("bench", tiny_artifacts["dynamic"], "--runs", "0")
     assert result.exit_code == 2 and "--runs 0 must be >= 1" in result.output
+    result = invoke("generate", tiny_artifacts["dynamic"], "hello", "--bogus")
+    assert result.exit_code == 2 and "No such option" in result.output
+
+
+def test_errors_are_one_line_without_traceback(tmp_path, tiny_text_artifacts):
+    result = invoke("generate", tiny_text_artifacts["static"], "word " * 80, "-n", "4")  # past the static cache of 64
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    assert "tokens but the context holds 64" in result.stderr
+    incomplete = tmp_path / "half"
+    incomplete.mkdir()
+    result = invoke("chat", incomplete)
+    assert result.exit_code == 2 and "the artifact is incomplete" in result.stderr
+
+
+def test_runtime_failure_exits_1(tiny_text_artifacts, monkeypatch):
+    from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("the execution provider failed\nsecond line")
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "forward", broken)
+    result = invoke("generate", tiny_text_artifacts["dynamic"], "hello")
+    assert result.exit_code == 1
+    assert result.stderr == "gemma-run: RuntimeError: the execution provider failed\n"
+
+
+def test_generate_from_argument_stdin_stream_and_json(tiny_text_artifacts):
+    artifact = tiny_text_artifacts["dynamic"]
+    plain = invoke("generate", artifact, "The capital of France is", "-n", "12")
+    assert plain.exit_code == 0, plain.output
+    assert invoke("generate", artifact, "-n", "12", input="The capital of France is\n").output == plain.output
+    streamed = invoke("generate", artifact, "The capital of France is", "-n", "12", "--stream")
+    assert streamed.output == plain.output
+    as_json = json.loads(invoke("generate", artifact, "The capital of France is", "-n", "12", "--json").output)
+    assert as_json["generated_text"] == plain.output[:-1] and as_json["prompt"] == "The capital of France is"
+    assert 1 <= as_json["tokens"] <= 12 and as_json["timings"]["run_seconds"] <= as_json["timings"]["seconds"]
+    chat = json.loads(invoke("generate", artifact, "Hi", "-n", "4", "--chat", "--json").output)
+    import runtime
+
+    model = runtime.load(artifact)
+    rendered = model.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert chat["generated_text"] == model.generate_text(rendered, runtime.GenerationOptions(max_new_tokens=4), chat=True)
+    sampled = [invoke("generate", artifact, "Hi", "-n", "8", "-t", "0.8", "--top-p", "0.9", "--seed", "3").output
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_interactive_chat_on_stdin(tiny_text_artifacts):
+    result = invoke("chat", tiny_text_artifacts["dynamic"], "-n", "4", input="Hi\n/reset\nHi\n\n/exit\nnever read\n")
+    assert result.exit_code == 0, result.output
+    before, after = result.output.split("(conversation reset)\n")
+    assert before == after and len(before) > 1  # after /reset, the same first turn and reply
+    assert "never read" not in result.output
+
+
+def test_bench_plot_without_matplotlib_is_a_usage_error(tiny_artifacts):
+    if importlib.util.find_spec("matplotlib") is not None:
+        pytest.skip("matplotlib is installed")
+    result = invoke("bench", tiny_artifacts["dynamic"], "--plot", "x.png", "--runs", "1")
+    assert result.exit_code == 2 and "--plot needs matplotlib" in result.stderr
 
 
 def test_bench_reports_figures(tiny_artifacts):
@@ -33,7 +95,12 @@ def test_bench_reports_figures(tiny_artifacts):
     report = json.loads(result.output)
     assert report["kv_layout"] == "static" and report["decode_tokens_per_s"] > 0
     assert 0 <= report["overhead_percent"] < 100 and report["weight_bytes_per_token"] > 0
-    assert report["fraction_of_bound"] > 0
+    assert 0 <= report["overhead_ms_per_step"] < report["decode_step_ms"]
+    assert report["numpy_read_gb_per_s"] > 0 and report["matvec_read_gb_per_s"] > 0
+    bound = max(report["numpy_read_gb_per_s"], report["matvec_read_gb_per_s"]) * 1e9 / report["weight_bytes_per_token"]
+    assert report["bandwidth_bound_tokens_per_s"] == pytest.approx(bound, rel=0.02)
+    assert report["fraction_of_bound"] == pytest.approx(report["decode_tokens_per_s"] / bound, rel=0.02, abs=2e-3)
+    assert report["peak_rss_mb"] > 10
 
 
 @pytest.mark.real

@@ -23,10 +23,24 @@ def test_the_block_works():
     assert run("import torch").returncode != 0
 
 
-def test_runtime_imports_without_torch():
+def test_import_runtime_is_cheap():
+    """`import runtime` loads neither the blocked packages nor onnxruntime, tokenizers or jinja2 (they come
+    with the first model, tokenizer or template)."""
     code = """
-import runtime, runtime.cli, runtime.bench, runtime.backends.onnxruntime_backend, runtime.generate
+import runtime
+print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'onnx', 'onnxruntime', 'tokenizers', 'jinja2'}))
+"""
+    result = run(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_runtime_modules_import_without_torch():
+    code = """
+import runtime, runtime.cli, runtime.bench, runtime.backends.onnxruntime_backend, runtime.generate, runtime.chat
+import runtime.manifest, runtime.pipeline, runtime.sampling, runtime.tokenizer, runtime.backends.base
 runtime.make_sampler(temperature=0.5, seed=1)
+runtime.chat.ChatTemplate(runtime.chat.DEFAULT_CHAT_TEMPLATE).render([{'role': 'user', 'content': 'hi'}])
 print('ok', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'onnx')))
 """
     result = run(code)
@@ -34,13 +48,14 @@ print('ok', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'trans
     assert result.stdout.strip() == "ok []"
 
 
-def test_runtime_generates_without_torch(tiny_artifacts):
+def test_runtime_generates_without_torch(tiny_text_artifacts):
     code = f"""
 import numpy as np, runtime
-model = runtime.load({str(tiny_artifacts['dynamic'])!r})
-out = model.generate(np.array([[2, 10, 11, 12]]), max_new_tokens=5)
-print(out.shape)
+model = runtime.load({str(tiny_text_artifacts['dynamic'])!r})
+out = model.generate(np.array([[2, 10, 11, 12]]), max_new_tokens=5, eos_token_id=[])
+text = ''.join(model.stream('Paris', runtime.GenerationOptions(max_new_tokens=5)))
+print(out.shape, text == model.generate_text('Paris', runtime.GenerationOptions(max_new_tokens=5)))
 """
     result = run(code)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "(1, 9)"
+    assert result.stdout.strip() == "(1, 9) True"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 
 import pytest
 
 from runtime import ArtifactError, load, read_manifest
+from runtime.manifest import SCHEMA_VERSION, file_digest, write_manifest
 
 
 @pytest.fixture
@@ -84,3 +87,75 @@ def test_no_silent_cpu_fallback(artifact):
     assert load(artifact, provider="cuda", allow_cpu_fallback=True).backend.session.get_providers() == [
         "CPUExecutionProvider"
     ]
+
+
+def test_io_names_must_match_the_presents(artifact):
+    edit_manifest(artifact, lambda m: m["io"].update(outputs=m["io"]["outputs"][:-1]))
+    with pytest.raises(ArtifactError, match="io.outputs has 11 present entries but kv_cache.num_layers is 6"):
+        read_manifest(artifact)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("kind", "something-else", "kind 'something-else' is not supported; supported: gemma-deploy-artifact"),
+        ("task", "translation", "task 'translation' is not supported; supported: text-generation, feature-extraction"),
+        ("family", "llama", "family 'llama' is not supported; supported: gemma, gemma2, gemma3_text"),
+        ("logits", "some", "logits 'some' is not supported; supported: all, last"),
+    ],
+)
+def test_unknown_values_are_named(artifact, field, value, message):
+    edit_manifest(artifact, lambda m: m.update({field: value}))
+    with pytest.raises(ArtifactError, match=message):
+        read_manifest(artifact)
+
+
+def test_static_layout_needs_max_length(artifact):
+    edit_manifest(artifact, lambda m: m["kv_cache"].update(layout="static", max_length=None))
+    with pytest.raises(ArtifactError, match="kv_cache.max_length None must be a positive integer"):
+        read_manifest(artifact)
+
+
+def test_verify_false_skips_the_digest_but_not_the_size(artifact):
+    path = artifact / "config.json"
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0x01  # same size, other content
+    path.write_bytes(bytes(data))
+    assert read_manifest(artifact, verify=False).task == "text-generation"
+    with pytest.raises(ArtifactError, match="config.json does not match its sha256"):
+        read_manifest(artifact)
+
+
+def test_graph_onnxruntime_cannot_load_is_a_load_error(artifact):
+    (artifact / "model.onnx").write_bytes(b"not a protobuf")
+    data = json.loads((artifact / "manifest.json").read_text())
+    data.pop("files")
+    write_manifest(artifact, data)  # a consistent manifest over a broken graph
+    with pytest.raises(ArtifactError, match="model.onnx cannot be loaded by onnxruntime"):
+        load(artifact)
+
+
+def test_write_manifest_lists_every_file_and_reads_back(tmp_path):
+    """What the exporter writes is what the runtime accepts: nested files, sizes, streamed digests."""
+    big = tmp_path / "model.onnx.data"
+    big.write_bytes(os.urandom(3 * 2**20 + 17))  # spans several 1 MiB blocks
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "engines" / "a.plan").write_bytes(b"plan")
+    (tmp_path / "model.onnx").write_bytes(b"graph")
+    layers = 2
+    pairs = [(i, t) for i in range(layers) for t in ("key", "value")]
+    written = write_manifest(tmp_path, {
+        "task": "text-generation", "target": "onnx", "family": "gemma3_text", "config": {}, "dtype": "float32",
+        "io": {"inputs": ["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{i}.{t}" for i, t in pairs)],
+               "outputs": ["logits", *(f"present.{i}.{t}" for i, t in pairs)]},
+        "kv_cache": {"layout": "dynamic", "num_layers": layers, "num_kv_heads": 1, "head_dim": 4},
+    })
+    assert written["schema_version"] == SCHEMA_VERSION and written["kind"] == "gemma-deploy-artifact"
+    assert sorted(written["files"]) == ["engines/a.plan", "model.onnx", "model.onnx.data"]
+    assert written["files"]["model.onnx.data"] == {"sha256": hashlib.sha256(big.read_bytes()).hexdigest(),
+                                                   "size": big.stat().st_size}
+    assert file_digest(big) == hashlib.sha256(big.read_bytes()).hexdigest()
+    manifest = read_manifest(tmp_path)
+    assert manifest.kv.num_layers == layers and manifest.kv.layout == "dynamic" and manifest.logits == "all"
+    assert manifest.present_names == [f"present.{i}.{t}" for i, t in pairs]
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.sampling import make_sampler, min_p_filter, top_k_filter, top_p_filter
+from runtime.sampling import (
+    apply_repetition_penalty,
+    candidates,
+    categorical,
+    make_sampler,
+    min_p_filter,
+    top_indices,
+    top_k_filter,
+    top_p_filter,
+)
 
 # Probabilities 0.4, 0.3, 0.15, 0.1, 0.05 on tokens 3, 0, 4, 1, 2.
 PROBS = np.array([[0.3, 0.1, 0.05, 0.4, 0.15]])
@@ -84,3 +93,79 @@ def test_temperature_sharpens():
 def test_out_of_range_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         make_sampler(**options)
+
+
+def reference_kept(logits, temperature, top_k, top_p, min_p):
+    """The filters applied to whole rows, in transformers' order: what the sampler must keep."""
+    scaled = logits / temperature
+    scaled = min_p_filter(top_p_filter(top_k_filter(scaled, top_k), top_p), min_p)
+    return [set(np.flatnonzero(np.isfinite(row)).tolist()) for row in scaled]
+
+
+@pytest.mark.parametrize("vocab", [4096, 2**16])  # 2**16: long rows take the block-maximum search
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, min_p",
+    [(1.0, 40, 1.0, 0.0), (0.7, 0, 0.9, 0.0), (1.3, 0, 0.5, 0.0), (1.0, 0, 1.0, 0.05), (0.8, 64, 0.95, 0.02),
+     (1.0, 0, 0.99, 0.1)],
+)
+def test_candidates_keep_what_the_whole_row_filters_keep(vocab, temperature, top_k, top_p, min_p):
+    rng = np.random.default_rng(vocab + top_k)
+    logits = (rng.normal(size=(3, vocab)) * rng.uniform(2, 8, size=(3, 1))).astype(np.float32)
+    idx, sub, log_total = candidates(logits, temperature, top_k, top_p, min_p)
+    sub = min_p_filter(top_p_filter(top_k_filter(sub, top_k), top_p, log_total), min_p)
+    kept_here = [set(i[np.isfinite(s)].tolist()) for i, s in zip(idx, sub)]
+    assert kept_here == reference_kept(logits, temperature, top_k, top_p, min_p)
+
+
+@pytest.mark.parametrize("m", [1, 7, 50, 300])
+def test_top_indices_are_the_m_largest(m):
+    logits = np.random.default_rng(m).normal(size=(2, 2**16)).astype(np.float32)
+    expected = np.argsort(-logits, axis=-1)[:, :m]
+    assert [set(r) for r in top_indices(logits, m).tolist()] == [set(r) for r in expected.tolist()]
+
+
+def test_large_vocabulary_draws_follow_the_distribution():
+    """The two-level draw over a 262144-entry row: five likely tokens spread over the row, the rest
+    nearly impossible; 2000 draws."""
+    vocab, hot = 262144, [3, 700, 5000, 100_000, 262_143]
+    probs = np.array([0.1, 0.2, 0.3, 0.15, 0.25])
+    logits = np.full((50, vocab), -40.0, np.float32)  # 50 rows at a time: 52 MB
+    logits[:, hot] = np.log(probs)
+    sample = make_sampler(temperature=1.0, seed=0)
+    draws = np.concatenate([sample(logits) for _ in range(40)])
+    assert set(draws.tolist()) <= set(hot)
+    freq = np.array([(draws == h).mean() for h in hot])
+    assert np.abs(freq - probs).max() < 5 * np.sqrt(0.25 / len(draws))  # 5 standard errors
+
+
+def test_truncated_draws_stay_in_the_kept_set():
+    rng = np.random.default_rng(3)
+    logits = (rng.normal(size=(64, 2**16)) * 4).astype(np.float32)
+    for options in ({"top_k": 20}, {"top_p": 0.8}, {"min_p": 0.1}):
+        sample = make_sampler(temperature=0.9, seed=1, **options)
+        kept = reference_kept(logits, 0.9, options.get("top_k", 0), options.get("top_p", 1.0), options.get("min_p", 0.0))
+        draws = sample(logits)
+        assert all(int(d) in k for d, k in zip(draws, kept))
+
+
+def test_categorical_never_draws_excluded_tokens():
+    logits = np.array([[-np.inf, 0.0, -np.inf, 0.0], [5.0, -np.inf, -np.inf, -np.inf]], np.float32)
+    rng = np.random.default_rng(0)
+    draws = np.stack([categorical(logits, rng) for _ in range(500)])
+    assert set(draws[:, 0].tolist()) == {1, 3} and set(draws[:, 1].tolist()) == {0}
+
+
+def test_repetition_penalty_as_transformers():
+    torch = pytest.importorskip("torch")
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 300)).astype(np.float32)
+    history = rng.integers(0, 300, size=(2, 40))
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.from_numpy(history), torch.from_numpy(logits.copy())).numpy()
+    np.testing.assert_allclose(apply_repetition_penalty(logits.copy(), history, 1.3), expected, rtol=1e-6)
+
+
+def test_bad_seed_is_refused():
+    with pytest.raises(ValueError, match=r"seed -1 is out of range; expected None or an integer >= 0"):
+        make_sampler(temperature=1.0, seed=-1)
