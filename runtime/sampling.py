@@ -178,8 +178,11 @@ def make_sampler(
     truncate = bool(top_k) or top_p < 1.0 or min_p > 0.0
 
     def sample(logits: np.ndarray, history: np.ndarray | None = None) -> np.ndarray:
+        penalize = repetition_penalty != 1.0 and history is not None and history.size
+        if temperature == 0.0 and not penalize:
+            return greedy(logits)
         logits = np.array(logits, dtype=np.float32)  # our own copy [B, V]: the penalty works in place
-        if repetition_penalty != 1.0 and history is not None and history.size:
+        if penalize:
             apply_repetition_penalty(logits, history, repetition_penalty)
         if temperature == 0.0:
             return greedy(logits)

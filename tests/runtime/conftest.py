@@ -5,8 +5,10 @@ generation, streaming, stop strings and chat run without the real model."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import string
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +81,13 @@ def tiny_text_artifacts(tiny_artifacts, tmp_path_factory):
     """tiny_artifacts (dynamic and static KV) with a tokenizer and a chat template."""
     root = tmp_path_factory.mktemp("tiny-text")
     return {layout: add_text_files(folder, root / layout) for layout, folder in tiny_artifacts.items()}
+
+
+@pytest.fixture(scope="session")
+def real_artifact(request):
+    """GEMMA_DEPLOY_REAL_ARTIFACT=DIR runs the runtime's `real` tests on an artifact exported earlier
+    (gemma-export --model gemma3-270m); without it the session exports one (tests/conftest.py)."""
+    folder = os.environ.get("GEMMA_DEPLOY_REAL_ARTIFACT")
+    if folder:
+        return Path(folder)
+    return request.getfixturevalue("real_artifact")
