@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from .artifact import SCHEMA_VERSION, ArtifactDir, add_bos_token, end_token_ids, write_manifest, write_tokenizer_files
+from runtime.manifest import write_manifest  # adds schema_version and kind, lists the files
+
+from .artifact import ArtifactDir, add_bos_token, end_token_ids, write_tokenizer_files
 from .trace import GraphSpec, parameter_bytes, trace
 
 log = logging.getLogger(__name__)
@@ -136,8 +138,6 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
 def build_manifest(config, spec: GraphSpec, options: ExportOptions, folder: Path, source: str, parity) -> dict:
     dtype = DTYPE_NAMES[options.dtype]
     return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "gemma-deploy-artifact",
         "task": spec.task,
         "target": options.target,
         "family": config.model_type,

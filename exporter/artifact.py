@@ -12,31 +12,10 @@ import os
 import shutil
 from pathlib import Path
 
-from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, sha256  # noqa: F401  (the contract lives in runtime)
+from runtime.chat import DEFAULT_CHAT_TEMPLATE
+from runtime.manifest import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
-
-# Gemma's chat format, written when the source has no template (the packaged base model has none).
-# As in Gemma 3's own template, a system message is prepended to the first user turn.
-DEFAULT_CHAT_TEMPLATE = """{{ bos_token }}
-{%- if messages[0]['role'] == 'system' -%}
-    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set first_user_prefix = "" -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
-    {%- endif -%}
-    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
-    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") + message['content'] | trim + '<end_of_turn>\n' }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{ '<start_of_turn>model\n' }}
-{%- endif -%}
-"""
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -155,16 +134,3 @@ def add_bos_token(destination: Path) -> bool:
     if config.is_file():
         return bool(json.loads(config.read_text()).get("add_bos_token", True))
     return True
-
-
-def write_manifest(folder: Path, manifest: dict) -> dict:
-    """List every file of the folder with its size and sha256, then write manifest.json (last)."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
-    manifest = {
-        **manifest,
-        "files": {str(p.relative_to(folder)): {"sha256": sha256(p), "size": p.stat().st_size} for p in files},
-    }
-    tmp = folder / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, folder / MANIFEST_NAME)
-    return manifest

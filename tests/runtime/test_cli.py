@@ -89,6 +89,18 @@ def test_bench_plot_without_matplotlib_is_a_usage_error(tiny_artifacts):
     assert result.exit_code == 2 and "--plot needs matplotlib" in result.stderr
 
 
+def test_bench_plot_draws_decode_speed_against_context(tiny_artifacts, tmp_path):
+    pytest.importorskip("matplotlib")  # in the test extra; the test above covers its absence
+    plot = tmp_path / "decode.png"
+    result = invoke("bench", tiny_artifacts["dynamic"], "--prompt-length", "8", "--new-tokens", "4", "--runs", "1",
+                    "--plot", plot, "--json")
+    assert result.exit_code == 0, result.output
+    sweep = json.loads(result.output)["context_sweep"]
+    assert [p["context"] for p in sweep] == [128, 512, 1024, 2048]
+    assert all(p["decode_tokens_per_s"] > 0 for p in sweep)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_bench_reports_figures(tiny_artifacts):
     result = invoke("bench", tiny_artifacts["static"], "--prompt-length", "8", "--new-tokens", "8", "--runs", "2", "--json")
     assert result.exit_code == 0, result.output
