@@ -21,7 +21,7 @@ from .trace import GraphSpec, parameter_bytes, trace
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("onnx",)
+TARGETS = ("onnx", "ort")  # ort: fused for ONNX Runtime (com.microsoft operators)
 KV_LAYOUTS = ("dynamic", "static")
 LOGITS = ("all", "last")
 DTYPES = ("fp32",)
@@ -99,6 +99,11 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
         trace_seconds = time.perf_counter() - trace_start
         del torch_model
         gc.collect()
+        fusions = {}
+        if options.target == "ort":
+            from .fusions import fuse_for_ort
+
+            fusions = fuse_for_ort(tmp / "model.onnx")
         export_rss = _peak_rss()
         stages.next()
         files = write_tokenizer_files(ckpt, tmp, options.tokenizer)
@@ -124,6 +129,7 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
 
         stages.next()
         manifest = build_manifest(config, spec, options, tmp, ckpt.source, parity)
+        manifest["fusions"] = fusions
         manifest["export"] = {
             "seconds": round(time.perf_counter() - start, 1),
             "trace_seconds": round(trace_seconds, 1),
@@ -177,7 +183,6 @@ def build_manifest(config, spec: GraphSpec, options: ExportOptions, folder: Path
         },
         "tools": _tool_versions(),
         "parity": parity,
-        "fusions": {},
     }
 
 

@@ -68,6 +68,8 @@ def export_command(model, output, target, task, dtype, kv_cache, max_length, log
         f"exported {model} -> {output} ({size / 2**20:.1f} MiB) in {info.get('seconds')} s, "
         f"peak RSS {info.get('peak_rss_bytes', 0) / 2**30:.2f} GiB"
     )
+    if manifest.get("fusions"):
+        click.echo("fusions: " + ", ".join(f"{name} {count}" for name, count in manifest["fusions"].items()))
     if manifest.get("parity"):
         p = manifest["parity"]
         click.echo(f"parity: max |logit diff| {p['max_abs_diff']:.2e}, greedy agreement {100 * p['greedy_agreement']:.0f}%")
