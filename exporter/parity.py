@@ -22,13 +22,12 @@ def check_artifact(artifact: str | Path, model: str, prompts=None, new_tokens: i
             raise ValueError(
                 f"the artifact does not match {model}: {key} is {mine[key]} in the artifact, {getattr(config, key)} in the model"
             )
-    kv = manifest.kv_cache
     spec = GraphSpec(
         task=manifest.task,
         num_layers=config.num_hidden_layers,
-        kv_layout=kv.get("layout", "dynamic"),
-        max_length=kv.get("max_length"),
-        logits=manifest.get("logits", "all"),
+        kv_layout=manifest.kv.layout,
+        max_length=manifest.kv.max_length,
+        logits=manifest.logits,
     )
     folder = Path(artifact)
     return verify(
@@ -36,7 +35,7 @@ def check_artifact(artifact: str | Path, model: str, prompts=None, new_tokens: i
         folder / "model.onnx",
         spec,
         config,
-        dtype=manifest["dtype"],
+        dtype=manifest.dtype,
         tokenizer_dir=folder if (folder / "tokenizer.json").is_file() else None,
         prompts=prompts or DEFAULT_PROMPTS,
         new_tokens=new_tokens,

@@ -25,6 +25,7 @@ from torch import nn
 
 from models.config import GemmaConfig
 from models.gemma import GemmaForCausalLM, decoder_of, use_static_cache
+from runtime.manifest import DECODER_INPUTS, kv_names  # the graph names are the artifact contract
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +50,17 @@ class GraphSpec:
     def past_names(self) -> list[str]:
         if not self.with_past:
             return []
-        return [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        return kv_names("past_key_values", self.num_layers)
 
     @property
     def present_names(self) -> list[str]:
         if not self.with_past:
             return []
-        return [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        return kv_names("present", self.num_layers)
 
     @property
     def input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "position_ids", *self.past_names]
+        return [*DECODER_INPUTS, *self.past_names]
 
     @property
     def output_names(self) -> list[str]:

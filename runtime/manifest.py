@@ -31,6 +31,16 @@ LOGITS = ("all", "last")
 DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
+def kv_names(prefix: str, num_layers: int) -> list[str]:
+    """Graph names of the KV tensors: kv_names("past_key_values", 2) -> past_key_values.0.key, .0.value, .1.key..."""
+    return [f"{prefix}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def _from_known(cls, data: dict):
+    """A dataclass from the keys it knows (a newer exporter may write more)."""
+    return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
 class ArtifactError(ValueError):
     """The artifact cannot be used as it is; the message says what is wrong and what to do."""
 
@@ -51,8 +61,7 @@ class KVCacheSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "KVCacheSpec":
-        known = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return _from_known(cls, data)
 
 
 @dataclass(frozen=True)
@@ -67,8 +76,7 @@ class GenerationSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "GenerationSpec":
-        known = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return _from_known(cls, data)
 
 
 @dataclass(frozen=True)
@@ -270,14 +278,13 @@ def _check_io(path: Path, manifest: Manifest) -> None:
             f"(missing inputs: {missing or 'none'}, first output: {manifest.output_names[0]!r})"
         )
     layers = kv["num_layers"]
-    pairs = [(i, t) for i in range(layers) for t in ("key", "value")]
-    if manifest.past_names != [f"past_key_values.{i}.{t}" for i, t in pairs]:
+    if manifest.past_names != kv_names("past_key_values", layers):
         raise ArtifactError(
             f"{path}: io.inputs has {len(manifest.past_names)} past_key_values entries but kv_cache.num_layers "
             f"is {layers} (expected past_key_values.{{0..{layers - 1}}}.key/value); the manifest is inconsistent, "
             "export the artifact again"
         )
-    if manifest.present_names != [f"present.{i}.{t}" for i, t in pairs]:
+    if manifest.present_names != kv_names("present", layers):
         raise ArtifactError(
             f"{path}: io.outputs has {len(manifest.present_names)} present entries but kv_cache.num_layers "
             f"is {layers} (expected present.{{0..{layers - 1}}}.key/value); the manifest is inconsistent, "
