@@ -90,7 +90,10 @@ class TransposedEmbedding(nn.Module):
         self.weight_t = nn.Parameter(weight.detach().t().contiguous(), requires_grad=False)  # [H, V]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight_t[:, ids].permute(1, 2, 0)  # [H, B, S] -> [B, S, H]
+        # index_select traces to Gather(axis=1); advanced indexing would trace to Transpose(E) + GatherND,
+        # which ONNX Runtime folds into a second, transposed copy of the whole embedding.
+        rows = torch.index_select(self.weight_t, 1, ids.reshape(-1))  # [H, B*S]
+        return rows.t().reshape(*ids.shape, -1)  # [B, S, H]
 
 
 class TiedLogits(nn.Module):
