@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 TARGETS = ("onnx", "ort")  # ort: fused for ONNX Runtime (com.microsoft operators)
 KV_LAYOUTS = ("dynamic", "static")
 LOGITS = ("all", "last")
-DTYPES = ("fp32",)
-DTYPE_NAMES = {"fp32": "float32"}
+DTYPES = ("fp32", "fp16", "bf16")
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+QUANTS = ("int4",)
 
 
 class ParityError(RuntimeError):
@@ -51,6 +52,25 @@ class ExportOptions:
     overwrite: bool = False
     tokenizer: Path | None = None
     progress: bool = True
+    quant: str | None = None  # int4: weight-only, see exporter/quantize.py
+    quant_method: str = "rtn"
+    block_size: int = 32
+    symmetric: bool | None = None  # None: zero points for ONNX Runtime, symmetric for TensorRT
+    lm_head: str | None = None  # the tied lm_head/embedding: int4 | int8 | float; None: int8 (ort), int4 (trt)
+    accuracy_level: int = 4
+
+    def quant_options(self):
+        from .quantize import QuantOptions
+
+        trt = self.target == "trt"
+        return QuantOptions(
+            method=self.quant_method,
+            block_size=self.block_size,
+            symmetric=trt if self.symmetric is None else self.symmetric,
+            lm_head=self.lm_head or ("int4" if trt else "int8"),
+            format="qdq" if trt else "matmulnbits",
+            accuracy_level=self.accuracy_level,
+        )
 
     def check(self) -> None:
         from models.loading import TASKS
@@ -65,6 +85,10 @@ class ExportOptions:
             raise ValueError(f"max_length {self.max_length} must be a positive number of tokens")
         if self.task != "text-generation" and (self.kv_cache != "dynamic" or self.logits != "all"):
             raise ValueError(f"--kv-cache and --logits apply to text-generation only, not to {self.task}")
+        if self.quant is not None:
+            if self.quant not in QUANTS:
+                raise ValueError(f"quant {self.quant!r} is not supported; supported: {', '.join(QUANTS)}")
+            self.quant_options().check()
 
 
 def export(model: str | Path, output: str | Path, options: ExportOptions | None = None) -> dict:
@@ -87,15 +111,15 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
         max_length=options.max_length if options.kv_cache == "static" else None,
         logits=options.logits,
     )
-    stages = _Stages(["load", "trace and save", "tokenizer", "verify" if options.verify else None, "manifest"],
-                     options.progress)
+    stages = _Stages(["load", "trace and save", "quantize" if options.quant else None, "tokenizer",
+                      "verify" if options.verify else None, "manifest"], options.progress)
     with ArtifactDir(output, options.overwrite) as tmp, stages:
         stages.next()
-        torch_model, _ = load_model(ckpt, task=options.task, progress=options.progress)
+        torch_model = load_for_export(ckpt, options)
         weight_bytes = parameter_bytes(torch_model)
         stages.next()
         trace_start = time.perf_counter()
-        trace(torch_model, spec, tmp / "model.onnx")
+        trace(torch_model, spec, tmp / "model.onnx", dtype=next(torch_model.parameters()).dtype)
         trace_seconds = time.perf_counter() - trace_start
         del torch_model
         gc.collect()
@@ -104,6 +128,12 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
             from .fusions import fuse_for_ort
 
             fusions = fuse_for_ort(tmp / "model.onnx")
+        quantization, dequantized = None, {}
+        if options.quant:
+            from .quantize import quantize_graph
+
+            stages.next()
+            quantization, dequantized = quantize_graph(tmp / "model.onnx", options.quant_options(), options.progress)
         export_rss = _peak_rss()
         stages.next()
         files = write_tokenizer_files(ckpt, tmp, options.tokenizer)
@@ -115,13 +145,15 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
 
             stages.next()
             report = verify(
-                lambda: load_model(ckpt, task=options.task, progress=False)[0],
+                lambda: reference_model(ckpt, options.task, dequantized),
                 tmp / "model.onnx",
                 spec,
                 config,
                 dtype=DTYPE_NAMES[options.dtype],
                 tokenizer_dir=tmp if "tokenizer.json" in files else None,
+                quantized_activations=bool(options.quant) and options.accuracy_level not in (0, 1),
             )
+            del dequantized
             (tmp / "parity.json").write_text(json.dumps(report.to_dict(), indent=2))
             if not report.passed:
                 raise ParityError(report)
@@ -129,6 +161,7 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
 
         stages.next()
         manifest = build_manifest(config, spec, options, tmp, ckpt.source, parity)
+        manifest["quantization"] = quantization
         manifest["fusions"] = fusions
         manifest["export"] = {
             "seconds": round(time.perf_counter() - start, 1),
@@ -139,6 +172,34 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
         manifest = write_manifest(tmp, manifest)
     log.info("wrote %s in %.0f s", output, time.perf_counter() - start)
     return manifest
+
+
+def load_for_export(ckpt, options: ExportOptions):
+    """The PyTorch model in the graph's dtype. float16 and bfloat16 graphs keep the residual stream (and, in
+    models/gemma.py, the norms and the softmax) in float32: the residual passes float16's 65504."""
+    import torch
+
+    from models.gemma import decoder_of
+    from models.loading import load_model
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[options.dtype]
+    model, _ = load_model(ckpt, task=options.task, progress=options.progress, dtype=dtype)
+    if dtype != torch.float32:
+        decoder_of(model).residual_dtype = torch.float32
+    return model
+
+
+def reference_model(ckpt, task: str, dequantized: dict):
+    """The float32 PyTorch reference; with the quantized weights' dequantized values when the graph has them,
+    so that parity measures the graph, not the quantization error (reported apart by scripts/bench_accuracy.py)."""
+    from models.loading import load_model
+
+    model, _ = load_model(ckpt, task=task, progress=False)
+    if dequantized:
+        from .quantize import load_dequantized
+
+        load_dequantized(model, dequantized)
+    return model
 
 
 def build_manifest(config, spec: GraphSpec, options: ExportOptions, folder: Path, source: str, parity) -> dict:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from .api import DTYPES, KV_LAYOUTS, LOGITS, TARGETS, ExportOptions, ParityError, export
+from .api import DTYPES, KV_LAYOUTS, LOGITS, QUANTS, TARGETS, ExportOptions, ParityError, export
+from .quantize import BLOCK_SIZES, LM_HEAD, METHODS
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError)
@@ -34,7 +35,18 @@ def _setup_logging(verbose: bool) -> None:
     default="text-generation",
     show_default=True,
 )
-@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
+              help="Weights and activations; fp16/bf16 keep the residual stream, norms and softmax in float32.")
+@click.option("--quant", type=click.Choice(QUANTS), default=None, help="Weight-only quantization of every MatMul.")
+@click.option("--quant-method", type=click.Choice(METHODS), default="rtn", show_default=True,
+              help="rtn: round to nearest; hqq: half-quadratic optimisation of scales and zero points.")
+@click.option("--block-size", type=click.Choice([str(b) for b in BLOCK_SIZES]), default="32", show_default=True)
+@click.option("--symmetric/--zero-points", default=None,
+              help="int4 without zero points (default for --target trt) or with (default otherwise).")
+@click.option("--lm-head", type=click.Choice(LM_HEAD), default=None,
+              help="Precision of the tied lm_head/embedding under --quant [default: int8; int4 for trt].")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+              help="MatMulNBits compute: 4 quantizes activations to int8 (fastest on CPU), 1 keeps float32.")
 @click.option("--kv-cache", type=click.Choice(KV_LAYOUTS), default="dynamic", show_default=True,
               help="dynamic: past grows each step; static: buffers of --max-length updated in place.")
 @click.option("--max-length", type=int, default=None, help="KV buffer length (static layout) / context limit.")
@@ -46,13 +58,15 @@ def _setup_logging(verbose: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--verbose", "-v", is_flag=True)
-def export_command(model, output, target, task, dtype, kv_cache, max_length, logits, tokenizer, verify, overwrite,
-                   quiet, verbose):
+def export_command(model, output, target, task, dtype, quant, quant_method, block_size, symmetric, lm_head,
+                   accuracy_level, kv_cache, max_length, logits, tokenizer, verify, overwrite, quiet, verbose):
     """Export a Gemma model to a verified artifact directory."""
     _setup_logging(verbose)
     options = ExportOptions(
         target=target, task=task, dtype=dtype, kv_cache=kv_cache, max_length=max_length, logits=logits,
-        verify=verify, overwrite=overwrite, tokenizer=tokenizer, progress=not quiet,
+        verify=verify, overwrite=overwrite, tokenizer=tokenizer, progress=not quiet, quant=quant,
+        quant_method=quant_method, block_size=int(block_size), symmetric=symmetric, lm_head=lm_head,
+        accuracy_level=accuracy_level,
     )
     try:
         manifest = export(model, output, options)
@@ -70,6 +84,10 @@ def export_command(model, output, target, task, dtype, kv_cache, max_length, log
     )
     if manifest.get("fusions"):
         click.echo("fusions: " + ", ".join(f"{name} {count}" for name, count in manifest["fusions"].items()))
+    if manifest.get("quantization"):
+        q = manifest["quantization"]
+        click.echo(f"quantization: {q['method']} block {q['block_size']}, " + ", ".join(
+            f"{count} weights {bits}" for bits, count in q["quantized_weights"].items() if count))
     if manifest.get("parity"):
         p = manifest["parity"]
         click.echo(f"parity: max |logit diff| {p['max_abs_diff']:.2e}, greedy agreement {100 * p['greedy_agreement']:.0f}%")

@@ -33,7 +33,8 @@ class RMSNorm(nn.Module):
         # Gemma scales by (1 + w), all in float32, then casts (transformers modular_gemma.py, PR #29402).
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).type_as(x)
+        # Cast to the weights' dtype, which is x's except when the residual stream is kept in float32.
+        return (h * (1.0 + self.weight.float())).to(self.weight.dtype)
 
 
 def rope_inv_freq(config: GemmaConfig, layer_type: str) -> torch.Tensor:
@@ -165,6 +166,8 @@ class GemmaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.layer_types = list(config.layer_types)
         self.static_cache = False  # KV layout; see `use_static_cache`
+        # float16 graphs keep the residual stream in float32: Gemma's passes 65504 and would turn to inf.
+        self.residual_dtype: torch.dtype | None = None
         for layer_type in set(self.layer_types):
             self.register_buffer(f"inv_freq_{layer_type}", rope_inv_freq(config, layer_type), persistent=False)
 
@@ -173,6 +176,9 @@ class GemmaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         # sqrt(hidden_size) is cast to the compute dtype first: 55.4256 becomes 55.5 in bf16 (PR #29402).
         x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
+        dtype = x.dtype  # the compute dtype; the residual stream may be wider
+        if self.residual_dtype is not None:
+            x = x.to(self.residual_dtype)
 
         kv_len = past[0][0].shape[2] + S
         static_slots = None
@@ -180,7 +186,7 @@ class GemmaModel(nn.Module):
             kv_len = past[0][0].shape[2]
             static_slots = torch.arange(S, device=input_ids.device) + (attention_mask.shape[1] - S)
         full_mask, sliding_mask = attention_masks(attention_mask, S, kv_len, self.config.sliding_window)
-        ropes = {t: rotary(position_ids, getattr(self, f"inv_freq_{t}"), x.dtype) for t in set(self.layer_types)}
+        ropes = {t: rotary(position_ids, getattr(self, f"inv_freq_{t}"), dtype) for t in set(self.layer_types)}
 
         present = []
         for layer, layer_type, layer_past in zip(self.layers, self.layer_types, past):

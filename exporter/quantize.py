@@ -1,0 +1,319 @@
+"""Weight-only block quantization of the traced graph (`--quant int4`).
+
+Every MatMul on a constant [K, N] weight becomes, per `QuantOptions.format`:
+
+    matmulnbits (ONNX Runtime):  MatMulNBits(x, packed [N, K/bs, bs*bits/8], scales, zero_points)
+    qdq (TensorRT):              MatMul(x, DequantizeLinear(int4 [K, N], scales [K/bs, N], axis=0, block_size=bs))
+
+The quantizers are ONNX Runtime's: round-to-nearest is its C++ `quantize_matmul_4bits/8bits` kernel (the one
+`MatMulNBitsQuantizer` calls), HQQ is its `HQQWeightOnlyQuantizer.quantize_internal` (half-quadratic
+optimisation of scale and float zero point, no calibration data). We drive them ourselves because Gemma
+ties lm_head to the embedding: one [hidden, vocab] tensor feeds both the logits MatMul and the lookup
+Gather. As onnxruntime-genai does, it is quantized once, for MatMulNBits, and the lookup becomes
+GatherBlockQuantized on the same bytes (a Reshape of the packed tensor): one copy on disk and in memory.
+
+`quantize_graph` also returns the dequantized value of every weight it replaced, so that verification can
+compare the graph with a PyTorch reference holding exactly those weights (a fake-quantized model):
+quantization error and graph error are then measured apart.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+METHODS = ("rtn", "hqq")
+FORMATS = ("matmulnbits", "qdq")
+LM_HEAD = ("int4", "int8", "float")  # the tied lm_head / embedding
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    method: str = "rtn"
+    block_size: int = 32
+    symmetric: bool = False
+    lm_head: str = "int8"
+    format: str = "matmulnbits"
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on CPU), 1 = float32 (exact)
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"quantization method {self.method!r} is not supported; supported: {', '.join(METHODS)}")
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block size {self.block_size} is not supported; supported: {BLOCK_SIZES}")
+        if self.lm_head not in LM_HEAD:
+            raise ValueError(f"lm_head precision {self.lm_head!r} is not supported; supported: {', '.join(LM_HEAD)}")
+        if self.format == "qdq":
+            # TensorRT's blocked DequantizeLinear takes int4 weights without zero points, so neither HQQ's
+            # float zero points nor asymmetric RTN map to it (TensorRT developer guide, "Quantized Types").
+            if self.method != "rtn" or not self.symmetric:
+                raise ValueError("the TensorRT graph takes symmetric round-to-nearest int4 only: "
+                                 "use --quant-method rtn --symmetric (the default for --target trt)")
+            if self.lm_head == "int8":
+                raise ValueError("the TensorRT graph quantizes lm_head to int4 or keeps it in float: "
+                                 "pass --lm-head int4 or --lm-head float")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"accuracy level {self.accuracy_level} must be 0-4 (MatMulNBits' attribute)")
+
+    def summary(self) -> dict:
+        return {"bits": 4, **asdict(self)}
+
+
+@dataclass
+class Blocks:
+    """One weight [K, N] quantized along K in blocks, in MatMulNBits' layout."""
+
+    packed: np.ndarray  # uint8 [N, K_blocks, block_size * bits / 8]
+    scales: np.ndarray  # float [N, K_blocks]
+    zero_points: np.ndarray | None  # uint8 [N, ceil(K_blocks * bits / 8)] packed, float [N, K_blocks] (HQQ), None
+    bits: int
+    block_size: int
+    K: int
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 weight [K, N] this encodes."""
+        N, k_blocks, _ = self.packed.shape
+        if self.bits == 4:
+            q = np.stack([self.packed & 0xF, self.packed >> 4], -1).reshape(N, k_blocks, self.block_size)
+        else:
+            q = self.packed.reshape(N, k_blocks, self.block_size)
+        zero = self._zero_points_unpacked(N, k_blocks)
+        w = (q.astype(np.float32) - zero[..., None]) * self.scales.astype(np.float32)[..., None]
+        return np.ascontiguousarray(w.reshape(N, -1)[:, : self.K].T)
+
+    def _zero_points_unpacked(self, N: int, k_blocks: int) -> np.ndarray:
+        if self.zero_points is None:
+            return np.full((N, k_blocks), 2 ** (self.bits - 1), np.float32)
+        if self.zero_points.dtype != np.uint8:
+            return self.zero_points.astype(np.float32)  # HQQ's float zero points
+        if self.bits == 8:
+            return self.zero_points[:, :k_blocks].astype(np.float32)
+        unpacked = np.stack([self.zero_points & 0xF, self.zero_points >> 4], -1).reshape(N, -1)
+        return unpacked[:, :k_blocks].astype(np.float32)
+
+    def int4_kn(self) -> tuple[np.ndarray, np.ndarray]:
+        """Symmetric 4-bit values as signed int8 [K, N] and scales [K_blocks, N]: the QDQ layout."""
+        N, k_blocks, _ = self.packed.shape
+        q = np.stack([self.packed & 0xF, self.packed >> 4], -1).reshape(N, -1)[:, : self.K]
+        return np.ascontiguousarray((q.astype(np.int8) - 8).T), np.ascontiguousarray(self.scales.T)
+
+
+def rtn(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -> Blocks:
+    """Round-to-nearest with ONNX Runtime's C++ kernel (what MatMulNBitsQuantizer's default config runs)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    K, N = weight.shape
+    k_blocks = -(-K // block_size)
+    per_byte = 8 // bits
+    w = np.ascontiguousarray(np.pad(weight.astype(np.float32), ((0, k_blocks * block_size - K), (0, 0))))
+    packed = np.zeros((N, k_blocks, block_size // per_byte), np.uint8)
+    zero_points = np.zeros((N, -(-k_blocks // per_byte)), np.uint8)
+    scales = np.zeros((N, k_blocks), np.float32)
+    kernel = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    kernel(packed, w, scales, zero_points, block_size, N, K, symmetric)
+    return Blocks(packed, scales, None if symmetric else zero_points, bits, block_size, K)
+
+
+def hqq(weight: np.ndarray, block_size: int) -> Blocks:
+    """Half-quadratic quantization (ONNX Runtime's HQQWeightOnlyQuantizer): 4 bits, float zero points."""
+    import torch
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
+
+    K, N = weight.shape
+    quantizer = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block_size, bits=4))
+    q, scales, zero = quantizer.quantize_internal(torch.from_numpy(weight.astype(np.float32)).T, bits=4,
+                                                  group_size=block_size)  # q [N, K_padded] ints
+    q = q.numpy().astype(np.uint8)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(N, -1, block_size // 2)
+    return Blocks(packed, scales.numpy(), zero.numpy(), 4, block_size, K)
+
+
+def quantize_graph(path: Path, options: QuantOptions, progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+    """Quantize the graph at `path` in place; returns (manifest summary, {initializer name: dequantized [K, N]})."""
+    import onnx_ir as ir
+
+    from .graph_io import save_in_place
+
+    options.check()
+    model = ir.load(path)
+    graph = model.graph
+    weights = [
+        node for node in graph
+        if node.op_type == "MatMul" and node.inputs[1] is not None and node.inputs[1].const_value is not None
+        and len(node.inputs[1].shape) == 2
+    ]
+    tied = _tied_embedding(graph)
+    rewrite = _QDQ(graph, options) if options.format == "qdq" else _MatMulNBits(graph, options)
+    dequantized: dict[str, np.ndarray] = {}
+    skipped: list[str] = []
+    counts = {"int4": 0, "int8": 0}
+    from tqdm import tqdm
+
+    for node in tqdm(weights, desc="quantize", unit="weight", disable=not progress, leave=False):
+        value = node.inputs[1]
+        is_tied = tied is not None and value is tied[0]
+        bits = {"int4": 4, "int8": 8}.get(options.lm_head) if is_tied else 4
+        if bits is None:
+            skipped.append(value.name)
+            continue
+        weight = value.const_value.numpy()
+        if options.method == "hqq" and bits == 4 and not is_tied:
+            blocks = hqq(weight, options.block_size)
+        else:  # the tied tensor also feeds GatherBlockQuantized, which takes integer zero points only
+            blocks = rtn(weight, bits, options.block_size, options.symmetric)
+        dequantized[value.name] = blocks.dequantize()
+        rewrite.matmul(node, blocks, value.name)
+        if is_tied:
+            rewrite.lookup(tied[1], blocks, value.name, weight.dtype)
+        counts[f"int{bits}"] += 1
+        if not value.uses():
+            graph.initializers.pop(value.name)
+    if tied is not None and options.lm_head == "float":
+        log.info("lm_head and the embedding stay in %s (--lm-head float)", tied[0].dtype)
+    save_in_place(model, path)
+    summary = {**options.summary(), "quantized_weights": counts, "skipped": skipped}
+    log.info("quantized %d weights to int4 and %d to int8 (%s, block %d, %s)", counts["int4"], counts["int8"],
+             options.method, options.block_size, "symmetric" if options.symmetric else "zero points")
+    return summary, dequantized
+
+
+def _tied_embedding(graph):
+    """(the [hidden, vocab] initializer, its lookup Gather(axis=1)) when lm_head and the embedding share it."""
+    for value in graph.initializers.values():
+        users = {node.op_type: node for node, _ in value.uses()}
+        gather = users.get("Gather")
+        if "MatMul" in users and gather is not None and gather.attributes.get_int("axis", 0) == 1:
+            return value, gather
+    return None
+
+
+class _MatMulNBits:
+    """ONNX Runtime's contrib operators: MatMulNBits, and GatherBlockQuantized for the tied lookup."""
+
+    def __init__(self, graph, options: QuantOptions):
+        self.graph = graph
+        self.options = options
+
+    def _init(self, name: str, array: np.ndarray):
+        import onnx_ir as ir
+
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        value.shape = ir.Shape(array.shape)
+        value.type = ir.TensorType(value.const_value.dtype)
+        self.graph.register_initializer(value)
+        return value
+
+    def _weights(self, blocks: Blocks, base: str, dtype):
+        packed = self._init(f"{base}_Q{blocks.bits}", blocks.packed)
+        scales = self._init(f"{base}_scales", blocks.scales.astype(dtype))
+        zero_points = None
+        if blocks.zero_points is not None:
+            zp = blocks.zero_points if blocks.zero_points.dtype == np.uint8 else blocks.zero_points.astype(dtype)
+            zero_points = self._init(f"{base}_zero_points", zp)
+        return packed, scales, zero_points
+
+    def matmul(self, node, blocks: Blocks, base: str) -> None:
+        import onnx_ir as ir
+
+        dtype = node.inputs[1].const_value.numpy().dtype
+        packed, scales, zero_points = self._weights(blocks, base, dtype)
+        self.cache = (packed, scales, zero_points)
+        inputs = [node.inputs[0], packed, scales] + ([zero_points] if zero_points is not None else [])
+        attributes = {"K": blocks.K, "N": blocks.packed.shape[0], "bits": blocks.bits, "block_size": blocks.block_size}
+        if self.options.accuracy_level:
+            attributes["accuracy_level"] = self.options.accuracy_level
+        new = ir.node("MatMulNBits", inputs, attributes, domain="com.microsoft", name=f"{node.name}_Q{blocks.bits}")
+        _replace(self.graph, node, [new])
+
+    def lookup(self, gather, blocks: Blocks, base: str, dtype) -> None:
+        """Gather(E [H, V], ids, axis=1) -> [H, ids..] becomes GatherBlockQuantized on the packed rows of E^T,
+        then a Transpose back to the layout the graph's next node (a Transpose to [.., H]) expects."""
+        import onnx_ir as ir
+
+        packed, scales, zero_points = self.cache
+        N = blocks.packed.shape[0]
+        shape = self._init(f"{base}_rows_shape", np.array([N, -1], np.int64))
+        rows = ir.node("Reshape", [packed, shape], name=f"{base}_rows")
+        inputs = [rows.outputs[0], gather.inputs[1], scales] + ([zero_points] if zero_points is not None else [])
+        lookup = ir.node("GatherBlockQuantized", inputs,
+                         {"bits": blocks.bits, "block_size": blocks.block_size, "gather_axis": 0, "quantize_axis": 1},
+                         domain="com.microsoft", name=f"{gather.name}_Q{blocks.bits}")
+        new = [rows, lookup]
+        out = lookup.outputs[0]
+        if blocks.K % blocks.block_size:  # rows are padded to whole blocks: cut the padding
+            bounds = [self._init(f"{base}_slice_{k}", np.array([v], np.int64))
+                      for k, v in (("start", 0), ("end", blocks.K), ("axis", -1))]
+            cut = ir.node("Slice", [out, *bounds])
+            new.append(cut)
+            out = cut.outputs[0]
+        ids_rank = len(gather.inputs[1].shape) if gather.inputs[1].shape is not None else 1
+        back = ir.node("Transpose", [out], {"perm": [ids_rank, *range(ids_rank)]})  # [ids.., H] -> [H, ids..]
+        new.append(back)
+        _replace(self.graph, gather, new)
+
+
+class _QDQ:
+    """Standard ONNX: DequantizeLinear (opset 21, blocked, int4) feeding the original MatMul / Gather."""
+
+    def __init__(self, graph, options: QuantOptions):
+        self.graph = graph
+        self.options = options
+        if graph.opset_imports.get("", 0) < 21:  # blocked DequantizeLinear and int4 tensors: opset 21
+            graph.opset_imports[""] = 21
+
+    def matmul(self, node, blocks: Blocks, base: str) -> None:
+        import onnx_ir as ir
+
+        dtype = node.inputs[1].const_value.numpy().dtype
+        q, scales = blocks.int4_kn()
+        q_value = ir.Value(name=f"{base}_int4", const_value=ir.Tensor(q, dtype=ir.DataType.INT4, name=f"{base}_int4"))
+        q_value.shape, q_value.type = ir.Shape(q.shape), ir.TensorType(ir.DataType.INT4)
+        s = scales.astype(dtype)
+        s_value = ir.Value(name=f"{base}_scales", const_value=ir.tensor(s, name=f"{base}_scales"))
+        s_value.shape, s_value.type = ir.Shape(s.shape), ir.TensorType(s_value.const_value.dtype)
+        for v in (q_value, s_value):
+            self.graph.register_initializer(v)
+        dq = ir.node("DequantizeLinear", [q_value, s_value], {"axis": 0, "block_size": blocks.block_size},
+                     name=f"{base}_DQ")
+        self.graph.insert_before(node, [dq])
+        old = node.inputs[1]
+        for user, index in list(old.uses()):  # the MatMul and, when tied, the lookup Gather
+            user.replace_input_with(index, dq.outputs[0])
+
+    def lookup(self, gather, blocks: Blocks, base: str, dtype) -> None:
+        pass  # the Gather already reads the DequantizeLinear output (rewired in `matmul`)
+
+
+def _replace(graph, old, new: list) -> None:
+    import onnx_ir as ir
+
+    ir.convenience.replace_nodes_and_values(graph, old, [old], new, list(old.outputs), [new[-1].outputs[0]])
+
+
+def load_dequantized(model, dequantized: dict[str, np.ndarray]) -> None:
+    """Put the dequantized weights into the PyTorch `model` (a fake-quantized reference).
+
+    Graph initializer names are the traced module's: `model.<path>.weight` holds a Linear's weight as
+    [in, out]; `model.lm_head.weight_t` (or `...embed_tokens.weight_t`) the tied embedding as [hidden, vocab].
+    """
+    import torch
+
+    from models.gemma import decoder_of
+
+    params = dict(model.named_parameters())
+    for name, weight in dequantized.items():
+        path = name.removeprefix("model.")
+        if path.endswith("weight_t"):  # the tied embedding / lm_head
+            target = decoder_of(model).embed_tokens.weight
+        elif path in params:
+            target = params[path]
+        else:
+            raise KeyError(f"quantized initializer {name} matches no parameter of the reference model")
+        with torch.no_grad():
+            target.copy_(torch.from_numpy(weight.T))
