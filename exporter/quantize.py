@@ -317,3 +317,16 @@ def load_dequantized(model, dequantized: dict[str, np.ndarray]) -> None:
             raise KeyError(f"quantized initializer {name} matches no parameter of the reference model")
         with torch.no_grad():
             target.copy_(torch.from_numpy(weight.T))
+
+
+def float_activation_twin(src: Path, dst: Path) -> Path:
+    """A copy of the graph at `src` whose MatMulNBits compute with float32 activations (accuracy_level 1)."""
+    import onnx_ir as ir
+
+    model = ir.load(src)
+    for node in model.graph:
+        if node.op_type == "MatMulNBits":
+            node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 1)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ir.save(model, dst, external_data=f"{dst.name}.data")
+    return dst
