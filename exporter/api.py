@@ -21,7 +21,9 @@ from .trace import GraphSpec, parameter_bytes, trace
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("onnx", "ort")  # ort: fused for ONNX Runtime (com.microsoft operators)
+# onnx: standard operators; ort: fused for ONNX Runtime (com.microsoft operators);
+# trt: standard operators in the forms TensorRT consumes (fp16/bf16, int4 as blocked DequantizeLinear)
+TARGETS = ("onnx", "ort", "trt")
 KV_LAYOUTS = ("dynamic", "static")
 LOGITS = ("all", "last")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -44,7 +46,7 @@ class ParityError(RuntimeError):
 class ExportOptions:
     target: str = "onnx"
     task: str = "text-generation"
-    dtype: str = "fp32"
+    dtype: str | None = None  # None: fp16 for --target trt, fp32 otherwise
     kv_cache: str = "dynamic"
     max_length: int | None = None
     logits: str = "all"
@@ -74,6 +76,9 @@ class ExportOptions:
 
     def check(self) -> None:
         from models.loading import TASKS
+
+        if self.dtype is None:
+            self.dtype = "fp16" if self.target == "trt" else "fp32"
 
         choices = {"target": TARGETS, "task": TASKS, "dtype": DTYPES, "kv_cache": KV_LAYOUTS, "logits": LOGITS}
         for name, allowed in choices.items():

@@ -35,8 +35,9 @@ def _setup_logging(verbose: bool) -> None:
     default="text-generation",
     show_default=True,
 )
-@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
-              help="Weights and activations; fp16/bf16 keep the residual stream, norms and softmax in float32.")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="Weights and activations [default: fp16 for --target trt, else fp32]; fp16/bf16 keep the "
+                   "residual stream, norms and softmax in float32.")
 @click.option("--quant", type=click.Choice(QUANTS), default=None, help="Weight-only quantization of every MatMul.")
 @click.option("--quant-method", type=click.Choice(METHODS), default="rtn", show_default=True,
               help="rtn: round to nearest; hqq: half-quadratic optimisation of scales and zero points.")
