@@ -28,7 +28,7 @@ def emulate_bfloat16(src: Path, dst: Path) -> Path:
             array = value.const_value.numpy().astype(np.float32)
             value.const_value = ir.tensor(array, name=value.name)
             value.type = ir.TensorType(f32)
-    for value in [*graph.inputs, *graph.outputs]:
+    for value in graph.inputs:
         if value.dtype == bf16:
             value.type = ir.TensorType(f32)
 

@@ -1,0 +1,234 @@
+"""--quant int4 and --dtype fp16/bf16: the quantizers against ONNX Runtime's kernels, the rewritten graphs
+against a PyTorch reference holding the same (dequantized) weights, and the TensorRT-flavoured graph."""
+
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from exporter import ExportOptions, export
+from exporter.bf16_emulation import emulate_bfloat16
+from exporter.cli import export_command
+from exporter.quantize import QuantOptions, hqq, rtn
+from models import presets
+
+FAMILIES = ["tiny-gemma-2b", "tiny-gemma2", "tiny-gemma3"]
+LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
+
+
+def _run(nodes, inputs, feeds, initializers, opset=21):
+    outputs = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in nodes if n.output[0] != "_"]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, False)])
+def test_rtn_blocks_decode_as_matmulnbits_and_gatherblockquantized_do(bits, symmetric):
+    """Our dequantization equals ONNX Runtime's on both operators sharing one packed tensor (the tied
+    lm_head/embedding), with a hidden size that is not a whole number of blocks."""
+    rng = np.random.default_rng(0)
+    K, N, block = 80, 24, 32
+    weight = rng.standard_normal((K, N)).astype(np.float32)
+    blocks = rtn(weight, bits, block, symmetric)
+    dequantized = blocks.dequantize()
+    assert dequantized.shape == (K, N)
+    assert 0 < np.abs(dequantized - weight).max() < (0.5 if bits == 4 else 0.05)  # quantized, and close
+
+    inits = [numpy_helper.from_array(blocks.packed, "B"), numpy_helper.from_array(blocks.scales, "S"),
+             numpy_helper.from_array(np.array([N, -1], np.int64), "rows")]
+    zp = [] if blocks.zero_points is None else ["Z"]
+    if zp:
+        inits.append(numpy_helper.from_array(blocks.zero_points, "Z"))
+    nodes = [
+        helper.make_node("MatMulNBits", ["x", "B", "S", *zp], ["y"], domain="com.microsoft", K=K, N=N, bits=bits,
+                         block_size=block),
+        helper.make_node("Reshape", ["B", "rows"], ["_"]),
+        helper.make_node("GatherBlockQuantized", ["_", "ids", "S", *zp], ["e"], domain="com.microsoft", bits=bits,
+                         block_size=block, gather_axis=0, quantize_axis=1),
+    ]
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    ids = np.array([0, 5, N - 1])
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, K]),
+              helper.make_tensor_value_info("ids", TensorProto.INT64, [3])]
+    y, e = _run(nodes, inputs, {"x": x, "ids": ids}, inits)
+    np.testing.assert_allclose(y, x @ dequantized, atol=1e-4)
+    np.testing.assert_allclose(e[:, :K], dequantized[:, ids].T, atol=1e-6)
+
+
+def test_hqq_is_closer_than_rtn_and_decodes_as_matmulnbits():
+    rng = np.random.default_rng(1)
+    K, N, block = 128, 64, 32
+    weight = (rng.standard_normal((K, N)) * rng.uniform(0.5, 2, (1, N))).astype(np.float32)
+    ours = hqq(weight, block)
+    baseline = rtn(weight, 4, block, symmetric=False)
+    assert ours.zero_points.dtype == np.float32  # HQQ's zero points are floats
+    error = lambda b: float(np.abs(b.dequantize() - weight).mean())  # noqa: E731
+    assert error(ours) < error(baseline)
+    nodes = [helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], domain="com.microsoft", K=K, N=N, bits=4,
+                              block_size=block)]
+    inits = [numpy_helper.from_array(ours.packed, "B"), numpy_helper.from_array(ours.scales, "S"),
+             numpy_helper.from_array(ours.zero_points, "Z")]
+    x = rng.standard_normal((2, K)).astype(np.float32)
+    (y,) = _run(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, K])], {"x": x}, inits)
+    np.testing.assert_allclose(y, x @ ours.dequantize(), atol=1e-4)
+
+
+def test_qdq_layout_equals_the_blocks():
+    """The TensorRT form: int4 [K, N] with scales [K/bs, N] through a blocked DequantizeLinear."""
+    weight = np.random.default_rng(2).standard_normal((64, 16)).astype(np.float32)
+    blocks = rtn(weight, 4, 32, symmetric=True)
+    q, scales = blocks.int4_kn()
+    assert q.min() >= -8 and q.max() <= 7 and scales.shape == (2, 16)
+    tensor = helper.make_tensor("q", TensorProto.INT4, q.shape, q.flatten().tolist())
+    nodes = [helper.make_node("DequantizeLinear", ["q", "s"], ["w"], axis=0, block_size=32)]
+    (w,) = _run(nodes, [], {}, [tensor, numpy_helper.from_array(scales, "s")])
+    np.testing.assert_allclose(w, blocks.dequantize(), atol=1e-6)
+
+
+def test_bfloat16_emulation_rounds_where_the_graph_stores(tmp_path):
+    """An Add in bfloat16: the emulated graph gives bf16(bf16(a) + bf16(b)) carried in float32."""
+    nodes = [helper.make_node("Add", ["a", "w"], ["y"])]
+    w = np.array([1.0, 2.0, 3.0], dtype=ml_dtypes.bfloat16)
+    init = helper.make_tensor("w", TensorProto.BFLOAT16, [3], w.astype(np.float32).tolist())
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.BFLOAT16, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [3])], [init])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "bf16.onnx")
+    path = emulate_bfloat16(tmp_path / "bf16.onnx", tmp_path / "emulated" / "model.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    a = np.array([1e-3, 55.4256, 300.7], np.float32)
+    (y,) = session.run(None, {"a": a.astype(ml_dtypes.bfloat16).astype(np.float32)})
+    expected = (a.astype(ml_dtypes.bfloat16).astype(np.float32) + w.astype(np.float32))
+    np.testing.assert_array_equal(y, expected.astype(ml_dtypes.bfloat16).astype(np.float32))
+    assert not np.array_equal(y, a + w.astype(np.float32))  # rounding happened
+
+
+def _ops(folder):
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    ops = {}
+    for node in graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return ops, graph
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_int4_ort_graph_matches_fake_quantized_reference(tmp_path, name):
+    """MatMulNBits everywhere, the tied embedding shared by lm_head (int8) and GatherBlockQuantized; with float32
+    activations the graph equals a PyTorch model holding the dequantized weights."""
+    L = presets.config(name).num_hidden_layers
+    manifest = export(f"random:{name}", tmp_path / "a", ExportOptions(quant="int4", accuracy_level=1, progress=False))
+    assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_diff"] <= 1e-4
+    assert manifest["parity"]["greedy_agreement"] == 1.0
+    q = manifest["quantization"]
+    assert q["quantized_weights"] == {"int4": LINEARS_PER_LAYER * L, "int8": 1}
+    assert (q["method"], q["block_size"], q["symmetric"], q["lm_head"]) == ("rtn", 32, False, "int8")
+    ops, graph = _ops(tmp_path / "a")
+    assert ops["MatMulNBits"] == LINEARS_PER_LAYER * L + 1 and ops["GatherBlockQuantized"] == 1
+    assert "Gather" not in ops  # the float embedding is gone: one quantized copy serves both
+    float_inits = [i.name for i in graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2]
+    assert all(min(i.dims) < 16 for i in graph.initializer if i.name in float_inits)  # no float weight left
+
+
+def test_int4_default_accuracy_level_keeps_greedy_tokens_and_shrinks_the_artifact(tmp_path):
+    fp32 = export("random:tiny-gemma3", tmp_path / "f", ExportOptions(verify=False, progress=False))
+    int4 = export("random:tiny-gemma3", tmp_path / "q", ExportOptions(quant="int4", progress=False))
+    assert int4["parity"]["passed"] and int4["parity"]["max_abs_diff"] <= 1e-4  # the float-activation twin
+    assert int4["parity"]["greedy_agreement"] >= 0.9  # the shipped graph, int8 activations
+    size = lambda m: m["files"]["model.onnx.data"]["size"]  # noqa: E731
+    assert size(int4) < 0.35 * size(fp32)
+
+
+def test_hqq_and_float_lm_head(tmp_path):
+    manifest = export("random:tiny-gemma2", tmp_path / "a",
+                      ExportOptions(quant="int4", quant_method="hqq", lm_head="float", block_size=64,
+                                    accuracy_level=1, progress=False))
+    assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_diff"] <= 1e-4
+    assert manifest["quantization"]["quantized_weights"]["int8"] == 0
+    assert manifest["quantization"]["skipped"] == ["model.lm_head.weight_t"]
+    ops, _ = _ops(tmp_path / "a")
+    assert ops["Gather"] == 1 and "GatherBlockQuantized" not in ops and ops["MatMul"] >= 1
+
+
+HALF = [("tiny-gemma-2b", "fp16"), ("tiny-gemma2", "bf16"), ("tiny-gemma3", "fp16"), ("tiny-gemma3", "bf16")]
+SLOW_HALF = [("tiny-gemma-2b", "bf16"), ("tiny-gemma2", "fp16")]
+
+
+@pytest.mark.parametrize("name,dtype", [*HALF, *(pytest.param(*p, marks=pytest.mark.slow) for p in SLOW_HALF)])
+def test_half_precision_graphs_keep_the_residual_stream_in_float32(tmp_path, name, dtype):
+    manifest = export(f"random:{name}", tmp_path / "a", ExportOptions(dtype=dtype, progress=False))
+    parity = manifest["parity"]
+    assert parity["passed"] and parity["max_abs_diff"] <= (0.1 if dtype == "fp16" else 0.6)
+    assert manifest["dtype"] == {"fp16": "float16", "bf16": "bfloat16"}[dtype]
+    _, graph = _ops(tmp_path / "a")
+    elem = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}[dtype]
+    kv = [v for v in graph.input if v.name.startswith("past_key_values.")]
+    assert all(v.type.tensor_type.elem_type == elem for v in kv)
+    weights = [i for i in graph.initializer if len(i.dims) == 2]
+    assert weights and all(i.data_type == elem for i in weights)
+    # Every decoder layer's residual add runs in float32: Add nodes whose output type is float.
+    types = {v.name: v.type.tensor_type.elem_type for v in graph.value_info}
+    float_adds = [n for n in graph.node if n.op_type == "Add" and types.get(n.output[0]) == TensorProto.FLOAT]
+    assert len(float_adds) >= 2 * presets.config(name).num_hidden_layers
+
+
+def test_fp16_runs_in_the_runtime(tmp_path):
+    import runtime
+
+    export("random:tiny-gemma3", tmp_path / "a", ExportOptions(dtype="fp16", progress=False))
+    model = runtime.load(tmp_path / "a")
+    tokens = model.generate([[2, 17, 30, 41]], max_new_tokens=6)
+    assert np.asarray(tokens).shape[-1] == 4 + 6
+
+
+@pytest.mark.parametrize("dtype", ["fp16", pytest.param("bf16", marks=pytest.mark.slow)])
+def test_trt_graph_is_standard_onnx_with_int4_qdq(tmp_path, dtype):
+    L = presets.config("tiny-gemma3").num_hidden_layers
+    manifest = export("random:tiny-gemma3", tmp_path / "a",
+                      ExportOptions(target="trt", quant="int4", dtype=dtype, progress=False))
+    assert manifest["parity"]["passed"] and manifest["target"] == "trt"
+    q = manifest["quantization"]
+    assert (q["format"], q["symmetric"], q["lm_head"]) == ("qdq", True, "int4")
+    ops, graph = _ops(tmp_path / "a")
+    assert all(not n.domain or n.domain == "ai.onnx" for n in graph.node)  # no com.microsoft operator
+    assert ops["DequantizeLinear"] == LINEARS_PER_LAYER * L + 1
+    dq_weights = {i.name for i in graph.initializer if i.data_type == TensorProto.INT4}
+    assert len(dq_weights) == LINEARS_PER_LAYER * L + 1
+    assert {o.version for o in onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False).opset_import
+            if o.domain in ("", "ai.onnx")} == {21}
+
+
+def test_trt_target_defaults_to_fp16(tmp_path):
+    manifest = export("random:tiny-gemma-2b", tmp_path / "a", ExportOptions(target="trt", progress=False))
+    assert manifest["dtype"] == "float16" and manifest["parity"]["passed"]
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(target="trt", quant="int4", quant_method="hqq"), "symmetric round-to-nearest"),
+    (dict(target="trt", quant="int4", lm_head="int8"), "--lm-head int4"),
+    (dict(quant="int4", block_size=48), "block size 48"),
+    (dict(quant="int3"), "quant 'int3'"),
+])
+def test_bad_quantization_options_are_refused(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        export("random:tiny-gemma3", tmp_path / "a", ExportOptions(progress=False, **options))
+    assert not (tmp_path / "a").exists()
+
+
+def test_cli_prints_the_quantization(tmp_path):
+    result = CliRunner().invoke(export_command, ["-m", "random:tiny-gemma3", "-o", str(tmp_path / "a"), "-q",
+                                                 "--quant", "int4", "--block-size", "64", "--accuracy-level", "1"])
+    assert result.exit_code == 0, result.output
+    assert "quantization: rtn block 64" in result.output
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["quantization"]["block_size"] == 64 and manifest["quantization"]["accuracy_level"] == 1
+    bad = CliRunner().invoke(export_command, ["-m", "random:tiny-gemma3", "-o", str(tmp_path / "b"), "-q",
+                                              "--target", "trt", "--quant", "int4", "--quant-method", "hqq"])
+    assert bad.exit_code == 2 and "symmetric" in bad.output
