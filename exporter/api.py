@@ -60,6 +60,7 @@ class ExportOptions:
     symmetric: bool | None = None  # None: zero points for ONNX Runtime, symmetric for TensorRT
     lm_head: str | None = None  # the tied lm_head/embedding: int4 | int8 | float; None: int8 (ort), int4 (trt)
     accuracy_level: int = 4
+    int8_weights: tuple[str, ...] = ()  # names containing one of these are quantized to 8 bits
 
     def quant_options(self):
         from .quantize import QuantOptions
@@ -72,6 +73,7 @@ class ExportOptions:
             lm_head=self.lm_head or ("int4" if trt else "int8"),
             format="qdq" if trt else "matmulnbits",
             accuracy_level=self.accuracy_level,
+            int8_weights=tuple(self.int8_weights),
         )
 
     def check(self) -> None:
@@ -116,12 +118,19 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
         max_length=options.max_length if options.kv_cache == "static" else None,
         logits=options.logits,
     )
-    stages = _Stages(["load", "trace and save", "quantize" if options.quant else None, "tokenizer",
+    stages = _Stages(["load", "trace and save", "quantize" if options.quant else None, "config",
                       "verify" if options.verify else None, "manifest"], options.progress)
     with ArtifactDir(output, options.overwrite) as tmp, stages:
         stages.next()
+        files = write_tokenizer_files(ckpt, tmp, options.tokenizer)
         torch_model = load_for_export(ckpt, options)
         weight_bytes = parameter_bytes(torch_model)
+        calibrated = {}
+        if options.quant and options.quant_method == "gptq":
+            from .gptq import calibration_ids, gptq_model
+
+            ids = calibration_ids(tmp if "tokenizer.json" in files else None, config.vocab_size)
+            calibrated = gptq_model(torch_model, ids, options.block_size, options.progress, options.int8_weights)
         stages.next()
         trace_start = time.perf_counter()
         trace(torch_model, spec, tmp / "model.onnx", dtype=next(torch_model.parameters()).dtype)
@@ -138,10 +147,10 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
             from .quantize import quantize_graph
 
             stages.next()
-            quantization, dequantized = quantize_graph(tmp / "model.onnx", options.quant_options(), options.progress)
+            quantization, dequantized = quantize_graph(tmp / "model.onnx", options.quant_options(), options.progress,
+                                                       calibrated)
         export_rss = _peak_rss()
         stages.next()
-        files = write_tokenizer_files(ckpt, tmp, options.tokenizer)
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
         parity = None

@@ -48,6 +48,8 @@ def _setup_logging(verbose: bool) -> None:
               help="Precision of the tied lm_head/embedding under --quant [default: int8; int4 for trt].")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="MatMulNBits compute: 4 quantizes activations to int8 (fastest on CPU), 1 keeps float32.")
+@click.option("--int8-weights", default="", metavar="NAMES",
+              help="Comma-separated weight names (e.g. v_proj,down_proj) kept in 8 bits under --quant int4.")
 @click.option("--kv-cache", type=click.Choice(KV_LAYOUTS), default="dynamic", show_default=True,
               help="dynamic: past grows each step; static: buffers of --max-length updated in place.")
 @click.option("--max-length", type=int, default=None, help="KV buffer length (static layout) / context limit.")
@@ -60,14 +62,14 @@ def _setup_logging(verbose: bool) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--verbose", "-v", is_flag=True)
 def export_command(model, output, target, task, dtype, quant, quant_method, block_size, symmetric, lm_head,
-                   accuracy_level, kv_cache, max_length, logits, tokenizer, verify, overwrite, quiet, verbose):
+                   accuracy_level, int8_weights, kv_cache, max_length, logits, tokenizer, verify, overwrite, quiet, verbose):
     """Export a Gemma model to a verified artifact directory."""
     _setup_logging(verbose)
     options = ExportOptions(
         target=target, task=task, dtype=dtype, kv_cache=kv_cache, max_length=max_length, logits=logits,
         verify=verify, overwrite=overwrite, tokenizer=tokenizer, progress=not quiet, quant=quant,
         quant_method=quant_method, block_size=int(block_size), symmetric=symmetric, lm_head=lm_head,
-        accuracy_level=accuracy_level,
+        accuracy_level=accuracy_level, int8_weights=tuple(n for n in int8_weights.split(",") if n),
     )
     try:
         manifest = export(model, output, options)

@@ -27,7 +27,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-METHODS = ("rtn", "hqq")
+METHODS = ("rtn", "hqq", "gptq")  # gptq: exporter/gptq.py, on the PyTorch model before tracing
 FORMATS = ("matmulnbits", "qdq")
 LM_HEAD = ("int4", "int8", "float")  # the tied lm_head / embedding
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -41,6 +41,7 @@ class QuantOptions:
     lm_head: str = "int8"
     format: str = "matmulnbits"
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on CPU), 1 = float32 (exact)
+    int8_weights: tuple[str, ...] = ()  # weights whose name contains one of these stay in 8 bits (mixed recipe)
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -58,6 +59,8 @@ class QuantOptions:
             if self.lm_head == "int8":
                 raise ValueError("the TensorRT graph quantizes lm_head to int4 or keeps it in float: "
                                  "pass --lm-head int4 or --lm-head float")
+        if self.method == "gptq" and self.symmetric:
+            raise ValueError("gptq quantizes with zero points: drop --symmetric")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy level {self.accuracy_level} must be 0-4 (MatMulNBits' attribute)")
 
@@ -134,8 +137,12 @@ def hqq(weight: np.ndarray, block_size: int) -> Blocks:
     return Blocks(packed, scales.numpy(), zero.numpy(), 4, block_size, K)
 
 
-def quantize_graph(path: Path, options: QuantOptions, progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
-    """Quantize the graph at `path` in place; returns (manifest summary, {initializer name: dequantized [K, N]})."""
+def quantize_graph(path: Path, options: QuantOptions, progress: bool = True,
+                   precomputed: dict[str, Blocks] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Quantize the graph at `path` in place; returns (manifest summary, {initializer name: dequantized [K, N]}).
+
+    `precomputed` holds weights already quantized by name (GPTQ's, computed on the PyTorch model)."""
+    precomputed = precomputed or {}
     import onnx_ir as ir
 
     from .graph_io import save_in_place
@@ -159,11 +166,15 @@ def quantize_graph(path: Path, options: QuantOptions, progress: bool = True) -> 
         value = node.inputs[1]
         is_tied = tied is not None and value is tied[0]
         bits = {"int4": 4, "int8": 8}.get(options.lm_head) if is_tied else 4
+        if not is_tied and any(part in value.name for part in options.int8_weights):
+            bits = 8
         if bits is None:
             skipped.append(value.name)
             continue
         weight = value.const_value.numpy()
-        if options.method == "hqq" and bits == 4 and not is_tied:
+        if value.name in precomputed and bits == 4:
+            blocks = precomputed.pop(value.name)
+        elif options.method == "hqq" and bits == 4 and not is_tied:
             blocks = hqq(weight, options.block_size)
         else:  # the tied tensor also feeds GatherBlockQuantized, which takes integer zero points only
             blocks = rtn(weight, bits, options.block_size, options.symmetric)

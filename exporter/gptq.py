@@ -1,0 +1,147 @@
+"""GPTQ (Frantar et al., 2022, arXiv:2210.17323): int4 weights that compensate their own rounding error.
+
+Each Linear's columns (input features) are quantized one at a time; the error of a column is spread over
+the columns not yet quantized, weighted by the inverse Hessian H = 2 X^T X of the layer's inputs X on a
+small calibration text (exporter/data/calibration.txt, shipped with the project). Layers are processed in
+order, each on inputs computed by the already-quantized layers before it, so errors do not compound.
+The grid is the one MatMulNBits and RTN use: 4 bits, blocks of `block_size` inputs, a scale and an
+integer zero point per block (min/max including 0), so the result is written as MatMulNBits as is.
+
+This follows the reference implementation (github.com/IST-DASLab/gptq, gptq.py `fasterquant`), without
+act-order, in float32 on the CPU. Memory: one layer's Hessians at a time (in_features^2 floats each).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .quantize import Blocks
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
+
+
+class _LayerDone(Exception):
+    """Raised by a hook once the layer being calibrated has run: the rest of the model is not needed."""
+
+
+def calibration_ids(tokenizer_dir: Path | None, vocab_size: int, sequences: int = 4, length: int = 256) -> torch.Tensor:
+    """[sequences, length] token ids: the calibration text through the artifact's tokenizer, else random ids."""
+    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        ids = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).encode(CALIBRATION_TEXT.read_text()).ids
+        length = min(length, len(ids) // sequences)
+        return torch.tensor(ids[: sequences * length]).reshape(sequences, length)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(3, vocab_size, (sequences, length), generator=generator)
+
+
+def gptq_model(model: nn.Module, ids: torch.Tensor, block_size: int, progress: bool = True,
+               int8_weights: tuple[str, ...] = ()) -> dict[str, Blocks]:
+    """Quantize every decoder Linear of `model` in place (its weights become the dequantized int4 values);
+    returns {graph initializer name: Blocks} for exporter.quantize. Linears named in `int8_weights` are left
+    to the graph quantizer's 8-bit round-to-nearest."""
+    from tqdm import tqdm
+
+    from models.gemma import decoder_of, empty_past
+
+    decoder = decoder_of(model)
+    names = {module: name for name, module in model.named_modules()}
+    mask = torch.ones_like(ids)
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    past = empty_past(model.config, ids.shape[0], dtype=next(model.parameters()).dtype)
+    results = {}
+    for layer in tqdm(decoder.layers, desc="gptq", unit="layer", disable=not progress, leave=False):
+        linears = [m for m in layer.modules()
+                   if isinstance(m, nn.Linear) and not any(part in names[m] for part in int8_weights)]
+        hessians = {m: torch.zeros(m.in_features, m.in_features) for m in linears}
+        counts = {m: 0 for m in linears}
+
+        def accumulate(module, args):
+            x = args[0].reshape(-1, module.in_features).float()  # [tokens, in]
+            n = x.shape[0]
+            hessians[module] *= counts[module] / (counts[module] + n)
+            counts[module] += n
+            x = x * (2 / counts[module]) ** 0.5
+            hessians[module] += x.T @ x
+
+        def stop(*_):
+            raise _LayerDone
+
+        hooks = [m.register_forward_pre_hook(accumulate) for m in linears] + [layer.register_forward_hook(stop)]
+        try:
+            with torch.no_grad():
+                model(ids, positions, mask, past)
+        except _LayerDone:
+            pass
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for module in linears:
+            blocks = gptq_weight(module.weight.detach().float(), hessians.pop(module), block_size)
+            with torch.no_grad():
+                module.weight.copy_(torch.from_numpy(blocks.dequantize().T))
+            results[f"model.{names[module]}.weight"] = blocks
+    return results
+
+
+def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, block_size: int, damp: float = 0.01,
+                columns_per_pass: int = 128) -> Blocks:
+    """GPTQ of one weight [out, in] (nn.Linear's layout) with its input Hessian [in, in]."""
+    W = weight.clone()
+    out_features, in_features = W.shape
+    H = hessian.clone()
+    dead = torch.diag(H) == 0  # inputs that never fired: any value is exact
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_features)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+    k_blocks = -(-in_features // block_size)
+    q = torch.zeros(out_features, k_blocks * block_size, dtype=torch.uint8)
+    scales = torch.zeros(out_features, k_blocks)
+    zeros = torch.zeros(out_features, k_blocks)
+    for i1 in range(0, in_features, columns_per_pass):
+        i2 = min(i1 + columns_per_pass, in_features)
+        W1 = W[:, i1:i2].clone()
+        errors = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            column = i1 + i
+            if column % block_size == 0:  # a new block: its grid from the weights as updated so far
+                group = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :block_size]
+                scale, zero = _grid(group)
+                scales[:, column // block_size], zeros[:, column // block_size] = scale, zero
+            w = W1[:, i]
+            qi = torch.clamp(torch.round(w / scale) + zero, 0, 15)
+            q[:, column] = qi.to(torch.uint8)
+            error = (w - (qi - zero) * scale) / Hinv1[i, i]
+            W1[:, i:] -= error[:, None] @ Hinv1[i, i:][None, :]
+            errors[:, i] = error
+        W[:, i2:] -= errors @ Hinv[i1:i2, i2:]
+    return _blocks(q.numpy(), scales.numpy(), zeros.numpy().astype(np.uint8), block_size, in_features)
+
+
+def _grid(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point per row, min/max including 0: ONNX Runtime's asymmetric RTN grid."""
+    low = torch.clamp(group.min(dim=1).values, max=0)
+    high = torch.clamp(group.max(dim=1).values, min=0)
+    scale = (high - low) / 15
+    scale[scale == 0] = 1
+    return scale, torch.clamp(torch.round(-low / scale), 0, 15)
+
+
+def _blocks(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block_size: int, K: int) -> Blocks:
+    N, k_blocks = scales.shape
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(N, k_blocks, block_size // 2)
+    if k_blocks % 2:
+        zeros = np.pad(zeros, ((0, 0), (0, 1)))
+    zero_points = zeros[:, 0::2] | (zeros[:, 1::2] << 4)
+    return Blocks(packed, scales.astype(np.float32), zero_points, 4, block_size, K)
