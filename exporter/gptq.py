@@ -7,8 +7,8 @@ order, each on inputs computed by the already-quantized layers before it, so err
 The grid is the one MatMulNBits and RTN use: 4 bits, blocks of `block_size` inputs, a scale and an
 integer zero point per block (min/max including 0), so the result is written as MatMulNBits as is.
 
-This follows the reference implementation (github.com/IST-DASLab/gptq, gptq.py `fasterquant`), without
-act-order, in float32 on the CPU. Memory: one layer's Hessians at a time (in_features^2 floats each).
+This follows the reference implementation (github.com/IST-DASLab/gptq, gptq.py `fasterquant`) with
+act-order and static groups, in float32 on the CPU. Memory: one layer's Hessians at a time (in_features^2 floats each).
 """
 
 from __future__ import annotations
@@ -93,40 +93,47 @@ def gptq_model(model: nn.Module, ids: torch.Tensor, block_size: int, progress: b
 
 
 def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, block_size: int, damp: float = 0.01,
-                columns_per_pass: int = 128) -> Blocks:
-    """GPTQ of one weight [out, in] (nn.Linear's layout) with its input Hessian [in, in]."""
+                columns_per_pass: int = 128, act_order: bool = True) -> Blocks:
+    """GPTQ of one weight [out, in] (nn.Linear's layout) with its input Hessian [in, in].
+
+    act_order quantizes the columns with the largest Hessian diagonal first (the reference's `--act-order`);
+    the block grids are then fixed beforehand from the original weights (its `--static-groups`), so the
+    blocks stay contiguous in the input dimension as MatMulNBits needs."""
     W = weight.clone()
     out_features, in_features = W.shape
     H = hessian.clone()
     dead = torch.diag(H) == 0  # inputs that never fired: any value is exact
     H[dead, dead] = 1
     W[:, dead] = 0
+    k_blocks = -(-in_features // block_size)
+    scales = torch.zeros(out_features, k_blocks)
+    zeros = torch.zeros(out_features, k_blocks)
+    for b in range(k_blocks):
+        scales[:, b], zeros[:, b] = _grid(W[:, b * block_size : (b + 1) * block_size])
+    order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_features)
+    W, H = W[:, order], H[order][:, order]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(in_features)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    k_blocks = -(-in_features // block_size)
-    q = torch.zeros(out_features, k_blocks * block_size, dtype=torch.uint8)
-    scales = torch.zeros(out_features, k_blocks)
-    zeros = torch.zeros(out_features, k_blocks)
+    q = torch.zeros(out_features, in_features, dtype=torch.uint8)
     for i1 in range(0, in_features, columns_per_pass):
         i2 = min(i1 + columns_per_pass, in_features)
         W1 = W[:, i1:i2].clone()
         errors = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            column = i1 + i
-            if column % block_size == 0:  # a new block: its grid from the weights as updated so far
-                group = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :block_size]
-                scale, zero = _grid(group)
-                scales[:, column // block_size], zeros[:, column // block_size] = scale, zero
+            block = int(order[i1 + i]) // block_size
+            scale, zero = scales[:, block], zeros[:, block]
             w = W1[:, i]
             qi = torch.clamp(torch.round(w / scale) + zero, 0, 15)
-            q[:, column] = qi.to(torch.uint8)
+            q[:, i1 + i] = qi.to(torch.uint8)
             error = (w - (qi - zero) * scale) / Hinv1[i, i]
             W1[:, i:] -= error[:, None] @ Hinv1[i, i:][None, :]
             errors[:, i] = error
         W[:, i2:] -= errors @ Hinv[i1:i2, i2:]
-    return _blocks(q.numpy(), scales.numpy(), zeros.numpy().astype(np.uint8), block_size, in_features)
+    q_in_order = torch.zeros(out_features, k_blocks * block_size, dtype=torch.uint8)
+    q_in_order[:, order] = q
+    return _blocks(q_in_order.numpy(), scales.numpy(), zeros.numpy().astype(np.uint8), block_size, in_features)
 
 
 def _grid(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
