@@ -46,6 +46,9 @@ class OnnxRuntimeBackend(Backend):
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads {threads!r} is out of range; expected an integer >= 1 (or None for all cores)")
         kv = manifest.kv
+        if kv.dtype == "bfloat16":
+            raise ValueError("this artifact is bfloat16, which ONNX Runtime's CPU provider cannot run (no bfloat16 "
+                             "kernels); build its TensorRT engine on a GPU, or export with --dtype fp16 or fp32")
         if kv.dtype not in KV_DTYPES:
             raise ValueError(f"kv_cache.dtype {kv.dtype!r} is not supported; supported: {', '.join(KV_DTYPES)}")
         self.ort = ort

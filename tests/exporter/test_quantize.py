@@ -258,3 +258,11 @@ def test_gptq_export_and_mixed_int8_recipe(tmp_path):
     assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_diff"] <= 1e-4
     assert manifest["quantization"]["quantized_weights"] == {"int4": 5 * L, "int8": 2 * L + 1}
     assert manifest["quantization"]["method"] == "gptq"
+
+
+def test_runtime_refuses_a_bfloat16_artifact_with_the_fix(tmp_path):
+    import runtime
+
+    export("random:tiny-gemma3", tmp_path / "a", ExportOptions(dtype="bf16", verify=False, progress=False))
+    with pytest.raises(ValueError, match="bfloat16.*--dtype fp16"):
+        runtime.load(tmp_path / "a")
