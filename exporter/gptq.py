@@ -7,8 +7,8 @@ order, each on inputs computed by the already-quantized layers before it, so err
 The grid is the one MatMulNBits and RTN use: 4 bits, blocks of `block_size` inputs, a scale and an
 integer zero point per block (min/max including 0), so the result is written as MatMulNBits as is.
 
-This follows the reference implementation (github.com/IST-DASLab/gptq, gptq.py `fasterquant`) with
-act-order and static groups, in float32 on the CPU. Memory: one layer's Hessians at a time (in_features^2 floats each).
+This follows the reference implementation (github.com/IST-DASLab/gptq, gptq.py `fasterquant`) with static
+groups (act-order available, off by default), in float32 on the CPU. Memory: one layer's Hessians at a time (in_features^2 floats each).
 """
 
 from __future__ import annotations
@@ -93,12 +93,13 @@ def gptq_model(model: nn.Module, ids: torch.Tensor, block_size: int, progress: b
 
 
 def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, block_size: int, damp: float = 0.01,
-                columns_per_pass: int = 128, act_order: bool = True) -> Blocks:
+                columns_per_pass: int = 128, act_order: bool = False) -> Blocks:
     """GPTQ of one weight [out, in] (nn.Linear's layout) with its input Hessian [in, in].
 
-    act_order quantizes the columns with the largest Hessian diagonal first (the reference's `--act-order`);
-    the block grids are then fixed beforehand from the original weights (its `--static-groups`), so the
-    blocks stay contiguous in the input dimension as MatMulNBits needs."""
+    The block grids are fixed beforehand from the original weights (the reference's `--static-groups`), so
+    that act_order (largest Hessian diagonal first, its `--act-order`) keeps the blocks contiguous in the input
+    dimension as MatMulNBits needs. act_order is off: on the real Gemma 3 270M it raised perplexity from
+    +17.8% to +20.5% over float32 (block 32, the calibration text shipped here)."""
     W = weight.clone()
     out_features, in_features = W.shape
     H = hessian.clone()

@@ -266,3 +266,21 @@ def test_runtime_refuses_a_bfloat16_artifact_with_the_fix(tmp_path):
     export("random:tiny-gemma3", tmp_path / "a", ExportOptions(dtype="bf16", verify=False, progress=False))
     with pytest.raises(ValueError, match="bfloat16.*--dtype fp16"):
         runtime.load(tmp_path / "a")
+
+
+@pytest.mark.real
+def test_fp16_real_model_stays_finite_over_a_1000_token_prompt(tmp_path, real_model_dir):
+    """Gemma's residual stream overflows float16; with it kept in float32 the logits of 1,000+ real tokens stay
+    finite (top-1 agreement with float32 is an accuracy figure: scripts/bench_accuracy.py)."""
+    import runtime
+    from exporter.gptq import CALIBRATION_TEXT
+    from tests.reference import LONG_PROMPT
+
+    export("gemma3-270m", tmp_path / "fp16", ExportOptions(dtype="fp16", verify=False, progress=False))
+    model = runtime.load(tmp_path / "fp16", verify=False)
+    ids = np.array([model.tokenizer.encode(CALIBRATION_TEXT.read_text() + LONG_PROMPT)])
+    assert ids.shape[1] >= 1000
+    model.backend.reset(1, ids.shape[1])
+    logits = model.backend.forward(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], all_logits=True)[0]
+    assert np.isfinite(logits).all()
+    assert np.abs(logits).max() < 1e3
