@@ -161,13 +161,27 @@ HALF = [("tiny-gemma-2b", "fp16"), ("tiny-gemma2", "bf16"), ("tiny-gemma3", "fp1
 SLOW_HALF = [("tiny-gemma-2b", "bf16"), ("tiny-gemma2", "fp16")]
 
 
+@pytest.fixture(scope="module")
+def half_export(tmp_path_factory):
+    """Verified half-precision exports, made once per (preset, dtype) for the tests of this module."""
+    made = {}
+
+    def get(name, dtype):
+        if (name, dtype) not in made:
+            folder = tmp_path_factory.mktemp(f"{name}-{dtype}") / "a"
+            made[name, dtype] = folder, export(f"random:{name}", folder, ExportOptions(dtype=dtype, progress=False))
+        return made[name, dtype]
+
+    return get
+
+
 @pytest.mark.parametrize("name,dtype", [*HALF, *(pytest.param(*p, marks=pytest.mark.slow) for p in SLOW_HALF)])
-def test_half_precision_graphs_keep_the_residual_stream_in_float32(tmp_path, name, dtype):
-    manifest = export(f"random:{name}", tmp_path / "a", ExportOptions(dtype=dtype, progress=False))
+def test_half_precision_graphs_keep_the_residual_stream_in_float32(half_export, name, dtype):
+    folder, manifest = half_export(name, dtype)
     parity = manifest["parity"]
     assert parity["passed"] and parity["max_abs_diff"] <= (0.1 if dtype == "fp16" else 0.6)
     assert manifest["dtype"] == {"fp16": "float16", "bf16": "bfloat16"}[dtype]
-    _, graph = _ops(tmp_path / "a")
+    _, graph = _ops(folder)
     elem = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}[dtype]
     kv = [v for v in graph.input if v.name.startswith("past_key_values.")]
     assert all(v.type.tensor_type.elem_type == elem for v in kv)
@@ -179,11 +193,10 @@ def test_half_precision_graphs_keep_the_residual_stream_in_float32(tmp_path, nam
     assert len(float_adds) >= 2 * presets.config(name).num_hidden_layers
 
 
-def test_fp16_runs_in_the_runtime(tmp_path):
+def test_fp16_runs_in_the_runtime(half_export):
     import runtime
 
-    export("random:tiny-gemma3", tmp_path / "a", ExportOptions(dtype="fp16", progress=False))
-    model = runtime.load(tmp_path / "a")
+    model = runtime.load(half_export("tiny-gemma3", "fp16")[0])
     tokens = model.generate([[2, 17, 30, 41]], max_new_tokens=6)
     assert np.asarray(tokens).shape[-1] == 4 + 6
 
@@ -260,12 +273,11 @@ def test_gptq_export_and_mixed_int8_recipe(tmp_path):
     assert manifest["quantization"]["method"] == "gptq"
 
 
-def test_runtime_refuses_a_bfloat16_artifact_with_the_fix(tmp_path):
+def test_runtime_refuses_a_bfloat16_artifact_with_the_fix(half_export):
     import runtime
 
-    export("random:tiny-gemma3", tmp_path / "a", ExportOptions(dtype="bf16", verify=False, progress=False))
     with pytest.raises(ValueError, match="bfloat16.*--dtype fp16"):
-        runtime.load(tmp_path / "a")
+        runtime.load(half_export("tiny-gemma3", "bf16")[0])
 
 
 @pytest.mark.real
