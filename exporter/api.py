@@ -176,6 +176,11 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
         stages.next()
         manifest = build_manifest(config, spec, options, tmp, ckpt.source, parity)
         manifest["quantization"] = quantization
+        if options.target == "ort" and spec.with_past and (spec.kv_layout == "dynamic"
+                                                           or manifest["kv_cache"]["shares_buffers"]):
+            from .genai import write_genai_config  # onnxruntime-genai runs the artifact as it is
+
+            write_genai_config(tmp, config, spec, manifest["generation"], manifest["kv_cache"]["shares_buffers"])
         manifest["fusions"] = fusions
         manifest["export"] = {
             "seconds": round(time.perf_counter() - start, 1),
