@@ -1,0 +1,156 @@
+"""Accuracy of exported precisions against float32, teacher-forced over a held-out text.
+
+    python scripts/bench_accuracy.py --reference artifacts/fp32 artifacts/fp16 artifacts/int4 \\
+        [--genai ~/.cache/gemma-deploy/gemma3-270m/genai-int4] [--text tests/data/heldout.txt] [--json]
+
+Every graph is run on ONNX Runtime's CPU provider over the same token ids (the reference artifact's
+tokenizer, <bos> first), in chunks of --chunk tokens with its KV cache, all positions' logits. Printed per
+graph: perplexity, its ratio to the reference's, top-1 agreement with the reference, max |logit
+difference| from it, and the count of non-finite logits. bfloat16 graphs run through exporter's bfloat16
+emulation (ONNX Runtime's CPU provider has no bfloat16 kernels). `--genai DIR` adds an onnxruntime-genai
+model folder (run through its generator, which returns every appended position's logits). Artifacts must be exported with the dynamic KV layout
+and `--logits all`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TEXT = ROOT / "tests" / "data" / "heldout.txt"
+
+
+def token_ids(reference: Path, text: str) -> np.ndarray:
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(reference / "tokenizer.json")).encode(text).ids
+    return np.array([ids], dtype=np.int64)  # the post-processor adds <bos>
+
+
+def graph_path(folder: Path, scratch: Path) -> tuple[Path, str, int]:
+    """The ONNX file to run, a label and the head size; bfloat16 artifacts go through the emulation."""
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        if data["kv_cache"]["layout"] != "dynamic" or data.get("logits") != "all":
+            raise SystemExit(f"{folder}: needs the dynamic KV layout and --logits all")
+        head_dim = data["config"]["head_dim"]
+        if data["dtype"] == "bfloat16":
+            from exporter.bf16_emulation import emulate_bfloat16
+
+            path = emulate_bfloat16(folder / "model.onnx", scratch / folder.name / "model.onnx")
+            return path, folder.name, head_dim
+        return folder / "model.onnx", folder.name, head_dim
+    genai = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    return folder / genai["filename"], f"onnxruntime-genai:{folder.name}", genai["head_size"]
+
+
+def teacher_forced(path: Path, ids: np.ndarray, chunk: int, threads: int | None, head_dim: int):
+    """Logits [T, V] (float32) of every position, chunk by chunk through the graph's KV cache."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in session.get_inputs()}
+    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    past = {name: np.zeros((1, i.shape[1], 0, head_dim), dtypes[i.type])
+            for name, i in inputs.items() if name.startswith("past_key_values")}
+    outputs = [o.name for o in session.get_outputs()]
+    logits, seconds = [], 0.0
+    for start in range(0, ids.shape[1], chunk):
+        end = min(start + chunk, ids.shape[1])
+        feeds = {"input_ids": ids[:, start:end], "attention_mask": np.ones((1, end), np.int64), **past}
+        if "position_ids" in inputs:
+            feeds["position_ids"] = np.arange(start, end, dtype=np.int64)[None]
+        t = time.perf_counter()
+        results = dict(zip(outputs, session.run(None, feeds)))
+        seconds += time.perf_counter() - t
+        logits.append(results["logits"][0].astype(np.float32))
+        past = {name: results[name.replace("past_key_values", "present")] for name in past}
+    return np.concatenate(logits), seconds
+
+
+def teacher_forced_genai(folder: Path, ids: np.ndarray, chunk: int):
+    """The same through onnxruntime-genai's generator (its graph keeps a sliding-window KV buffer of its own)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=ids.shape[1] + 1)
+    generator = og.Generator(model, params)
+    logits, seconds = [], 0.0
+    for start in range(0, ids.shape[1], chunk):
+        t = time.perf_counter()
+        generator.append_tokens(ids[:, start : start + chunk].astype(np.int32))
+        logits.append(np.array(generator.get_output("logits"))[0].astype(np.float32))
+        seconds += time.perf_counter() - t
+    return np.concatenate(logits), seconds
+
+
+def metrics(logits: np.ndarray, ids: np.ndarray) -> tuple[float, np.ndarray]:
+    """Perplexity of the text's next tokens, and the top-1 token per position."""
+    shifted = logits[:-1].astype(np.float64)
+    shifted -= shifted.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    nll = -log_probs[np.arange(len(shifted)), ids[0, 1:]]
+    return float(np.exp(nll.mean())), logits.argmax(-1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", type=Path, required=True, help="The float32 artifact.")
+    parser.add_argument("artifacts", type=Path, nargs="*")
+    parser.add_argument("--genai", type=Path, action="append", default=[], help="An onnxruntime-genai model folder.")
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    ids = token_ids(args.reference, args.text.read_text())
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as scratch:
+        reference_logits = reference_ppl = reference_top = None
+        for folder in [args.reference, *args.artifacts, *args.genai]:
+            path, label, head_dim = graph_path(folder, Path(scratch))
+            if label.startswith("onnxruntime-genai"):
+                logits, seconds = teacher_forced_genai(folder, ids, args.chunk)
+            else:
+                logits, seconds = teacher_forced(path, ids, args.chunk, args.threads, head_dim)
+            finite = np.isfinite(logits)
+            ppl, top = metrics(np.where(finite, logits, 0), ids)
+            if reference_logits is None:
+                reference_logits, reference_ppl, reference_top = logits.astype(np.float16), ppl, top
+            rows.append({
+                "graph": label,
+                "perplexity": round(ppl, 4),
+                "ppl_ratio": round(ppl / reference_ppl, 4),
+                "top1_agreement": round(float((top == reference_top).mean()), 4),
+                "max_abs_logit_diff": round(float(np.abs(logits - reference_logits).max()), 4),
+                "non_finite": int((~finite).sum()),
+                "size_mib": round(sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".onnx", ".data")) / 2**20, 1),
+                "seconds": round(seconds, 1),
+            })
+            del logits
+    if args.json:
+        print(json.dumps({"tokens": int(ids.shape[1]), "text": str(args.text), "rows": rows}, indent=2))
+        return 0
+    print(f"{ids.shape[1]} tokens of {args.text.name}, teacher-forced; reference {args.reference}")
+    print(f"{'graph':36s} {'ppl':>8s} {'ratio':>7s} {'top-1':>7s} {'max|dlogit|':>11s} {'non-finite':>10s} {'MiB':>7s}")
+    for r in rows:
+        print(f"{r['graph']:36s} {r['perplexity']:8.3f} {r['ppl_ratio']:7.3f} {r['top1_agreement']:7.2%} "
+              f"{r['max_abs_logit_diff']:11.3f} {r['non_finite']:10d} {r['size_mib']:7.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
