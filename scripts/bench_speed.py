@@ -1,0 +1,97 @@
+"""Our artifacts against onnxruntime-genai on the same CPU, in one run: prefill ms and decode tokens/s.
+
+    python scripts/bench_speed.py artifacts/int4 artifacts/fp32 --genai ~/.cache/gemma-deploy/gemma3-270m/genai-int4 \\
+        [--prompt-length 128] [--new-tokens 64] [--runs 5] [--json]
+
+Greedy, batch 1, the same random prompt ids for everyone, median of --runs after one warm-up. Ours run
+through the runtime (runtime.bench.time_generation); onnxruntime-genai through its generator: prefill is
+the time of append_tokens(prompt) plus the first token, decode the time per following token. Ratios are
+against the first --genai model (or the first artifact when there is none). Run it on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def genai_generation(folder: Path, ids: np.ndarray, new_tokens: int) -> dict:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+
+    def once() -> dict:
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=ids.shape[1] + new_tokens)
+        generator = og.Generator(model, params)
+        start = time.perf_counter()
+        generator.append_tokens(ids.astype(np.int32))  # the prompt's forward (prefill)
+        generator.generate_next_token()  # the first new token comes from the prefill's logits
+        first = time.perf_counter()
+        steps = 0
+        while not generator.is_done() and steps < new_tokens - 1:
+            generator.generate_next_token()
+            steps += 1
+        end = time.perf_counter()
+        return {"prefill_ms": 1000 * (first - start), "decode_tokens_per_s": steps / (end - first)}
+
+    return once
+
+
+def ours_generation(folder: Path, ids: np.ndarray, new_tokens: int):
+    import runtime
+    from runtime.bench import time_generation
+
+    model = runtime.load(folder, verify=False)
+    return lambda: time_generation(model, ids, new_tokens)
+
+
+def median_of(run, runs: int) -> dict:
+    run()  # warm-up
+    samples = [run() for _ in range(runs)]
+    return {key: round(statistics.median(s[key] for s in samples), 2) for key in ("prefill_ms", "decode_tokens_per_s")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifacts", type=Path, nargs="*")
+    parser.add_argument("--genai", type=Path, action="append", default=[])
+    parser.add_argument("--prompt-length", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 200_000, size=(1, args.prompt_length), dtype=np.int64)
+    ids[0, 0] = 2  # <bos>
+    rows = []
+    for folder in args.genai:
+        rows.append({"graph": f"onnxruntime-genai:{folder.name}",
+                     **median_of(genai_generation(folder, ids, args.new_tokens), args.runs)})
+    for folder in args.artifacts:
+        rows.append({"graph": folder.name, **median_of(ours_generation(folder, ids, args.new_tokens), args.runs)})
+    base = rows[0]
+    for row in rows:
+        row["decode_ratio"] = round(row["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
+        row["prefill_ratio"] = round(base["prefill_ms"] / row["prefill_ms"], 3)  # > 1: faster than the base
+    if args.json:
+        print(json.dumps({"prompt_length": args.prompt_length, "new_tokens": args.new_tokens, "rows": rows}, indent=2))
+        return 0
+    print(f"prompt {args.prompt_length} tokens, {args.new_tokens} new, batch 1, median of {args.runs}; "
+          f"ratios against {base['graph']}")
+    print(f"{'graph':36s} {'prefill ms':>10s} {'x':>6s} {'decode tok/s':>12s} {'x':>6s}")
+    for r in rows:
+        print(f"{r['graph']:36s} {r['prefill_ms']:10.1f} {r['prefill_ratio']:6.2f} {r['decode_tokens_per_s']:12.1f} "
+              f"{r['decode_ratio']:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
