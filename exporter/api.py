@@ -55,7 +55,7 @@ class ExportOptions:
     tokenizer: Path | None = None
     progress: bool = True
     quant: str | None = None  # int4: weight-only, see exporter/quantize.py
-    quant_method: str = "rtn"
+    quant_method: str | None = None  # None: gptq (rtn for --target trt)
     block_size: int = 32
     symmetric: bool | None = None  # None: zero points for ONNX Runtime, symmetric for TensorRT
     lm_head: str | None = None  # the tied lm_head/embedding: int4 | int8 | float; None: int8 (ort), int4 (trt)
@@ -81,6 +81,8 @@ class ExportOptions:
 
         if self.dtype is None:
             self.dtype = "fp16" if self.target == "trt" else "fp32"
+        if self.quant_method is None:
+            self.quant_method = "rtn" if self.target == "trt" else "gptq"
 
         choices = {"target": TARGETS, "task": TASKS, "dtype": DTYPES, "kv_cache": KV_LAYOUTS, "logits": LOGITS}
         for name, allowed in choices.items():

@@ -39,8 +39,9 @@ def _setup_logging(verbose: bool) -> None:
               help="Weights and activations [default: fp16 for --target trt, else fp32]; fp16/bf16 keep the "
                    "residual stream, norms and softmax in float32.")
 @click.option("--quant", type=click.Choice(QUANTS), default=None, help="Weight-only quantization of every MatMul.")
-@click.option("--quant-method", type=click.Choice(METHODS), default="rtn", show_default=True,
-              help="rtn: round to nearest; hqq: half-quadratic optimisation of scales and zero points.")
+@click.option("--quant-method", type=click.Choice(METHODS), default=None,
+              help="gptq (default; calibrated on exporter/data/calibration.txt), rtn: round to nearest (default "
+                   "and only choice for --target trt), hqq: half-quadratic scales and float zero points.")
 @click.option("--block-size", type=click.Choice([str(b) for b in BLOCK_SIZES]), default="32", show_default=True)
 @click.option("--symmetric/--zero-points", default=None,
               help="int4 without zero points (default for --target trt) or with (default otherwise).")

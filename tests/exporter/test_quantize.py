@@ -129,7 +129,7 @@ def test_int4_ort_graph_matches_fake_quantized_reference(tmp_path, name):
     assert manifest["parity"]["greedy_agreement"] == 1.0
     q = manifest["quantization"]
     assert q["quantized_weights"] == {"int4": LINEARS_PER_LAYER * L, "int8": 1}
-    assert (q["method"], q["block_size"], q["symmetric"], q["lm_head"]) == ("rtn", 32, False, "int8")
+    assert (q["method"], q["block_size"], q["symmetric"], q["lm_head"]) == ("gptq", 32, False, "int8")
     ops, graph = _ops(tmp_path / "a")
     assert ops["MatMulNBits"] == LINEARS_PER_LAYER * L + 1 and ops["GatherBlockQuantized"] == 1
     assert "Gather" not in ops  # the float embedding is gone: one quantized copy serves both
@@ -239,7 +239,7 @@ def test_cli_prints_the_quantization(tmp_path):
     result = CliRunner().invoke(export_command, ["-m", "random:tiny-gemma3", "-o", str(tmp_path / "a"), "-q",
                                                  "--quant", "int4", "--block-size", "64", "--accuracy-level", "1"])
     assert result.exit_code == 0, result.output
-    assert "quantization: rtn block 64" in result.output
+    assert "quantization: gptq block 64" in result.output
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["quantization"]["block_size"] == 64 and manifest["quantization"]["accuracy_level"] == 1
     bad = CliRunner().invoke(export_command, ["-m", "random:tiny-gemma3", "-o", str(tmp_path / "b"), "-q",
