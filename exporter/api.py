@@ -207,6 +207,8 @@ def load_for_export(ckpt, options: ExportOptions):
     model, _ = load_model(ckpt, task=options.task, progress=options.progress, dtype=dtype)
     if dtype != torch.float32:
         decoder_of(model).residual_dtype = torch.float32
+    if dtype == torch.bfloat16 and options.task == "text-generation":
+        decoder_of(model).norm.out_dtype = torch.float32  # the logits are computed in float32 (trace.TiedLogits)
     return model
 
 

@@ -28,13 +28,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
+        self.out_dtype: torch.dtype | None = None  # None: the weights' dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Gemma scales by (1 + w), all in float32, then casts (transformers modular_gemma.py, PR #29402).
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         # Cast to the weights' dtype, which is x's except when the residual stream is kept in float32.
-        return (h * (1.0 + self.weight.float())).to(self.weight.dtype)
+        return (h * (1.0 + self.weight.float())).to(self.out_dtype or self.weight.dtype)
 
 
 def rope_inv_freq(config: GemmaConfig, layer_type: str) -> torch.Tensor:
