@@ -28,7 +28,8 @@ def genai_generation(folder: Path, ids: np.ndarray, new_tokens: int) -> dict:
 
     def once() -> dict:
         params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=ids.shape[1] + new_tokens)
+        # Its GroupQueryAttention wants a KV buffer at least as long as the sliding window (512 on Gemma 3).
+        params.set_search_options(do_sample=False, max_length=max(ids.shape[1] + new_tokens, 1024))
         generator = og.Generator(model, params)
         start = time.perf_counter()
         generator.append_tokens(ids.astype(np.int32))  # the prompt's forward (prefill)
