@@ -150,10 +150,10 @@ def quantize_graph(path: Path, options: QuantOptions, progress: bool = True,
     options.check()
     model = ir.load(path)
     graph = model.graph
-    weights = [
+    weights = [  # the model's weights: constant [K, N] operands, not small folded constants (RoPE's inv_freq)
         node for node in graph
         if node.op_type == "MatMul" and node.inputs[1] is not None and node.inputs[1].const_value is not None
-        and len(node.inputs[1].shape) == 2
+        and len(node.inputs[1].shape) == 2 and min(node.inputs[1].shape) >= 16
     ]
     tied = _tied_embedding(graph)
     rewrite = _QDQ(graph, options) if options.format == "qdq" else _MatMulNBits(graph, options)
