@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .graph_io import save_copy
+
 
 def emulate_bfloat16(src: Path, dst: Path) -> Path:
     """Write the float32-carried copy of the bfloat16 graph `src` to `dst`; returns `dst`."""
@@ -45,8 +47,7 @@ def emulate_bfloat16(src: Path, dst: Path) -> Path:
         for out in node.outputs:
             if out.dtype == bf16 or makes_bf16:
                 _round_after(graph, node, out)
-    _save(model, dst)
-    return dst
+    return save_copy(model, dst)
 
 
 def _round_after(graph, node, out) -> None:
@@ -67,10 +68,3 @@ def _round_after(graph, node, out) -> None:
         up.outputs[0].name = name
         graph.outputs[i] = up.outputs[0]
     graph.insert_after(node, [down, up])
-
-
-def _save(model, dst: Path) -> None:
-    import onnx_ir as ir
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    ir.save(model, dst, external_data=f"{dst.name}.data")

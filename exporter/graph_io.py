@@ -7,6 +7,15 @@ import shutil
 from pathlib import Path
 
 
+def save_copy(model, dst: Path) -> Path:
+    """Save the onnx_ir `model` to a new `dst` (its folder created), weights in `dst.name + '.data'`."""
+    import onnx_ir as ir
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ir.save(model, dst, external_data=f"{dst.name}.data")
+    return dst
+
+
 def save_in_place(model, path: Path) -> None:
     """Save the onnx_ir `model` over `path`, weights in `path.name + '.data'`.
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .graph_io import save_copy, save_in_place
+
 log = logging.getLogger(__name__)
 
 METHODS = ("rtn", "hqq", "gptq")  # gptq: exporter/gptq.py, on the PyTorch model before tracing
@@ -83,7 +85,7 @@ class Blocks:
         """The float32 weight [K, N] this encodes."""
         N, k_blocks, _ = self.packed.shape
         if self.bits == 4:
-            q = np.stack([self.packed & 0xF, self.packed >> 4], -1).reshape(N, k_blocks, self.block_size)
+            q = _nibbles(self.packed).reshape(N, k_blocks, self.block_size)
         else:
             q = self.packed.reshape(N, k_blocks, self.block_size)
         zero = self._zero_points_unpacked(N, k_blocks)
@@ -97,14 +99,19 @@ class Blocks:
             return self.zero_points.astype(np.float32)  # HQQ's float zero points
         if self.bits == 8:
             return self.zero_points[:, :k_blocks].astype(np.float32)
-        unpacked = np.stack([self.zero_points & 0xF, self.zero_points >> 4], -1).reshape(N, -1)
+        unpacked = _nibbles(self.zero_points).reshape(N, -1)
         return unpacked[:, :k_blocks].astype(np.float32)
 
     def int4_kn(self) -> tuple[np.ndarray, np.ndarray]:
         """Symmetric 4-bit values as signed int8 [K, N] and scales [K_blocks, N]: the QDQ layout."""
         N, k_blocks, _ = self.packed.shape
-        q = np.stack([self.packed & 0xF, self.packed >> 4], -1).reshape(N, -1)[:, : self.K]
+        q = _nibbles(self.packed).reshape(N, -1)[:, : self.K]
         return np.ascontiguousarray((q.astype(np.int8) - 8).T), np.ascontiguousarray(self.scales.T)
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+    """4-bit values packed two a byte, low nibble first (ONNX Runtime's order), one a uint8: last axis x2."""
+    return np.stack([packed & 0xF, packed >> 4], -1)
 
 
 def rtn(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -> Blocks:
@@ -144,8 +151,6 @@ def quantize_graph(path: Path, options: QuantOptions, progress: bool = True,
     `precomputed` holds weights already quantized by name (GPTQ's, computed on the PyTorch model)."""
     precomputed = precomputed or {}
     import onnx_ir as ir
-
-    from .graph_io import save_in_place
 
     options.check()
     model = ir.load(path)
@@ -212,13 +217,7 @@ class _MatMulNBits:
         self.options = options
 
     def _init(self, name: str, array: np.ndarray):
-        import onnx_ir as ir
-
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        value.shape = ir.Shape(array.shape)
-        value.type = ir.TensorType(value.const_value.dtype)
-        self.graph.register_initializer(value)
-        return value
+        return _initializer(self.graph, name, array)
 
     def _weights(self, blocks: Blocks, base: str, dtype):
         packed = self._init(f"{base}_Q{blocks.bits}", blocks.packed)
@@ -283,13 +282,8 @@ class _QDQ:
 
         dtype = node.inputs[1].const_value.numpy().dtype
         q, scales = blocks.int4_kn()
-        q_value = ir.Value(name=f"{base}_int4", const_value=ir.Tensor(q, dtype=ir.DataType.INT4, name=f"{base}_int4"))
-        q_value.shape, q_value.type = ir.Shape(q.shape), ir.TensorType(ir.DataType.INT4)
-        s = scales.astype(dtype)
-        s_value = ir.Value(name=f"{base}_scales", const_value=ir.tensor(s, name=f"{base}_scales"))
-        s_value.shape, s_value.type = ir.Shape(s.shape), ir.TensorType(s_value.const_value.dtype)
-        for v in (q_value, s_value):
-            self.graph.register_initializer(v)
+        q_value = _initializer(self.graph, f"{base}_int4", q, ir.DataType.INT4)
+        s_value = _initializer(self.graph, f"{base}_scales", scales.astype(dtype))
         dq = ir.node("DequantizeLinear", [q_value, s_value], {"axis": 0, "block_size": blocks.block_size},
                      name=f"{base}_DQ")
         self.graph.insert_before(node, [dq])
@@ -299,6 +293,17 @@ class _QDQ:
 
     def lookup(self, gather, blocks: Blocks, base: str, dtype) -> None:
         pass  # the Gather already reads the DequantizeLinear output (rewired in `matmul`)
+
+
+def _initializer(graph, name: str, array: np.ndarray, dtype=None):
+    """Register `array` as the graph initializer `name` (stored as `dtype` when given, e.g. INT4)."""
+    import onnx_ir as ir
+
+    tensor = ir.Tensor(array, dtype=dtype, name=name) if dtype is not None else ir.tensor(array, name=name)
+    value = ir.Value(name=name, const_value=tensor)
+    value.shape, value.type = ir.Shape(array.shape), ir.TensorType(tensor.dtype)
+    graph.register_initializer(value)
+    return value
 
 
 def _replace(graph, old, new: list) -> None:
@@ -338,6 +343,4 @@ def float_activation_twin(src: Path, dst: Path) -> Path:
     for node in model.graph:
         if node.op_type == "MatMulNBits":
             node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 1)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    ir.save(model, dst, external_data=f"{dst.name}.data")
-    return dst
+    return save_copy(model, dst)

@@ -10,9 +10,9 @@ not match onnxscript's patterns yet: rules of our own, one a file, come with the
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
+
+from ..graph_io import save_in_place
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +25,6 @@ def fuse_for_ort(path: Path) -> dict[str, int]:
     model = ir.load(path)
     model, counts = ort_fusions.optimize_for_ort(model)
     fired = {name: count for name, count in counts.items() if count}
-    staging = path.parent / ".fused"
-    staging.mkdir(exist_ok=True)
-    ir.save(model, staging / path.name, external_data=f"{path.name}.data")
-    del model
-    for name in (path.name, f"{path.name}.data"):
-        os.replace(staging / name, path.parent / name)
-    shutil.rmtree(staging, ignore_errors=True)
+    save_in_place(model, path)
     log.info("fusions: %s", ", ".join(f"{k} {v}" for k, v in fired.items()) or "none")
     return fired
