@@ -4,7 +4,7 @@ This first driver applies onnxscript's `ort_fusions.optimize_for_ort` rules in t
 returns the count of each that fired; the exporter prints the counts and records them in the manifest.
 On our traces they fuse every RMSNorm into SimplifiedLayerNormalization and the residual add before a
 norm into SkipSimplifiedLayerNormalization. Rotary, tanh-gelu and attention (GroupQueryAttention) do
-not match onnxscript's patterns yet: rules of our own, one a file, come with the quantization work.
+not match onnxscript's patterns: they need rules of our own, one a file (not done).
 """
 
 from __future__ import annotations
