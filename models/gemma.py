@@ -45,14 +45,18 @@ def rope_inv_freq(config: GemmaConfig, layer_type: str) -> torch.Tensor:
 
 
 def rotary(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    freqs = position_ids[..., None].float() * inv_freq  # [B, S, D/2]
+    # Written as transformers writes it (an outer product as MatMul, slices in rotate_half): the trace then
+    # has the pattern onnxscript's rotary and cos/sin-cache fusions match (--target ort).
+    # float32 whatever the model's dtype (a float16 buffer would fail the MatMul and lose the angle's precision)
+    inv_freq = inv_freq.float()[None, :, None].expand(position_ids.shape[0], -1, 1)  # [B, D/2, 1]
+    freqs = (inv_freq @ position_ids[:, None, :].float()).transpose(1, 2)  # [B, S, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, D]
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, S, D]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class Attention(nn.Module):

@@ -1,10 +1,11 @@
 """Graph fusions for ONNX Runtime (`--target ort`).
 
-This first driver applies onnxscript's `ort_fusions.optimize_for_ort` rules in their fixed order and
-returns the count of each that fired; the exporter prints the counts and records them in the manifest.
-On our traces they fuse every RMSNorm into SimplifiedLayerNormalization and the residual add before a
-norm into SkipSimplifiedLayerNormalization. Rotary, tanh-gelu and attention (GroupQueryAttention) do
-not match onnxscript's patterns: they need rules of our own, one a file (not done).
+The driver applies onnxscript's `ort_fusions.optimize_for_ort` rules in their fixed order, then ours (one
+a file), and returns the count of each that fired; the exporter prints the counts and records them in
+the manifest. On our traces: every RMSNorm to SimplifiedLayerNormalization, the residual add before a
+norm to SkipSimplifiedLayerNormalization, rotary to RotaryEmbedding with its cos/sin cache (models/gemma.py
+writes rotary as transformers does so that onnxscript's rules match), tanh-gelu to FastGelu
+(fast_gelu.py). Attention to GroupQueryAttention is not done.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ def fuse_for_ort(path: Path) -> dict[str, int]:
     import onnx_ir as ir
     from onnxscript.rewriter import ort_fusions
 
+    from .fast_gelu import fast_gelu_rules
+
     model = ir.load(path)
     model, counts = ort_fusions.optimize_for_ort(model)
+    counts["fast_gelu"] = fast_gelu_rules.apply_to_model(model)
     fired = {name: count for name, count in counts.items() if count}
     save_in_place(model, path)
     log.info("fusions: %s", ", ".join(f"{k} {v}" for k, v in fired.items()) or "none")
