@@ -61,6 +61,18 @@ class ExportOptions:
     lm_head: str | None = None  # the tied lm_head/embedding: int4 | int8 | float; None: int8 (ort), int4 (trt)
     accuracy_level: int = 4
     int8_weights: tuple[str, ...] = ()  # names containing one of these are quantized to 8 bits
+    # --target trt: the engine's limits (exporter/trt/plan.py) and whether to build it here
+    max_batch_size: int = 1
+    max_input_len: int | None = None  # None: min(512, the context)
+    build: bool = True
+    optimization_level: int = 3
+
+    def trt_limits(self, model_context: int):
+        """The engine's limits: --max-length (default: the model's context, at most 4,096 tokens)."""
+        from .trt.plan import BuildLimits
+
+        max_length = self.max_length or min(model_context, 4096)
+        return BuildLimits(self.max_batch_size, self.max_input_len or min(512, max_length), max_length)
 
     def quant_options(self):
         from .quantize import QuantOptions
@@ -94,6 +106,8 @@ class ExportOptions:
             raise ValueError(f"max_length {self.max_length} must be a positive number of tokens")
         if self.task != "text-generation" and (self.kv_cache != "dynamic" or self.logits != "all"):
             raise ValueError(f"--kv-cache and --logits apply to text-generation only, not to {self.task}")
+        if self.target == "trt":
+            self.trt_limits(self.max_length or 4096).check()
         if self.quant is not None:
             if self.quant not in QUANTS:
                 raise ValueError(f"quant {self.quant!r} is not supported; supported: {', '.join(QUANTS)}")
@@ -113,13 +127,7 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
         raise ValueError(
             f"max_length {options.max_length} exceeds the model's context of {config.max_position_embeddings} tokens"
         )
-    spec = GraphSpec(
-        task=options.task,
-        num_layers=config.num_hidden_layers,
-        kv_layout=options.kv_cache,
-        max_length=options.max_length if options.kv_cache == "static" else None,
-        logits=options.logits,
-    )
+    spec = _graph_spec(config, options)
     stages = _Stages(["load", "trace and save", "quantize" if options.quant else None, "config",
                       "verify" if options.verify else None, "manifest"], options.progress)
     with ArtifactDir(output, options.overwrite) as tmp, stages:
@@ -184,6 +192,13 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
 
             write_genai_config(tmp, config, spec, manifest["generation"], manifest["kv_cache"]["shares_buffers"])
         manifest["fusions"] = fusions
+        if options.target == "trt":
+            from .trt.plan import make_plan
+
+            plan = make_plan(tmp / "model.onnx", manifest, options.trt_limits(config.max_position_embeddings),
+                             options.optimization_level)
+            log.info("%s", plan.table())
+            manifest["trt"] = {"plan": plan.to_dict(), "engines": []}
         manifest["export"] = {
             "seconds": round(time.perf_counter() - start, 1),
             "trace_seconds": round(trace_seconds, 1),
@@ -192,7 +207,28 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
         }
         manifest = write_manifest(tmp, manifest)
     log.info("wrote %s in %.0f s", output, time.perf_counter() - start)
+    if options.target == "trt" and options.build:
+        manifest = build_trt_engine(Path(output), manifest, options)
     return manifest
+
+
+class UnsupportedOperators(RuntimeError):
+    """The graph has operators TensorRT's ONNX parser does not take; the artifact is written, no engine built."""
+
+
+def build_trt_engine(folder: Path, manifest: dict, options: ExportOptions) -> dict:
+    """Build the engine of a written trt artifact (export() does unless options.build is False), or say why
+    not: UnsupportedOperators, or TensorRTUnavailable with the command that finishes the build on a GPU
+    machine. Returns the manifest with the engine."""
+    from .trt.build import build_artifact_engine
+
+    unsupported = manifest["trt"]["plan"]["operators"].get("unsupported")
+    if unsupported:
+        raise UnsupportedOperators(
+            f"{folder}: the graph has operators TensorRT's ONNX parser does not support "
+            f"({'; '.join(f'{op}: {why}' for op, why in unsupported.items())}); no engine can be built from it"
+        )
+    return build_artifact_engine(folder, options.progress)
 
 
 def load_for_export(ckpt, options: ExportOptions):
@@ -226,12 +262,29 @@ def reference_model(ckpt, task: str, dequantized: dict):
 
 
 def build_manifest(config, spec: GraphSpec, options: ExportOptions, folder: Path, source: str, parity) -> dict:
-    dtype = DTYPE_NAMES[options.dtype]
     return {
-        "task": spec.task,
+        **describe_graph(config, spec, options),
         "target": options.target,
         "family": config.model_type,
         "source": source,
+        "quantization": None,
+        "generation": {
+            "bos_token_id": config.bos_token_id,
+            "eos_token_ids": end_token_ids(config, folder),
+            "pad_token_id": config.pad_token_id,
+            "add_bos_token": add_bos_token(folder),
+            "context_length": spec.max_length or config.max_position_embeddings,
+        },
+        "tools": _tool_versions(),
+        "parity": parity,
+    }
+
+
+def describe_graph(config, spec: GraphSpec, options: ExportOptions) -> dict:
+    """The manifest's description of the graph: dims, I/O, KV cache, dtype."""
+    dtype = DTYPE_NAMES[options.dtype]
+    return {
+        "task": spec.task,
         "config": {
             "hidden_size": config.hidden_size,
             "num_hidden_layers": config.num_hidden_layers,
@@ -257,17 +310,34 @@ def build_manifest(config, spec: GraphSpec, options: ExportOptions, folder: Path
             "shares_buffers": False,
         },
         "logits": spec.logits,
-        "quantization": None,
-        "generation": {
-            "bos_token_id": config.bos_token_id,
-            "eos_token_ids": end_token_ids(config, folder),
-            "pad_token_id": config.pad_token_id,
-            "add_bos_token": add_bos_token(folder),
-            "context_length": spec.max_length or config.max_position_embeddings,
-        },
-        "tools": _tool_versions(),
-        "parity": parity,
     }
+
+
+def plan_engine(model: str | Path, options: ExportOptions):
+    """The TensorRT build plan of `model` before anything is exported or loaded (gemma-export --plan-only):
+    profiles, KV cache bytes, and the weight bytes estimated from the config. Reads the config only."""
+    from models.loading import resolve
+
+    from .trt.plan import estimate_weight_bytes, make_plan
+
+    options.check()
+    if options.target != "trt":
+        raise ValueError(f"--plan-only plans a TensorRT engine: pass --target trt (not {options.target!r})")
+    config = resolve(model).config
+    spec = _graph_spec(config, options)
+    weights = estimate_weight_bytes(config, DTYPE_NAMES[options.dtype], options.quant_options() if options.quant else None)
+    return make_plan(None, describe_graph(config, spec, options), options.trt_limits(config.max_position_embeddings),
+                     options.optimization_level, estimated_weights=weights)
+
+
+def _graph_spec(config, options: ExportOptions) -> GraphSpec:
+    return GraphSpec(
+        task=options.task,
+        num_layers=config.num_hidden_layers,
+        kv_layout=options.kv_cache,
+        max_length=options.max_length if options.kv_cache == "static" else None,
+        logits=options.logits,
+    )
 
 
 class _Stages:

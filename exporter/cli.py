@@ -10,10 +10,12 @@ from pathlib import Path
 
 import click
 
-from .api import DTYPES, KV_LAYOUTS, LOGITS, QUANTS, TARGETS, ExportOptions, ParityError, export
+from .api import (DTYPES, KV_LAYOUTS, LOGITS, QUANTS, TARGETS, ExportOptions, ParityError, build_trt_engine, export,
+                  plan_engine)
 from .quantize import BLOCK_SIZES, LM_HEAD, METHODS
+from .trt.build import build_artifact_engine, resume_command
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_TENSORRT = 0, 1, 2, 3
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError)
 
 
@@ -26,8 +28,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", "-m", required=True, help="HF folder or hub name, .gguf file, gemma3-270m, or random:<preset>.")
-@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
+@click.option("--model", "-m", default=None, help="HF folder or hub name, .gguf file, gemma3-270m, or random:<preset>.")
+@click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="Artifact directory to write.")
 @click.option("--target", type=click.Choice(TARGETS), default="onnx", show_default=True)
 @click.option(
     "--task",
@@ -53,7 +55,22 @@ def _setup_logging(verbose: bool) -> None:
               help="Comma-separated weight names (e.g. v_proj,down_proj) kept in 8 bits under --quant int4.")
 @click.option("--kv-cache", type=click.Choice(KV_LAYOUTS), default="dynamic", show_default=True,
               help="dynamic: past grows each step; static: buffers of --max-length updated in place.")
-@click.option("--max-length", type=int, default=None, help="KV buffer length (static layout) / context limit.")
+@click.option("--max-length", type=int, default=None,
+              help="KV buffer length (static layout); for --target trt the engine's context [default: the model's, "
+                   "at most 4096].")
+@click.option("--max-batch-size", type=int, default=1, show_default=True, help="--target trt: the engine's batch limit.")
+@click.option("--max-input-len", type=int, default=None,
+              help="--target trt: the most prompt tokens in one prefill [default: min(512, --max-length)]; "
+                   "longer prompts are fed in chunks.")
+@click.option("--optimization-level", type=click.IntRange(0, 5), default=3, show_default=True,
+              help="--target trt: TensorRT's builder optimization level.")
+@click.option("--build/--no-build", default=True, show_default=True,
+              help="--target trt: build the engine after the ONNX (--no-build stops after the ONNX and the plan).")
+@click.option("--plan-only", is_flag=True,
+              help="--target trt: print the build plan (profiles, KV cache and weight bytes) from the model's config "
+                   "and stop; nothing is exported or loaded.")
+@click.option("--resume-build", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Build the TensorRT engine of an artifact exported with --target trt (on a GPU machine).")
 @click.option("--logits", type=click.Choice(LOGITS), default="all", show_default=True,
               help="last: logits of the last position only (faster prefill with a 256k vocabulary).")
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -63,16 +80,31 @@ def _setup_logging(verbose: bool) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--verbose", "-v", is_flag=True)
 def export_command(model, output, target, task, dtype, quant, quant_method, block_size, symmetric, lm_head,
-                   accuracy_level, int8_weights, kv_cache, max_length, logits, tokenizer, verify, overwrite, quiet, verbose):
-    """Export a Gemma model to a verified artifact directory."""
+                   accuracy_level, int8_weights, kv_cache, max_length, max_batch_size, max_input_len,
+                   optimization_level, build, plan_only, resume_build, logits, tokenizer, verify, overwrite, quiet, verbose):
+    """Export a Gemma model to a verified artifact directory (and, for --target trt, build its TensorRT engine).
+
+    Exit codes: 0 done, 1 parity or build failed, 2 bad input, 3 the TensorRT build needs TensorRT and a
+    GPU that this machine lacks (the artifact is written; finish with --resume-build on a GPU machine)."""
     _setup_logging(verbose)
+    if resume_build is not None:
+        _resume(resume_build, not quiet)
+        return
+    if model is None or (output is None and not plan_only):
+        click.echo("gemma-export: --model and --output are required (or --resume-build DIR)", err=True)
+        sys.exit(EXIT_USAGE)
     options = ExportOptions(
         target=target, task=task, dtype=dtype, kv_cache=kv_cache, max_length=max_length, logits=logits,
         verify=verify, overwrite=overwrite, tokenizer=tokenizer, progress=not quiet, quant=quant,
         quant_method=quant_method, block_size=int(block_size), symmetric=symmetric, lm_head=lm_head,
         accuracy_level=accuracy_level, int8_weights=tuple(n for n in int8_weights.split(",") if n),
+        max_batch_size=max_batch_size, max_input_len=max_input_len, optimization_level=optimization_level,
+        build=False,  # built below, after the summary, so that a missing TensorRT still shows what was written
     )
     try:
+        if plan_only:
+            click.echo(plan_engine(model, options).table())
+            return
         manifest = export(model, output, options)
     except ParityError as e:
         click.echo(f"gemma-export: {e}; no artifact was written (use --no-verify to keep it anyway)", err=True)
@@ -80,6 +112,42 @@ def export_command(model, output, target, task, dtype, quant, quant_method, bloc
     except USER_ERRORS as e:
         click.echo(f"gemma-export: {e}", err=True)
         sys.exit(EXIT_USAGE)
+    _summary(model, output, manifest)
+    if target == "trt":  # the build plan was logged when it was made
+        if build:
+            _guard_build(lambda: build_trt_engine(output, manifest, options))
+        else:
+            click.echo(f"--no-build: finish on a GPU machine with: {resume_command(output)}")
+
+
+def _resume(folder: Path, progress: bool) -> None:
+    _guard_build(lambda: build_artifact_engine(folder, progress))
+
+
+def _guard_build(build) -> None:
+    from runtime.manifest import ArtifactError
+    from runtime.trt_device import TensorRTUnavailable
+
+    from .api import UnsupportedOperators
+    from .trt.build import BuildError
+
+    try:
+        manifest = build()
+    except TensorRTUnavailable as e:
+        click.echo(f"gemma-export: {e}", err=True)
+        sys.exit(EXIT_NO_TENSORRT)
+    except (UnsupportedOperators, BuildError) as e:
+        click.echo(f"gemma-export: {e}", err=True)
+        sys.exit(EXIT_FAIL)
+    except (ArtifactError, *USER_ERRORS) as e:
+        click.echo(f"gemma-export: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    engine = manifest["trt"]["engines"][-1]
+    click.echo(f"engine: {engine['file']} ({engine['gpu']}, compute capability {engine['compute_capability']}, "
+               f"TensorRT {engine['tensorrt_version']}) in {engine['build_seconds']} s")
+
+
+def _summary(model, output, manifest: dict) -> None:
     info = manifest.get("export", {})
     size = sum(f["size"] for f in manifest["files"].values())
     click.echo(
@@ -104,11 +172,16 @@ def export_command(model, output, target, task, dtype, quant, quant_method, bloc
               help="Text file, one prompt a line.")
 @click.option("--new-tokens", type=int, default=8, show_default=True)
 @click.option("--tolerance", type=float, default=None, help="Max |logit difference| (default: per precision).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="What runs the artifact: ONNX Runtime (CPU), or its TensorRT engine (GPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.option("--verbose", "-v", is_flag=True)
-def parity_command(artifact, model, prompts, new_tokens, tolerance, as_json, verbose):
-    """Check an artifact against its PyTorch source. Exit 0 pass, 1 fail, 2 usage or load error."""
+def parity_command(artifact, model, prompts, new_tokens, tolerance, backend, as_json, verbose):
+    """Check an artifact against its PyTorch source. Exit 0 pass, 1 fail, 2 usage or load error, 3 TensorRT
+    or a GPU missing for --backend tensorrt."""
     _setup_logging(verbose)
+    from runtime.trt_device import TensorRTUnavailable
+
     from .parity import check_artifact
 
     try:
@@ -119,7 +192,10 @@ def parity_command(artifact, model, prompts, new_tokens, tolerance, as_json, ver
                 raise ValueError(f"{prompts} has no prompts; expected one prompt a line")
         if tolerance is not None and tolerance <= 0:
             raise ValueError(f"tolerance {tolerance} must be > 0")
-        report = check_artifact(artifact, model, prompt_list, new_tokens, tolerance)
+        report = check_artifact(artifact, model, prompt_list, new_tokens, tolerance, backend)
+    except TensorRTUnavailable as e:
+        click.echo(f"gemma-parity: {e}", err=True)
+        sys.exit(EXIT_NO_TENSORRT)
     except USER_ERRORS as e:
         click.echo(f"gemma-parity: {e}", err=True)
         sys.exit(EXIT_USAGE)
@@ -134,6 +210,13 @@ def parity_command(artifact, model, prompts, new_tokens, tolerance, as_json, ver
             f"(tolerance {report.tolerance:.1e}), greedy agreement {100 * report.greedy_agreement:.0f}% "
             f"over {report.new_tokens} steps x {report.batch_size} prompts"
         )
+        if report.vs_onnxruntime:
+            worst = max(r["max_abs_diff"] for r in report.vs_onnxruntime)
+            click.echo(f"{report.backend} vs ONNX Runtime on the same graph: max |logit diff| {worst:.2e}")
+        if report.divergence and report.divergence["first"]:
+            first = report.divergence["first"]
+            click.echo(f"first diverging output: {first['scope']} ({first['value']}): max |diff| "
+                       f"{first['max_abs_diff']:.3g}, relative {first['relative']:.3g}")
     sys.exit(EXIT_OK if report.passed else EXIT_FAIL)
 
 

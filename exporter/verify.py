@@ -50,6 +50,9 @@ class ParityReport:
     new_tokens: int = 0
     reference: str = "models/ (PyTorch)"
     seconds: float = 0.0
+    backend: str = "onnxruntime"  # what ran the graph: the export's own ONNX Runtime session, or a runtime backend
+    vs_onnxruntime: list[dict] = field(default_factory=list)  # a backend's logits against ONNX Runtime's, per step
+    divergence: dict | None = None  # when a backend failed: the first layer output that differs from ONNX Runtime's
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,6 +130,18 @@ def onnx_steps(onnx_path: Path, spec, config, ids: np.ndarray, mask: np.ndarray,
     return steps
 
 
+def backend_steps(backend, spec, ids: np.ndarray, mask: np.ndarray, tokens: np.ndarray):
+    """The graph through a runtime backend (its KV cache, bindings, profiles), fed the reference's tokens."""
+    all_logits = spec.logits == "all"
+    backend.reset(ids.shape[0], ids.shape[1] + tokens.shape[1] + 1)
+    logits = backend.forward(ids, mask, positions(mask), all_logits=all_logits)
+    steps = [logits if all_logits else logits[:, None]]
+    for step in range(tokens.shape[1]):
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+        steps.append(backend.forward(tokens[:, step:step + 1], mask, positions(mask)[:, -1:])[:, None])
+    return steps
+
+
 def compare(
     reference, candidate, mask: np.ndarray, spec, tokens: np.ndarray, tie_margin: float = 0.0
 ) -> tuple[list[dict], float]:
@@ -160,8 +175,15 @@ def verify(
     new_tokens: int = 8,
     tolerance: float | None = None,
     quantized_activations: bool = False,
+    backend=None,
+    locate_with=None,
 ) -> ParityReport:
-    """Compare the graph at `onnx_path` with the module `model_factory()` builds (loaded only for this)."""
+    """Compare the graph at `onnx_path` with the module `model_factory()` builds (loaded only for this).
+
+    With a runtime `backend` (runtime.backends: ONNX Runtime or a TensorRT engine of this graph) the
+    backend's logits are the candidate, and are also compared with ONNX Runtime's on the graph itself,
+    step by step. When such a run fails and `locate_with` is given (divergence.locate's candidate
+    runner), the report names the first layer output where the backend departs from ONNX Runtime."""
     start = time.perf_counter()
     tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
     sequences = encode_prompts(tokenizer_dir, prompts, config.vocab_size)
@@ -177,6 +199,10 @@ def verify(
 
             onnx_path = emulate_bfloat16(onnx_path, Path(scratch) / "model.onnx")
         candidate = onnx_steps(onnx_path, spec, config, ids, mask, tokens, kv_dtype)
+        vs_onnxruntime = []
+        if backend is not None:
+            session_steps, candidate = candidate, backend_steps(backend, spec, ids, mask, tokens)
+            vs_onnxruntime, _ = compare(session_steps, candidate, mask, spec, tokens)
         margin = INT4_TIE_MARGIN if quantized_activations else tolerance
         rows, agreement = compare(reference, candidate, mask, spec, tokens, tie_margin=margin)
         if quantized_activations:
@@ -204,7 +230,16 @@ def verify(
         batch_size=len(sequences),
         new_tokens=int(tokens.shape[1]),
         seconds=round(time.perf_counter() - start, 2),
+        backend="onnxruntime" if backend is None else f"runtime: {type(backend).__name__} ({backend.provider})",
+        vs_onnxruntime=vs_onnxruntime,
     )
+    if not report.passed and locate_with is not None and dtype != "bfloat16":  # no bfloat16 kernels in ORT's CPU
+        from .divergence import locate
+
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask),
+                 **{name: np.zeros((ids.shape[0], config.num_key_value_heads, spec.max_length or 0,
+                                    config.head_dim), kv_dtype) for name in spec.past_names}}
+        report.divergence = locate(onnx_path, feeds, locate_with, dtype).to_dict()
     log.info(
         "parity %s: max |diff| %.3g (tolerance %.3g), greedy agreement %.0f%% over %d steps",
         "passed" if report.passed else "FAILED", max_diff, tolerance, 100 * agreement, len(rows),

@@ -1,5 +1,5 @@
 """gemma-run: generate, chat and bench on an artifact. Exit codes: 0 ok, 1 runtime failure, 2 usage or
-load error (one line on stderr, no traceback)."""
+load error, 3 TensorRT or a GPU missing for --backend tensorrt (one line on stderr, no traceback)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 import click
 
 from .manifest import ArtifactError
+from .model import BACKENDS
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_TENSORRT = 0, 1, 2, 3
 
 
 def _sampling_options(f):
@@ -25,7 +26,10 @@ def _sampling_options(f):
         click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
         click.option("--seed", type=int, default=None, help="Makes sampling repeatable."),
         click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable)."),
-        click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True),
+        click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+                     help="auto: the TensorRT engine when the artifact has one, else ONNX Runtime."),
+        click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+                     help="ONNX Runtime's execution provider (tensorrt: its TensorRT provider, engine cache in the artifact)."),
         click.option("--allow-cpu-fallback", is_flag=True, help="Run on the CPU if the provider is not usable."),
         click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads."),
     ]
@@ -47,7 +51,8 @@ def _options(kw):
 def _load(artifact, kw):
     from .model import load
 
-    return load(artifact, provider=kw["provider"], allow_cpu_fallback=kw["allow_cpu_fallback"], threads=kw["threads"])
+    return load(artifact, provider=kw["provider"], allow_cpu_fallback=kw["allow_cpu_fallback"], threads=kw["threads"],
+                backend=kw["backend"])
 
 
 def _fail(message: str, code: int) -> None:
@@ -59,10 +64,13 @@ def _guard(run):
     """Bad input and unusable artifacts (ValueError, ArtifactError, ProviderError, a missing file) exit 2
     with their message; a failure while running exits 1; neither prints a traceback."""
     from .backends.onnxruntime_backend import ProviderError
+    from .trt_device import EngineMismatch, TensorRTUnavailable
 
     try:
         return run()
-    except (ArtifactError, ValueError, FileNotFoundError, ProviderError) as e:
+    except TensorRTUnavailable as e:
+        _fail(f"{e}; or run the ONNX graph with --backend onnxruntime", EXIT_NO_TENSORRT)
+    except (ArtifactError, ValueError, FileNotFoundError, ProviderError, EngineMismatch) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, EXIT_USAGE)
     except KeyboardInterrupt:
         _fail("interrupted", EXIT_FAIL)
@@ -156,13 +164,14 @@ def chat(artifact, system, **kw):
 @click.option("--runs", type=int, default=5, show_default=True)
 @click.option("--warmup", type=int, default=1, show_default=True)
 @click.option("--threads", type=int, default=None)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
 @click.option("--allow-cpu-fallback", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also draw decode tokens/s against context length to this PNG (needs matplotlib).")
-def bench(artifact, prompt_length, new_tokens, batch_size, runs, warmup, threads, provider, allow_cpu_fallback,
-          as_json, plot):
+def bench(artifact, prompt_length, new_tokens, batch_size, runs, warmup, threads, backend, provider,
+          allow_cpu_fallback, as_json, plot):
     """Prefill ms, decode tokens/s, per-token overhead and peak RSS (median of runs after warm-up)."""
     from .bench import benchmark, context_sweep, format_report
 
@@ -178,7 +187,8 @@ def bench(artifact, prompt_length, new_tokens, batch_size, runs, warmup, threads
                 raise ValueError("--plot needs matplotlib: pip install 'gemma-deploy[plot]'") from None
         from .model import load
 
-        model = load(artifact, provider=provider, allow_cpu_fallback=allow_cpu_fallback, threads=threads)
+        model = load(artifact, provider=provider, allow_cpu_fallback=allow_cpu_fallback, threads=threads,
+                     backend=backend)
         report = benchmark(model, prompt_length, new_tokens, batch_size, runs, warmup)
         if plot is not None:
             report["context_sweep"] = context_sweep(model, plot, new_tokens=16)

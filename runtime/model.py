@@ -76,12 +76,27 @@ class GenerationOptions:
         return self.repetition_penalty != 1.0
 
 
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
 def load(folder: str | Path, provider: str = "cpu", allow_cpu_fallback: bool = False, threads: int | None = None,
-         verify: bool = True) -> "GemmaRuntime":
-    """Open an artifact directory: the validated manifest (sha256 of every file unless verify=False),
-    an ONNX Runtime session on `provider` ("cpu", "cuda", "tensorrt"; an unusable provider is an
-    error unless allow_cpu_fallback), the tokenizer and the chat template when the artifact has them."""
+         verify: bool = True, backend: str = "auto") -> "GemmaRuntime":
+    """Open an artifact directory: the validated manifest (sha256 of every file unless verify=False), the
+    backend, the tokenizer and the chat template when the artifact has them.
+
+    backend "onnxruntime": an ONNX Runtime session on `provider` ("cpu", "cuda", "tensorrt"; an unusable
+    provider is an error unless allow_cpu_fallback). "tensorrt": the artifact's engine for this GPU and
+    TensorRT version (an error where there is none). "auto": "tensorrt" when the artifact has engines,
+    else "onnxruntime"; never a silent switch from one to the other."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not supported; supported: {', '.join(BACKENDS)}")
     manifest = read_manifest(folder, verify=verify)
+    if backend == "auto":
+        backend = "tensorrt" if (manifest.get("trt") or {}).get("engines") else "onnxruntime"
+    if backend == "tensorrt":
+        from .backends.tensorrt_backend import TensorRTBackend
+
+        return GemmaRuntime(manifest, TensorRTBackend(manifest))
     if not manifest.path("model.onnx").is_file():
         raise ValueError(f"{folder} has no model.onnx (target {manifest.target!r}); this runtime runs ONNX graphs")
     from .backends.onnxruntime_backend import OnnxRuntimeBackend

@@ -205,7 +205,7 @@ def test_fp16_runs_in_the_runtime(half_export):
 def test_trt_graph_is_standard_onnx_with_int4_qdq(tmp_path, dtype):
     L = presets.config("tiny-gemma3").num_hidden_layers
     manifest = export("random:tiny-gemma3", tmp_path / "a",
-                      ExportOptions(target="trt", quant="int4", dtype=dtype, progress=False))
+                      ExportOptions(target="trt", quant="int4", dtype=dtype, progress=False, build=False))
     assert manifest["parity"]["passed"] and manifest["target"] == "trt"
     q = manifest["quantization"]
     assert (q["format"], q["symmetric"], q["lm_head"]) == ("qdq", True, "int4")
@@ -219,7 +219,7 @@ def test_trt_graph_is_standard_onnx_with_int4_qdq(tmp_path, dtype):
 
 
 def test_trt_target_defaults_to_fp16(tmp_path):
-    manifest = export("random:tiny-gemma-2b", tmp_path / "a", ExportOptions(target="trt", progress=False))
+    manifest = export("random:tiny-gemma-2b", tmp_path / "a", ExportOptions(target="trt", progress=False, build=False))
     assert manifest["dtype"] == "float16" and manifest["parity"]["passed"]
 
 
