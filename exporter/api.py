@@ -186,6 +186,8 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
         stages.next()
         manifest = build_manifest(config, spec, options, tmp, ckpt.source, parity)
         manifest["quantization"] = quantization
+        if spec.kv_layout == "static" and fusions.get("group_query_attention") == config.num_hidden_layers:
+            manifest["kv_cache"]["shares_buffers"] = True  # GroupQueryAttention writes the buffers in place
         if options.target == "ort" and spec.with_past and (spec.kv_layout == "dynamic"
                                                            or manifest["kv_cache"]["shares_buffers"]):
             from .genai import write_genai_config  # onnxruntime-genai runs the artifact as it is

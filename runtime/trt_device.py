@@ -8,6 +8,11 @@ for each engine; `select_engine` picks the one built here or refuses, naming wha
 this machine has.
 
 Imports the standard library only; tensorrt and cuda-python are imported when called.
+
+cuda-python's conventions (https://nvidia.github.io/cuda-python/cuda-bindings/latest/module/runtime.html): every
+call returns a tuple, the cudaError_t first and the outputs after it, `(err,)` for a call with none; an output
+is None when the call failed (cudaGetDeviceCount() -> (cudaErrorNoDevice, None)). cudaError_t is an int enum
+(cudaSuccess == 0). cudaDeviceProp.name is bytes; .major and .minor are the compute capability.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ def import_tensorrt():
 
 
 def import_cudart():
-    """cuda-python's runtime API (cuda.bindings.runtime since 12.6, cuda.cudart before)."""
+    """cuda-python's runtime API: cuda.bindings.runtime since cuda-python 12.6.1, cuda.cudart before (a
+    deprecated alias from 12.6.1, removed in 13.0; release notes of cuda-bindings 12.6.1 and 13.0.0)."""
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
@@ -65,6 +71,17 @@ def check_cuda(result, call: str):
     if int(error) != 0:
         raise RuntimeError(f"{call} failed with CUDA error {int(error)} ({error})")
     return values[0] if len(values) == 1 else tuple(values)
+
+
+def native_handle(obj) -> int:
+    """The address behind a cuda-python object (a cudaStream_t), for TensorRT's `stream_handle` arguments:
+    cuda.bindings.utils.get_cuda_native_handle where it exists (int(obj) is deprecated since cuda-bindings
+    12.9.1 and 13.0.0, "subject to future removal"), int(obj) in older releases."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(obj)
+    return int(get_cuda_native_handle(obj))
 
 
 def current_device(index: int = 0) -> DeviceInfo:

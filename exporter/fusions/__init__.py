@@ -5,7 +5,8 @@ a file), and returns the count of each that fired; the exporter prints the count
 the manifest. On our traces: every RMSNorm to SimplifiedLayerNormalization, the residual add before a
 norm to SkipSimplifiedLayerNormalization, rotary to RotaryEmbedding with its cos/sin cache (models/gemma.py
 writes rotary as transformers does so that onnxscript's rules match), tanh-gelu to FastGelu
-(fast_gelu.py). Attention to GroupQueryAttention is not done.
+(fast_gelu.py), and attention to GroupQueryAttention with the mask as its attention_bias and, in the
+static layout, past and present sharing one buffer (group_query_attention.py).
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ def fuse_for_ort(path: Path) -> dict[str, int]:
     from onnxscript.rewriter import ort_fusions
 
     from .fast_gelu import fast_gelu_rules
+    from .group_query_attention import group_query_attention_rules
 
     model = ir.load(path)
     model, counts = ort_fusions.optimize_for_ort(model)
     counts["fast_gelu"] = fast_gelu_rules.apply_to_model(model)
+    counts["group_query_attention"] = group_query_attention_rules.apply_to_model(model)
     fired = {name: count for name, count in counts.items() if count}
     save_in_place(model, path)
     log.info("fusions: %s", ", ".join(f"{k} {v}" for k, v in fired.items()) or "none")

@@ -3,20 +3,33 @@
     build_artifact_engine(DIR)          build engines/<gpu>-sm<cc>-trt<version>.plan, record it in the manifest
     require_tensorrt()                  TensorRT and a GPU, or TensorRTUnavailable with what to install
 
-The calls follow the TensorRT Python API reference and developer guide
-(https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/python-api-docs.html):
+The calls follow the TensorRT Python API reference,
+    https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/index.html   (".../python-api" below)
+the bindings themselves (python/src/infer/pyCore.cpp and python/src/parsers/pyOnnx.cpp of
+https://github.com/NVIDIA/TensorRT, release/10.x), and Polygraphy's backend/trt/loader.py, which makes the same calls:
 
-- the network is strongly typed (NetworkDefinitionCreationFlag.STRONGLY_TYPED): our graphs carry their
-  precisions (fp16/bf16 weights, float32 residual stream, norms and softmax, int4 blocked
-  DequantizeLinear), and TensorRT keeps every tensor in the type the ONNX gives it rather than choosing
-  per layer (the precision flags FP16/BF16/INT8 are then not allowed, and not needed);
-- OnnxParser.parse_from_file reads the external data next to model.onnx;
-- one optimization profile per plan profile, in the plan's order (0: prefill, 1: decode), so the
-  runtime picks a profile by index;
-- a timing cache (IBuilderConfig.create_timing_cache / set_timing_cache) loaded before and saved after
-  each build, shared by the builds on one GPU and TensorRT version: a second build skips the timing;
-- builder_optimization_level from the plan (0..5; TensorRT's default 3);
-- IProgressMonitor drives a progress bar over the builder's phases.
+- the network is strongly typed: builder.create_network(1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+  (.../python-api/infer/Core/Builder.html; EXPLICIT_BATCH is ignored since 10.0, and TensorRT 11 keeps
+  STRONGLY_TYPED as an ignored flag because it is always on). Our graphs carry their precisions (fp16/bf16
+  weights, float32 residual stream, norms and softmax, int4 blocked DequantizeLinear), and TensorRT keeps every
+  tensor in the type the ONNX gives it rather than choosing per layer (the precision flags FP16/BF16/INT8 are
+  then not allowed, and not needed);
+- OnnxParser.parse_from_file(path) -> bool reads the external data next to model.onnx; its errors are
+  parser.get_error(i) for i < parser.num_errors, whose str() names node and operator
+  (.../python-api/parsers/Onnx/pyOnnx.html). The parser owns the parsed weights: it stays alive until the build is done;
+- one optimization profile per plan profile (builder.create_optimization_profile(), profile.set_shape(name, min,
+  opt, max), config.add_optimization_profile), in the plan's order (0: prefill, 1: decode), so the runtime picks
+  a profile by index (.../python-api/infer/Core/OptimizationProfile.html);
+- a timing cache loaded before and saved after each build, shared by the builds on one GPU and TensorRT version:
+  config.create_timing_cache(bytes) (b"" for an empty one), config.set_timing_cache(cache, ignore_mismatch) -> bool,
+  config.get_timing_cache().serialize() after the build (.../python-api/infer/Core/BuilderConfig.html; "Timing
+  Cache" in https://docs.nvidia.com/deeplearning/tensorrt/10.16.1/performance/builder-performance.html): a
+  second build skips the timing; a cache TensorRT refuses is replaced by an empty one;
+- config.builder_optimization_level from the plan (0..5; TensorRT's default 3);
+- config.progress_monitor = a trt.IProgressMonitor subclass (phase_start(phase_name, parent_phase, num_steps),
+  step_complete(phase_name, step) -> bool, phase_finish(phase_name); .../python-api/infer/Core/ProgressMonitor.html
+  and samples/python/simple_progress_monitor) drives a progress bar over the builder's top-level phases;
+- builder.build_serialized_network(network, config) returns an IHostMemory (a buffer) or None on failure.
 
 Nothing here runs without TensorRT and an NVIDIA GPU; the plan (plan.py) is what this machine checks.
 """
@@ -97,8 +110,7 @@ def build_engine(onnx_path: Path, plan: BuildPlan, engine_path: Path, progress: 
             trt_profile.set_shape(name, low, opt, high)
         config.add_optimization_profile(trt_profile)
     timing_cache = timing_cache or timing_cache_path(device, trt.__version__)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    _use_timing_cache(config, timing_cache)
     if progress:
         config.progress_monitor = _progress_monitor(trt)
 
@@ -145,6 +157,17 @@ def build_artifact_engine(folder: str | Path, progress: bool = True) -> dict:
     return write_manifest(folder, data)
 
 
+def _use_timing_cache(config, path: Path) -> None:
+    """Attach the timing cache at `path` (an empty one when there is none). createTimingCache returns None for a
+    blob it cannot read and setTimingCache returns False for a cache of another device or version (with
+    ignore_mismatch=False): both mean a fresh cache rather than a failed build."""
+    cache = config.create_timing_cache(path.read_bytes()) if path.is_file() else None
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        if path.is_file():
+            log.warning("TensorRT did not accept the timing cache %s; timing every layer again", path)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+
 def _write_atomically(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -154,7 +177,9 @@ def _write_atomically(path: Path, data) -> None:
 
 
 def _progress_monitor(trt):
-    """A tqdm bar per top-level build phase (trt.IProgressMonitor: phase_start, step_complete, phase_finish)."""
+    """A tqdm bar per top-level build phase (trt.IProgressMonitor: phase_start, step_complete, phase_finish).
+    The base class's __init__ must be called (pybind11 trampoline); an exception raised in step_complete is
+    caught by TensorRT and cancels the build, so the callbacks do nothing that can fail."""
     from tqdm import tqdm
 
     class Progress(trt.IProgressMonitor):
@@ -167,8 +192,10 @@ def _progress_monitor(trt):
                 self.bars[phase_name] = tqdm(total=num_steps, desc=re.sub(r"\s+", " ", phase_name), leave=False)
 
         def step_complete(self, phase_name, step):
-            if phase_name in self.bars:
-                self.bars[phase_name].update(step - self.bars[phase_name].n)
+            # `step` is the index of the step just finished, in [0, num_steps): step + 1 steps are done.
+            bar = self.bars.get(phase_name)
+            if bar is not None:
+                bar.update(step + 1 - bar.n)
             return True  # False would cancel the build
 
         def phase_finish(self, phase_name):

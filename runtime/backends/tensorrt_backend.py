@@ -14,8 +14,22 @@ in place from step to step, one CUDA stream.
 
 Per step: set the input shapes, copy ids, mask and positions to the device, bind addresses, enqueue
 (execute_async_v3), copy back the last position's logits, synchronize. The calls are TensorRT 10's
-(ICudaEngine / IExecutionContext, https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/)
-and cuda-python's runtime API (cudaMalloc, cudaMemcpyAsync, cudaMemcpy2DAsync).
+(https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/Engine.html,
+.../infer/Core/ExecutionContext.html, .../infer/Core/Runtime.html; the bindings: python/src/infer/pyCore.cpp of
+https://github.com/NVIDIA/TensorRT; Polygraphy's backend/trt/runner.py makes the same calls):
+    trt.Runtime(logger).deserialize_cuda_engine(bytes)   ICudaEngine, or None (the engine keeps its runtime alive)
+    engine.create_execution_context()                    a context on profile 0; "Select an optimization profile
+        ... with async semantics": context.set_optimization_profile_async(index, stream_handle) raises on a bad
+        index, before any set_input_shape (NvInferRuntime.h, setOptimizationProfileAsync)
+    engine.get_tensor_profile_shape(name, profile)       [min, opt, max] Dims of an input in a profile
+    context.set_input_shape(name, shape) -> bool, context.set_tensor_address(name, int) -> bool (256-byte aligned:
+        cudaMalloc's are), context.execute_async_v3(stream_handle: int) -> bool, context.get_tensor_shape(name)
+and cuda-python's runtime API (https://nvidia.github.io/cuda-python/cuda-bindings/latest/module/runtime.html):
+cudaMalloc(size) -> (err, int), cudaMemcpyAsync(dst, src, count, kind, stream), cudaMemcpy2DAsync(dst, dpitch, src,
+spitch, width, height, kind, stream), cudaMemsetAsync(ptr, value, count, stream), cudaStreamCreate() -> (err,
+cudaStream_t); pointers are plain ints, the stream a cudaStream_t (runtime.trt_device.native_handle gives TensorRT
+its address). Host buffers are pageable numpy arrays: cudaMemcpyAsync from pageable memory returns once the data
+is staged, and into it once the copy is done, so they stay valid (CUDA runtime API, "API synchronization behavior").
 
 Runs only where TensorRT and an NVIDIA GPU are; tests/runtime/test_tensorrt.py covers the rest (engine
 selection, limits) here and marks the GPU part `gpu`.
@@ -29,7 +43,7 @@ import time
 import numpy as np
 
 from ..manifest import ArtifactError, Manifest
-from ..trt_device import check_cuda, current_device, import_cudart, import_tensorrt, select_engine
+from ..trt_device import check_cuda, current_device, import_cudart, import_tensorrt, native_handle, select_engine
 from .base import Backend
 
 log = logging.getLogger(__name__)
@@ -57,10 +71,16 @@ class TensorRTBackend(Backend):
             raise ArtifactError(f"TensorRT {trt.__version__} cannot deserialize {entry['file']}; build it again "
                                 "with gemma-export --resume-build DIR")
         self.stream = check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.stream_handle = native_handle(self.stream)
+        # One context per profile: a context may use one profile at a time, and each switch costs a resource
+        # update on the next enqueue; the profile is selected on the stream every step is enqueued on.
         self.contexts = []
         for index in range(self.engine.num_optimization_profiles):
             context = self.engine.create_execution_context()
-            context.set_optimization_profile_async(index, int(self.stream))
+            if context is None:
+                raise RuntimeError(f"TensorRT could not create an execution context for profile {index} "
+                                   "(out of GPU memory? its log above says why)")
+            context.set_optimization_profile_async(index, self.stream_handle)
             self.contexts.append(context)
 
         self.kv_layout = kv.layout
@@ -96,6 +116,8 @@ class TensorRTBackend(Backend):
     def __del__(self):
         for pointer in getattr(self, "_buffers", []):
             self.cudart.cudaFree(pointer)
+        if getattr(self, "stream", None) is not None:
+            self.cudart.cudaStreamDestroy(self.stream)
 
     # -- the cache -----------------------------------------------------------------------------------
 
@@ -119,7 +141,7 @@ class TensorRTBackend(Backend):
     def trim(self, length: int) -> None:
         if not 0 <= length <= self._past_length:
             raise ValueError(f"cannot trim the cache to {length} slots; it holds {self._past_length}")
-        if self.kv_layout == "dynamic" and length < self._past_length and len(self.kv) == 2:
+        if self.kv_layout == "dynamic" and 0 < length < self._past_length and len(self.kv) == 2:
             # [B, H, P, D] -> [B, H, length, D]: B * H rows of length * D items, into the other set.
             row = self.head_dim * self.kv_itemsize
             kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
@@ -180,24 +202,26 @@ class TensorRTBackend(Backend):
         cudart, context = self.cudart, self.contexts[index]
         B, S = ids.shape
         for name, shape in self._shapes(B, S).items():
-            context.set_input_shape(name, shape)
+            if not context.set_input_shape(name, shape):
+                raise RuntimeError(f"TensorRT refused the shape {shape} of {name} in optimization profile {index} "
+                                   "(its log above says why)")
         to_device = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         host = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         host = {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in host.items()}
         for name, value in host.items():
             check_cuda(cudart.cudaMemcpyAsync(self.inputs[name], value.ctypes.data, value.nbytes, to_device,
                                               self.stream), "cudaMemcpyAsync")
-            context.set_tensor_address(name, self.inputs[name])
         past_set = self.kv[self._current]
         present_set = self.kv[(self._current + 1) % len(self.kv)]
-        for name, pointer in zip(self.past_names, past_set):
-            context.set_tensor_address(name, pointer)
-        for name, pointer in zip(self.present_names, present_set):
-            context.set_tensor_address(name, pointer)
-        context.set_tensor_address("logits", self.logits)
+        addresses = {**self.inputs, **dict(zip(self.past_names, past_set)),
+                     **dict(zip(self.present_names, present_set)), "logits": self.logits}
+        for name, pointer in addresses.items():
+            if not context.set_tensor_address(name, pointer):
+                raise RuntimeError(f"the TensorRT engine has no input or output named {name}; build it again with "
+                                   "gemma-export --resume-build DIR")
 
         start = time.perf_counter()
-        if not context.execute_async_v3(int(self.stream)):
+        if not context.execute_async_v3(self.stream_handle):
             raise RuntimeError("TensorRT execute_async_v3 failed (its log above says why)")
         rows = context.get_tensor_shape("logits")[1]
         logits = self._logits_to_host(B, rows, all_logits)
@@ -232,9 +256,11 @@ def run_engine_once(engine_path, feeds: dict[str, np.ndarray], names: list[str],
     logger = trt.Logger(trt.Logger.WARNING)
     with open(engine_path, "rb") as f:
         engine = trt.Runtime(logger).deserialize_cuda_engine(f.read())
+    if engine is None:
+        raise RuntimeError(f"TensorRT {trt.__version__} cannot deserialize {engine_path} (its log above says why)")
     context = engine.create_execution_context()
     stream = check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
-    context.set_optimization_profile_async(profile, int(stream))
+    context.set_optimization_profile_async(profile, native_handle(stream))
     pointers = []
 
     def malloc(size):
@@ -247,20 +273,23 @@ def run_engine_once(engine_path, feeds: dict[str, np.ndarray], names: list[str],
             pointer = malloc(value.nbytes)
             check_cuda(cudart.cudaMemcpy(pointer, value.ctypes.data, value.nbytes,
                                          cudart.cudaMemcpyKind.cudaMemcpyHostToDevice), "cudaMemcpy")
-            context.set_input_shape(name, value.shape)
-            context.set_tensor_address(name, pointer)
+            if not (context.set_input_shape(name, value.shape) and context.set_tensor_address(name, pointer)):
+                raise RuntimeError(f"the TensorRT engine refused input {name} of shape {value.shape} "
+                                   f"in profile {profile}")
         outputs = {}
         for index in range(engine.num_io_tensors):
             name = engine.get_tensor_name(index)
             if engine.get_tensor_mode(name) != trt.TensorIOMode.OUTPUT:
                 continue
             shape = tuple(context.get_tensor_shape(name))
+            # trt.nptype maps float32/float16/int8/int32/int64/bool/uint8 and raises TypeError for bfloat16 and
+            # the fp8/int4 types, which numpy lacks: bfloat16 is read as its raw 16 bits
             bf16 = engine.get_tensor_dtype(name) == trt.bfloat16
             dtype = np.dtype(np.uint16 if bf16 else trt.nptype(engine.get_tensor_dtype(name)))
             size = int(np.prod(shape)) * dtype.itemsize
             outputs[name] = (shape, dtype, bf16, malloc(size))
             context.set_tensor_address(name, outputs[name][3])
-        if not context.execute_async_v3(int(stream)):
+        if not context.execute_async_v3(native_handle(stream)):
             raise RuntimeError("TensorRT execute_async_v3 failed (its log above says why)")
         check_cuda(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
         result = {}

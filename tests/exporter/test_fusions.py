@@ -24,6 +24,7 @@ def test_ort_target_fuses_every_norm_and_keeps_parity(tmp_path, name):
     assert manifest["fusions"]["rotary_embedding"] == 2 * L  # q and k of every layer
     assert manifest["fusions"]["cos_sin_cache"] == 2 * L
     assert manifest["fusions"]["fast_gelu"] == L
+    assert manifest["fusions"]["group_query_attention"] == L
     assert manifest["target"] == "ort"
     assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_diff"] <= 1e-4
 
@@ -33,6 +34,49 @@ def test_ort_target_fuses_every_norm_and_keeps_parity(tmp_path, name):
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * L
     assert ops.count("RotaryEmbedding") == 2 * L and ops.count("FastGelu") == L
     assert "Gelu" not in ops and "Neg" not in ops  # no tanh-gelu nor rotate_half left unfused
+    assert ops.count("GroupQueryAttention") == L and "Softmax" not in ops  # no attention left unfused
+    attrs = {a.name: onnx.helper.get_attribute_value(a)
+             for a in next(n for n in graph.node if n.op_type == "GroupQueryAttention").attribute}
+    assert attrs["softcap"] == pytest.approx(config.attn_logit_softcapping or 0.0)
+    assert attrs["scale"] == pytest.approx(config.query_pre_attn_scalar**-0.5)
+    assert (attrs["num_heads"], attrs["kv_num_heads"]) == (config.num_attention_heads, config.num_key_value_heads)
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3"])
+def test_static_layout_attention_shares_its_buffers_and_decodes_as_the_unfused_graph(tmp_path, name):
+    """GroupQueryAttention writes the static buffers in place (one buffer bound as past and present): a
+    left-padded batch decoded past the sliding window gives the unfused graph's greedy tokens."""
+    import numpy as np
+
+    from runtime import load
+
+    config = presets.config(name)
+    fused = export(f"random:{name}", tmp_path / "fused",
+                   ExportOptions(target="ort", kv_cache="static", max_length=48, progress=False))
+    assert fused["kv_cache"]["shares_buffers"] and fused["fusions"]["group_query_attention"] == config.num_hidden_layers
+    export(f"random:{name}", tmp_path / "plain", ExportOptions(progress=False, verify=False))
+    ids = np.array([[0, 0, 0, 2, 17, 30, 41, 9], [2, 5, 77, 12, 8, 90, 33, 21]])  # pad 0, window 8
+    mask = (np.arange(8) >= np.array([[3], [0]])).astype(np.int64)
+    new = 3 * config.sliding_window
+    tokens = {kind: load(tmp_path / kind).generate(ids, mask, max_new_tokens=new, eos_token_id=[])
+              for kind in ("fused", "plain")}
+    assert tokens["fused"].shape == (2, 8 + new)
+    np.testing.assert_array_equal(tokens["fused"], tokens["plain"])
+    assert len(set(tokens["fused"][0, 8:].tolist())) > 4  # random weights that do not repeat one token
+
+
+def test_attention_the_kernel_cannot_run_is_left_unfused(tmp_path):
+    """head_dim 12 is not a multiple of 8, which GroupQueryAttention's CPU kernel needs: the rule declines
+    and the graph keeps its own attention, with parity."""
+    import json
+
+    values = presets.config("tiny-gemma3").to_dict() | {"head_dim": 12}
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    manifest = export(f"random:{tmp_path / 'config.json'}", tmp_path / "a", ExportOptions(target="ort", progress=False))
+    assert "group_query_attention" not in manifest["fusions"] and manifest["fusions"]["rotary_embedding"]
+    assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_diff"] <= 1e-4
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False).graph.node]
+    assert "GroupQueryAttention" not in ops and "Softmax" in ops
 
 
 @pytest.mark.parametrize("approximate,fuses", [("tanh", True), ("none", False)])

@@ -91,7 +91,7 @@ def test_other_flavours_build_and_pass_parity(tmp_path, options):
     assert result.exit_code == 0, result.output
 
 
-def test_resume_build_adds_a_second_engine_entry_once(fp16):
+def test_resume_build_on_the_same_gpu_replaces_its_engine_entry(fp16):
     manifest = build_artifact_engine(fp16, progress=False)  # rebuilding on the same GPU replaces the entry
     assert len(manifest["trt"]["engines"]) == 1
 

@@ -4,16 +4,20 @@ The engine itself runs in tests/exporter/test_trt_gpu.py (marked gpu)."""
 
 from __future__ import annotations
 
+import enum
 import json
 import shutil
+import types
 
 import pytest
 from click.testing import CliRunner
 
+import runtime.trt_device as trt_device
 from runtime import load
 from runtime.cli import EXIT_NO_TENSORRT, main
 from runtime.manifest import MANIFEST_NAME, write_manifest
-from runtime.trt_device import DeviceInfo, EngineMismatch, TensorRTUnavailable, engine_file_name, select_engine
+from runtime.trt_device import (DeviceInfo, EngineMismatch, TensorRTUnavailable, check_cuda, current_device,
+                                engine_file_name, select_engine)
 
 L4 = DeviceInfo("NVIDIA L4", "8.9")
 A100 = DeviceInfo("NVIDIA A100-SXM4-80GB", "8.0")
@@ -82,3 +86,85 @@ def test_gemma_run_tensorrt_backend_without_tensorrt_exits_3(tiny_artifacts):
 def test_unknown_backend_is_refused(tiny_artifacts):
     with pytest.raises(ValueError, match="backend 'tensorrtt' is not supported; supported: auto, onnxruntime"):
         load(tiny_artifacts["dynamic"], backend="tensorrtt")
+
+
+# -- cuda-python's and TensorRT's calling conventions, with stand-ins (the real ones need a GPU) -------------
+
+
+class CudaError(enum.IntEnum):  # cuda.bindings.runtime.cudaError_t is an int enum
+    cudaSuccess = 0
+    cudaErrorNoDevice = 100
+
+
+def test_check_cuda_unpacks_cuda_python_result_tuples():
+    assert check_cuda((CudaError.cudaSuccess,), "cudaSetDevice") == ()  # a call without outputs
+    assert check_cuda((CudaError.cudaSuccess, 140000), "cudaMalloc") == 140000
+    with pytest.raises(RuntimeError, match="cudaMalloc failed with CUDA error 100"):
+        check_cuda((CudaError.cudaErrorNoDevice, None), "cudaMalloc")  # outputs are None on failure
+
+
+def _fake_cudart(count, name=b"NVIDIA L4", major=8, minor=9):
+    error = CudaError.cudaSuccess if count else CudaError.cudaErrorNoDevice
+    props = types.SimpleNamespace(name=name, major=major, minor=minor)
+    return types.SimpleNamespace(cudaGetDeviceCount=lambda: (error, count if count else None),
+                                 cudaGetDeviceProperties=lambda index: (CudaError.cudaSuccess, props))
+
+
+def test_current_device_reads_name_bytes_and_compute_capability(monkeypatch):
+    monkeypatch.setattr(trt_device, "import_cudart", lambda: _fake_cudart(1, b"NVIDIA L4\x00\x00"))
+    assert current_device() == L4
+
+
+def test_current_device_without_a_gpu_is_unavailable(monkeypatch):
+    monkeypatch.setattr(trt_device, "import_cudart", lambda: _fake_cudart(0))
+    with pytest.raises(TensorRTUnavailable, match="no NVIDIA GPU is visible"):
+        current_device()
+
+
+def test_progress_bar_counts_trt_steps_from_zero():
+    from exporter.trt.build import _progress_monitor
+
+    class IProgressMonitor:  # trt.IProgressMonitor: its __init__ must be called by a subclass
+        def __init__(self):
+            self.initialized = True
+
+    monitor = _progress_monitor(types.SimpleNamespace(IProgressMonitor=IProgressMonitor))
+    assert monitor.initialized
+    monitor.phase_start("Building", None, 3)
+    monitor.phase_start("Tactics", "Building", 5)  # nested: no bar of its own
+    assert monitor.step_complete("Tactics", 0) is True
+    for step in range(3):  # TensorRT reports the step just finished, in [0, num_steps)
+        assert monitor.step_complete("Building", step) is True
+    assert monitor.bars["Building"].n == 3
+    monitor.phase_finish("Tactics")
+    monitor.phase_finish("Building")
+    assert not monitor.bars
+
+
+class _FakeConfig:
+    """IBuilderConfig's timing-cache calls: create_timing_cache(bytes) -> cache or None, set_timing_cache -> bool."""
+
+    def __init__(self, accepts):
+        self.accepts, self.attached = accepts, []
+
+    def create_timing_cache(self, blob):
+        return None if blob == b"garbage" else ("cache", bytes(blob))
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        ok = self.accepts or cache == ("cache", b"")
+        if ok:
+            self.attached.append(cache)
+        return ok
+
+
+@pytest.mark.parametrize("blob, accepts, attached", [(None, True, b""), (b"saved", True, b"saved"),
+                                                     (b"saved", False, b""), (b"garbage", True, b"")])
+def test_a_timing_cache_tensorrt_refuses_is_replaced_by_an_empty_one(tmp_path, blob, accepts, attached):
+    from exporter.trt.build import _use_timing_cache
+
+    path = tmp_path / "timing.cache"
+    if blob is not None:
+        path.write_bytes(blob)
+    config = _FakeConfig(accepts)
+    _use_timing_cache(config, path)
+    assert config.attached == [("cache", attached)]
