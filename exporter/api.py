@@ -188,8 +188,7 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
         manifest["quantization"] = quantization
         if spec.kv_layout == "static" and fusions.get("group_query_attention") == config.num_hidden_layers:
             manifest["kv_cache"]["shares_buffers"] = True  # GroupQueryAttention writes the buffers in place
-        if options.target == "ort" and spec.with_past and (spec.kv_layout == "dynamic"
-                                                           or manifest["kv_cache"]["shares_buffers"]):
+        if options.target == "ort" and spec.with_past and spec.kv_layout == "dynamic":
             from .genai import write_genai_config  # onnxruntime-genai runs the artifact as it is
 
             write_genai_config(tmp, config, spec, manifest["generation"], manifest["kv_cache"]["shares_buffers"])

@@ -24,7 +24,8 @@ def test_ort_target_fuses_every_norm_and_keeps_parity(tmp_path, name):
     assert manifest["fusions"]["rotary_embedding"] == 2 * L  # q and k of every layer
     assert manifest["fusions"]["cos_sin_cache"] == 2 * L
     assert manifest["fusions"]["fast_gelu"] == L
-    assert manifest["fusions"]["group_query_attention"] == L
+    assert manifest["fusions"]["rotary_positions"] == 2 * L  # tables of the fed positions only
+    assert "group_query_attention" not in manifest["fusions"]  # the dynamic layout keeps its attention
     assert manifest["target"] == "ort"
     assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_diff"] <= 1e-4
 
@@ -34,12 +35,7 @@ def test_ort_target_fuses_every_norm_and_keeps_parity(tmp_path, name):
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * L
     assert ops.count("RotaryEmbedding") == 2 * L and ops.count("FastGelu") == L
     assert "Gelu" not in ops and "Neg" not in ops  # no tanh-gelu nor rotate_half left unfused
-    assert ops.count("GroupQueryAttention") == L and "Softmax" not in ops  # no attention left unfused
-    attrs = {a.name: onnx.helper.get_attribute_value(a)
-             for a in next(n for n in graph.node if n.op_type == "GroupQueryAttention").attribute}
-    assert attrs["softcap"] == pytest.approx(config.attn_logit_softcapping or 0.0)
-    assert attrs["scale"] == pytest.approx(config.query_pre_attn_scalar**-0.5)
-    assert (attrs["num_heads"], attrs["kv_num_heads"]) == (config.num_attention_heads, config.num_key_value_heads)
+    assert ops.count("Cos") == len({config.rope(t) for t in config.layer_types})  # one table per RoPE, not per layer
 
 
 @pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3"])
@@ -54,6 +50,16 @@ def test_static_layout_attention_shares_its_buffers_and_decodes_as_the_unfused_g
     fused = export(f"random:{name}", tmp_path / "fused",
                    ExportOptions(target="ort", kv_cache="static", max_length=48, progress=False))
     assert fused["kv_cache"]["shares_buffers"] and fused["fusions"]["group_query_attention"] == config.num_hidden_layers
+    assert fused["parity"]["passed"] and fused["parity"]["max_abs_diff"] <= 1e-4
+    graph = onnx.load(str(tmp_path / "fused" / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("GroupQueryAttention") == config.num_hidden_layers and "Softmax" not in ops
+    attrs = {a.name: onnx.helper.get_attribute_value(a)
+             for a in next(n for n in graph.node if n.op_type == "GroupQueryAttention").attribute}
+    assert attrs["softcap"] == pytest.approx(config.attn_logit_softcapping or 0.0)  # Gemma 2: 50; Gemma 3: none
+    assert attrs["scale"] == pytest.approx(config.query_pre_attn_scalar**-0.5)
+    assert (attrs["num_heads"], attrs["kv_num_heads"]) == (config.num_attention_heads, config.num_key_value_heads)
+    assert attrs["local_window_size"] == -1  # the window is in the bias
     export(f"random:{name}", tmp_path / "plain", ExportOptions(progress=False, verify=False))
     ids = np.array([[0, 0, 0, 2, 17, 30, 41, 9], [2, 5, 77, 12, 8, 90, 33, 21]])  # pad 0, window 8
     mask = (np.arange(8) >= np.array([[3], [0]])).astype(np.int64)
@@ -72,8 +78,10 @@ def test_attention_the_kernel_cannot_run_is_left_unfused(tmp_path):
 
     values = presets.config("tiny-gemma3").to_dict() | {"head_dim": 12}
     (tmp_path / "config.json").write_text(json.dumps(values))
-    manifest = export(f"random:{tmp_path / 'config.json'}", tmp_path / "a", ExportOptions(target="ort", progress=False))
+    manifest = export(f"random:{tmp_path / 'config.json'}", tmp_path / "a",
+                      ExportOptions(target="ort", kv_cache="static", max_length=32, progress=False))
     assert "group_query_attention" not in manifest["fusions"] and manifest["fusions"]["rotary_embedding"]
+    assert not manifest["kv_cache"]["shares_buffers"]  # the unfused graph's runtime swaps two buffer sets
     assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_diff"] <= 1e-4
     ops = [n.op_type for n in onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False).graph.node]
     assert "GroupQueryAttention" not in ops and "Softmax" in ops
