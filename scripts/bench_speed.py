@@ -3,7 +3,8 @@
     python scripts/bench_speed.py artifacts/int4 artifacts/fp32 --genai ~/.cache/gemma-deploy/gemma3-270m/genai-int4 \\
         [--prompt-length 128] [--new-tokens 64] [--runs 5] [--json]
 
-Greedy, batch 1, the same random prompt ids for everyone, median of --runs after one warm-up. Ours run
+Greedy, batch 1, the same random prompt ids for everyone; every graph is loaded first and warmed up once,
+then the runs go round-robin (one of each in turn), median of --runs per graph. Ours run
 through the runtime (runtime.bench.time_generation); onnxruntime-genai through its generator: prefill is
 the time of append_tokens(prompt) plus the first token, decode the time per following token. Ratios are
 against the first --genai model (or the first artifact when there is none). Run it on an idle machine.
@@ -53,10 +54,17 @@ def ours_generation(folder: Path, ids: np.ndarray, new_tokens: int):
     return lambda: time_generation(model, ids, new_tokens)
 
 
-def median_of(run, runs: int) -> dict:
-    run()  # warm-up
-    samples = [run() for _ in range(runs)]
-    return {key: round(statistics.median(s[key] for s in samples), 2) for key in ("prefill_ms", "decode_tokens_per_s")}
+def interleaved_medians(runners: dict, runs: int) -> dict:
+    """Each runner warmed up once, then `runs` rounds of one run of each in turn: the machine's drift over
+    minutes falls on every graph alike instead of on whichever ran last. Median per graph."""
+    for run in runners.values():
+        run()
+    samples = {name: [] for name in runners}
+    for _ in range(runs):
+        for name, run in runners.items():
+            samples[name].append(run())
+    return {name: {key: round(statistics.median(s[key] for s in rows), 2) for key in ("prefill_ms", "decode_tokens_per_s")}
+            for name, rows in samples.items()}
 
 
 def main() -> int:
@@ -72,12 +80,9 @@ def main() -> int:
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 200_000, size=(1, args.prompt_length), dtype=np.int64)
     ids[0, 0] = 2  # <bos>
-    rows = []
-    for folder in args.genai:
-        rows.append({"graph": f"onnxruntime-genai:{folder.name}",
-                     **median_of(genai_generation(folder, ids, args.new_tokens), args.runs)})
-    for folder in args.artifacts:
-        rows.append({"graph": folder.name, **median_of(ours_generation(folder, ids, args.new_tokens), args.runs)})
+    runners = {f"onnxruntime-genai:{folder.name}": genai_generation(folder, ids, args.new_tokens) for folder in args.genai}
+    runners |= {folder.name: ours_generation(folder, ids, args.new_tokens) for folder in args.artifacts}
+    rows = [{"graph": name, **medians} for name, medians in interleaved_medians(runners, args.runs).items()]
     base = rows[0]
     for row in rows:
         row["decode_ratio"] = round(row["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
