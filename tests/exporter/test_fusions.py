@@ -38,7 +38,7 @@ def test_ort_target_fuses_every_norm_and_keeps_parity(tmp_path, name):
     assert ops.count("Cos") == len({config.rope(t) for t in config.layer_types})  # one table per RoPE, not per layer
 
 
-@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3"])
+@pytest.mark.parametrize("name", ["tiny-gemma2", pytest.param("tiny-gemma3", marks=pytest.mark.slow)])
 def test_static_layout_attention_shares_its_buffers_and_decodes_as_the_unfused_graph(tmp_path, name):
     """GroupQueryAttention writes the static buffers in place (one buffer bound as past and present): a
     left-padded batch decoded past the sliding window gives the unfused graph's greedy tokens."""

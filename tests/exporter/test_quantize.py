@@ -137,6 +137,7 @@ def test_int4_ort_graph_matches_fake_quantized_reference(tmp_path, name):
     assert all(min(i.dims) < 16 for i in graph.initializer if i.name in float_inits)  # no float weight left
 
 
+@pytest.mark.slow  # the default run stays near 20 minutes: scripts/test.sh -m slow
 def test_int4_default_accuracy_level_keeps_greedy_tokens_and_shrinks_the_artifact(tmp_path):
     fp32 = export("random:tiny-gemma3", tmp_path / "f", ExportOptions(verify=False, progress=False))
     int4 = export("random:tiny-gemma3", tmp_path / "q", ExportOptions(quant="int4", progress=False))
@@ -146,6 +147,7 @@ def test_int4_default_accuracy_level_keeps_greedy_tokens_and_shrinks_the_artifac
     assert size(int4) < 0.35 * size(fp32)
 
 
+@pytest.mark.slow  # the default run stays near 20 minutes: scripts/test.sh -m slow
 def test_hqq_and_float_lm_head(tmp_path):
     manifest = export("random:tiny-gemma2", tmp_path / "a",
                       ExportOptions(quant="int4", quant_method="hqq", lm_head="float", block_size=64,
@@ -157,8 +159,8 @@ def test_hqq_and_float_lm_head(tmp_path):
     assert ops["Gather"] == 1 and "GatherBlockQuantized" not in ops and ops["MatMul"] >= 1
 
 
-HALF = [("tiny-gemma-2b", "fp16"), ("tiny-gemma2", "bf16"), ("tiny-gemma3", "fp16"), ("tiny-gemma3", "bf16")]
-SLOW_HALF = [("tiny-gemma-2b", "bf16"), ("tiny-gemma2", "fp16")]
+HALF = [("tiny-gemma-2b", "fp16"), ("tiny-gemma3", "fp16"), ("tiny-gemma3", "bf16")]
+SLOW_HALF = [("tiny-gemma-2b", "bf16"), ("tiny-gemma2", "fp16"), ("tiny-gemma2", "bf16")]
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +237,7 @@ def test_bad_quantization_options_are_refused(tmp_path, options, message):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow  # the default run stays near 20 minutes: scripts/test.sh -m slow
 def test_cli_prints_the_quantization(tmp_path):
     result = CliRunner().invoke(export_command, ["-m", "random:tiny-gemma3", "-o", str(tmp_path / "a"), "-q",
                                                  "--quant", "int4", "--block-size", "64", "--accuracy-level", "1"])
@@ -263,6 +266,7 @@ def test_gptq_beats_rtn_on_the_layer_output_it_was_calibrated_for():
     assert q.max() <= 15 and blocks.zero_points.dtype == np.uint8  # MatMulNBits' grid
 
 
+@pytest.mark.slow  # the default run stays near 20 minutes: scripts/test.sh -m slow
 def test_gptq_export_and_mixed_int8_recipe(tmp_path):
     L = presets.config("tiny-gemma3").num_hidden_layers
     manifest = export("random:tiny-gemma3", tmp_path / "a",
@@ -281,6 +285,7 @@ def test_runtime_refuses_a_bfloat16_artifact_with_the_fix(half_export):
 
 
 @pytest.mark.real
+@pytest.mark.slow  # the default run stays near 20 minutes: scripts/test.sh -m slow
 def test_fp16_real_model_stays_finite_over_a_1000_token_prompt(tmp_path, real_model_dir):
     """Gemma's residual stream overflows float16; with it kept in float32 the logits of 1,000+ real tokens stay
     finite (top-1 agreement with float32 is an accuracy figure: scripts/bench_accuracy.py)."""

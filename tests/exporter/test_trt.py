@@ -135,6 +135,7 @@ def test_plan_is_stored_in_the_manifest(trt_cli):
     assert 0 <= plan.weight_bytes["float"] - estimate["float"] < 4096  # + rotary tables
 
 
+@pytest.mark.slow  # an export each; the default run stays near 20 minutes
 def test_int4_graph_weights_match_the_estimate(tmp_path):
     options = ExportOptions(target="trt", quant="int4", verify=False, build=False, progress=False)
     manifest = export("random:tiny-gemma3", tmp_path / "int4", options)
@@ -161,6 +162,7 @@ def test_python_export_raises_tensorrt_unavailable_after_writing(tmp_path):
     assert read_manifest(tmp_path / "a")["trt"]["plan"]
 
 
+@pytest.mark.slow  # an export each; the default run stays near 20 minutes
 def test_unsupported_operators_are_caught_before_the_build(tmp_path):
     """An ONNX Runtime-fused graph (com.microsoft operators) cannot be built: the plan says which, and the
     build refuses before looking for TensorRT."""
