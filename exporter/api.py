@@ -213,22 +213,14 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
     return manifest
 
 
-class UnsupportedOperators(RuntimeError):
-    """The graph has operators TensorRT's ONNX parser does not take; the artifact is written, no engine built."""
-
-
 def build_trt_engine(folder: Path, manifest: dict, options: ExportOptions) -> dict:
     """Build the engine of a written trt artifact (export() does unless options.build is False), or say why
     not: UnsupportedOperators, or TensorRTUnavailable with the command that finishes the build on a GPU
     machine. Returns the manifest with the engine."""
-    from .trt.build import build_artifact_engine
+    from .trt.build import build_artifact_engine, require_supported
+    from .trt.plan import BuildPlan
 
-    unsupported = manifest["trt"]["plan"]["operators"].get("unsupported")
-    if unsupported:
-        raise UnsupportedOperators(
-            f"{folder}: the graph has operators TensorRT's ONNX parser does not support "
-            f"({'; '.join(f'{op}: {why}' for op, why in unsupported.items())}); no engine can be built from it"
-        )
+    require_supported(BuildPlan.from_dict(manifest["trt"]["plan"]), folder)
     return build_artifact_engine(folder, options.progress)
 
 

@@ -128,7 +128,6 @@ def _guard_build(build) -> None:
     from runtime.manifest import ArtifactError
     from runtime.trt_device import TensorRTUnavailable
 
-    from .api import UnsupportedOperators
     from .trt.build import BuildError
 
     try:
@@ -136,7 +135,7 @@ def _guard_build(build) -> None:
     except TensorRTUnavailable as e:
         click.echo(f"gemma-export: {e}", err=True)
         sys.exit(EXIT_NO_TENSORRT)
-    except (UnsupportedOperators, BuildError) as e:
+    except BuildError as e:  # UnsupportedOperators included
         click.echo(f"gemma-export: {e}", err=True)
         sys.exit(EXIT_FAIL)
     except (ArtifactError, *USER_ERRORS) as e:

@@ -57,6 +57,20 @@ class BuildError(RuntimeError):
     """TensorRT refused the graph or failed to build; the message carries its errors."""
 
 
+class UnsupportedOperators(BuildError):
+    """The graph has operators TensorRT's ONNX parser does not take; the artifact is written, no engine built."""
+
+
+def require_supported(plan: BuildPlan, graph: Path) -> None:
+    """Refuse, before anyone looks for TensorRT, a graph whose plan lists operators its parser lacks."""
+    unsupported = plan.operators.get("unsupported")
+    if unsupported:
+        raise UnsupportedOperators(
+            f"{graph}: the graph has operators TensorRT's ONNX parser does not support "
+            f"({'; '.join(f'{op}: {why}' for op, why in unsupported.items())}); no engine can be built from it"
+        )
+
+
 @dataclass(frozen=True)
 class BuildResult:
     engine: Path
@@ -90,9 +104,8 @@ def timing_cache_path(device: DeviceInfo, tensorrt_version: str) -> Path:
 def build_engine(onnx_path: Path, plan: BuildPlan, engine_path: Path, progress: bool = True,
                  timing_cache: Path | None = None) -> BuildResult:
     """Parse `onnx_path`, build with the plan's profiles, write the serialized engine atomically."""
+    require_supported(plan, onnx_path)
     trt, device = require_tensorrt()
-    if not plan.supported:
-        raise BuildError(f"the graph has operators TensorRT's parser does not support: {plan.operators['unsupported']}")
     start = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -136,6 +149,7 @@ def build_artifact_engine(folder: str | Path, progress: bool = True) -> dict:
                          "gemma-export --target trt")
     plan = BuildPlan.from_dict(section["plan"])
     log.info("%s", plan.table())
+    require_supported(plan, folder)
     try:
         trt, device = require_tensorrt()
     except TensorRTUnavailable as e:

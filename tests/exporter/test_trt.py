@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from exporter import ExportOptions, export
-from exporter.api import UnsupportedOperators, build_trt_engine, plan_engine
+from exporter.api import build_trt_engine, plan_engine
+from exporter.trt.build import UnsupportedOperators
 from exporter.cli import EXIT_NO_TENSORRT, export_command, parity_command
 from exporter.divergence import layer_points, locate, marked_copy, onnxruntime_outputs
 from exporter.trt.plan import BuildLimits, BuildPlan, estimate_weight_bytes, kv_cache_bytes, make_plan, profile_ranges
