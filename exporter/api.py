@@ -139,7 +139,7 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
         if options.quant and options.quant_method == "gptq":
             from .gptq import calibration_ids, gptq_model
 
-            ids = calibration_ids(tmp if "tokenizer.json" in files else None, config.vocab_size)
+            ids = calibration_ids(tmp if "tokenizer.json" in files else None, config.vocab_size, config.bos_token_id)
             calibrated = gptq_model(torch_model, ids, options.block_size, options.progress, options.int8_weights)
         stages.next()
         trace_start = time.perf_counter()
@@ -226,7 +226,8 @@ def build_trt_engine(folder: Path, manifest: dict, options: ExportOptions) -> di
 
 def load_for_export(ckpt, options: ExportOptions):
     """The PyTorch model in the graph's dtype. float16 and bfloat16 graphs keep the residual stream (and, in
-    models/gemma.py, the norms and the softmax) in float32: the residual passes float16's 65504."""
+    models/gemma.py, the embedding's scaling, the norms, the rotation of q and k and the softmax) in float32:
+    the residual passes float16's 65504, and each of these roundings costs bfloat16 top-1 agreement."""
     import torch
 
     from models.gemma import decoder_of
@@ -235,7 +236,12 @@ def load_for_export(ckpt, options: ExportOptions):
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[options.dtype]
     model, _ = load_model(ckpt, task=options.task, progress=options.progress, dtype=dtype)
     if dtype != torch.float32:
-        decoder_of(model).residual_dtype = torch.float32
+        decoder = decoder_of(model)
+        decoder.residual_dtype = torch.float32
+        for layer in decoder.layers:  # Gemma 3's q/k norms hand float32 to the rotation (models/gemma.py)
+            for norm in (getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None)):
+                if norm is not None:
+                    norm.out_dtype = torch.float32
     if dtype == torch.bfloat16 and options.task == "text-generation":
         decoder_of(model).norm.out_dtype = torch.float32  # the logits are computed in float32 (trace.TiedLogits)
     return model

@@ -83,8 +83,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        # Rotated in cos/sin's dtype: float32 in half-precision graphs (a no-op in float32 ones), then back.
+        dtype = v.dtype
+        q, k = q.to(cos.dtype), k.to(cos.dtype)
+        q = (q * cos + rotate_half(q) * sin).to(dtype)
+        k = (k * cos + rotate_half(k) * sin).to(dtype)
 
         past_k, past_v = past
         if static_slots is None:
@@ -179,11 +182,12 @@ class GemmaModel(nn.Module):
     def forward(self, input_ids, position_ids, attention_mask, past: list[KV]) -> tuple[torch.Tensor, list[KV]]:
         S = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
-        # sqrt(hidden_size) is cast to the compute dtype first: 55.4256 becomes 55.5 in bf16 (PR #29402).
-        x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
         dtype = x.dtype  # the compute dtype; the residual stream may be wider
-        if self.residual_dtype is not None:
-            x = x.to(self.residual_dtype)
+        if self.residual_dtype is None:
+            # sqrt(hidden_size) is cast to the compute dtype first: 55.4256 becomes 55.5 in bf16 (PR #29402).
+            x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
+        else:  # the residual stream starts wide too: neither the product nor sqrt(hidden_size) is rounded
+            x = x.to(self.residual_dtype) * math.sqrt(self.config.hidden_size)
 
         kv_len = past[0][0].shape[2] + S
         static_slots = None
@@ -191,7 +195,8 @@ class GemmaModel(nn.Module):
             kv_len = past[0][0].shape[2]
             static_slots = torch.arange(S, device=input_ids.device) + (attention_mask.shape[1] - S)
         full_mask, sliding_mask = attention_masks(attention_mask, S, kv_len, self.config.sliding_window)
-        ropes = {t: rotary(position_ids, getattr(self, f"inv_freq_{t}"), dtype) for t in set(self.layer_types)}
+        rope_dtype = self.residual_dtype or dtype  # half-precision graphs rotate q and k in float32
+        ropes = {t: rotary(position_ids, getattr(self, f"inv_freq_{t}"), rope_dtype) for t in set(self.layer_types)}
 
         present = []
         for layer, layer_type, layer_past in zip(self.layers, self.layer_types, past):
