@@ -156,11 +156,8 @@ def quantize_graph(path: Path, options: QuantOptions, progress: bool = True,
     options.check()
     model = ir.load(path)
     graph = model.graph
-    weights = [  # the model's weights: constant [K, N] operands, not small folded constants (RoPE's inv_freq)
-        node for node in graph
-        if node.op_type == "MatMul" and node.inputs[1] is not None and node.inputs[1].const_value is not None
-        and len(node.inputs[1].shape) == 2 and min(node.inputs[1].shape) >= 16
-    ]
+    weights = [(node, value) for node in graph if node.op_type == "MatMul"
+               for value in [_weight_of(node, through_cast=options.format == "qdq")] if value is not None]
     tied = _tied_embedding(graph)
     rewrite = _QDQ(graph, options) if options.format == "qdq" else _MatMulNBits(graph, options)
     dequantized: dict[str, np.ndarray] = {}
@@ -168,8 +165,7 @@ def quantize_graph(path: Path, options: QuantOptions, progress: bool = True,
     counts = {"int4": 0, "int8": 0}
     from tqdm import tqdm
 
-    for node in tqdm(weights, desc="quantize", unit="weight", disable=not progress, leave=False):
-        value = node.inputs[1]
+    for node, value in tqdm(weights, desc="quantize", unit="weight", disable=not progress, leave=False):
         is_tied = tied is not None and value is tied[0]
         bits = {"int4": 4, "int8": 8}.get(options.lm_head) if is_tied else 4
         if not is_tied and any(part in value.name for part in options.int8_weights):
@@ -185,7 +181,7 @@ def quantize_graph(path: Path, options: QuantOptions, progress: bool = True,
         else:  # the tied tensor also feeds GatherBlockQuantized, which takes integer zero points only
             blocks = rtn(weight, bits, _block_size(bits, weight.shape[0], options), options.symmetric)
         dequantized[value.name] = blocks.dequantize()
-        rewrite.matmul(node, blocks, value.name)
+        rewrite.matmul(node, blocks, value)
         if is_tied:
             rewrite.lookup(tied[1], blocks, value.name, weight.dtype)
         counts[f"int{bits}"] += 1
@@ -214,12 +210,27 @@ def _block_size(bits: int, K: int, options: QuantOptions) -> int:
     return options.block_size
 
 
+def _weight_of(node, through_cast: bool):
+    """The constant [K, N] weight a MatMul multiplies by, not a small folded constant (RoPE's inv_freq); with
+    `through_cast`, also the one behind a Cast (bfloat16 graphs compute lm_head in float32)."""
+    value = node.inputs[1]
+    if through_cast and value is not None and value.const_value is None:
+        producer = value.producer()
+        if producer is not None and producer.op_type == "Cast":
+            value = producer.inputs[0]
+    if value is None or value.const_value is None or len(value.shape) != 2 or min(value.shape) < 16:
+        return None
+    return value
+
+
 def _tied_embedding(graph):
     """(the [hidden, vocab] initializer, its lookup Gather(axis=1)) when lm_head and the embedding share it."""
     for value in graph.initializers.values():
         users = {node.op_type: node for node, _ in value.uses()}
         gather = users.get("Gather")
-        if "MatMul" in users and gather is not None and gather.attributes.get_int("axis", 0) == 1:
+        matmul = "MatMul" in users or ("Cast" in users and any(
+            user.op_type == "MatMul" for user, _ in users["Cast"].outputs[0].uses()))
+        if matmul and gather is not None and gather.attributes.get_int("axis", 0) == 1:
             return value, gather
     return None
 
@@ -243,10 +254,10 @@ class _MatMulNBits:
             zero_points = self._init(f"{base}_zero_points", zp)
         return packed, scales, zero_points
 
-    def matmul(self, node, blocks: Blocks, base: str) -> None:
+    def matmul(self, node, blocks: Blocks, value) -> None:
         import onnx_ir as ir
 
-        dtype = node.inputs[1].const_value.numpy().dtype
+        base, dtype = value.name, value.const_value.numpy().dtype
         packed, scales, zero_points = self._weights(blocks, base, dtype)
         self.cache = (packed, scales, zero_points)
         inputs = [node.inputs[0], packed, scales] + ([zero_points] if zero_points is not None else [])
@@ -292,18 +303,19 @@ class _QDQ:
         if graph.opset_imports.get("", 0) < 21:  # blocked DequantizeLinear and int4 tensors: opset 21
             graph.opset_imports[""] = 21
 
-    def matmul(self, node, blocks: Blocks, base: str) -> None:
+    def matmul(self, node, blocks: Blocks, value) -> None:
         import onnx_ir as ir
 
-        dtype = node.inputs[1].const_value.numpy().dtype
+        base, dtype = value.name, value.const_value.numpy().dtype
         q, scales = blocks.int4_kn()
         q_value = _initializer(self.graph, f"{base}_int4", q, ir.DataType.INT4)
         s_value = _initializer(self.graph, f"{base}_scales", scales.astype(dtype))
         dq = ir.node("DequantizeLinear", [q_value, s_value], {"axis": 0, "block_size": blocks.block_size},
                      name=f"{base}_DQ")
-        self.graph.insert_before(node, [dq])
-        old = node.inputs[1]
-        for user, index in list(old.uses()):  # the MatMul and, when tied, the lookup Gather
+        cast = node.inputs[1].producer() if node.inputs[1] is not value else None
+        self.graph.insert_before(cast or node, [dq])
+        old = value
+        for user, index in list(old.uses()):  # the MatMul (or its Cast) and, when tied, the lookup Gather
             user.replace_input_with(index, dq.outputs[0])
 
     def lookup(self, gather, blocks: Blocks, base: str, dtype) -> None:
