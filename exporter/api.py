@@ -209,18 +209,17 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
         manifest = write_manifest(tmp, manifest)
     log.info("wrote %s in %.0f s", output, time.perf_counter() - start)
     if options.target == "trt" and options.build:
-        manifest = build_trt_engine(Path(output), manifest, options)
+        manifest = build_trt_engine(Path(output), options)
     return manifest
 
 
-def build_trt_engine(folder: Path, manifest: dict, options: ExportOptions) -> dict:
+def build_trt_engine(folder: Path, options: ExportOptions) -> dict:
     """Build the engine of a written trt artifact (export() does unless options.build is False), or say why
-    not: UnsupportedOperators, or TensorRTUnavailable with the command that finishes the build on a GPU
-    machine. Returns the manifest with the engine."""
-    from .trt.build import build_artifact_engine, require_supported
-    from .trt.plan import BuildPlan
+    not: UnsupportedOperators (checked from the manifest's plan before TensorRT is looked for), or
+    TensorRTUnavailable with the command that finishes the build on a GPU machine. Returns the manifest with
+    the engine."""
+    from .trt.build import build_artifact_engine
 
-    require_supported(BuildPlan.from_dict(manifest["trt"]["plan"]), folder)
     return build_artifact_engine(folder, options.progress)
 
 
@@ -239,9 +238,8 @@ def load_for_export(ckpt, options: ExportOptions):
         decoder = decoder_of(model)
         decoder.residual_dtype = torch.float32
         for layer in decoder.layers:  # Gemma 3's q/k norms hand float32 to the rotation (models/gemma.py)
-            for norm in (getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None)):
-                if norm is not None:
-                    norm.out_dtype = torch.float32
+            if hasattr(layer.self_attn, "q_norm"):
+                layer.self_attn.q_norm.out_dtype = layer.self_attn.k_norm.out_dtype = torch.float32
     if dtype == torch.bfloat16 and options.task == "text-generation":
         decoder_of(model).norm.out_dtype = torch.float32  # the logits are computed in float32 (trace.TiedLogits)
     return model

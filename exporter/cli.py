@@ -115,7 +115,7 @@ def export_command(model, output, target, task, dtype, quant, quant_method, bloc
     _summary(model, output, manifest)
     if target == "trt":  # the build plan was logged when it was made
         if build:
-            _guard_build(lambda: build_trt_engine(output, manifest, options))
+            _guard_build(lambda: build_trt_engine(output, options))
         else:
             click.echo(f"--no-build: finish on a GPU machine with: {resume_command(output)}")
 

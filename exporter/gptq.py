@@ -173,7 +173,8 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, block_size: int, da
     return _blocks(q_in_order.numpy(), scales.numpy(), zeros.numpy().astype(np.uint8), block_size, in_features)
 
 
-def _grid(group: torch.Tensor, steps: int = 24, step: float = 0.025, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid(group: torch.Tensor, steps: int = 24, step: float = 0.025,
+          norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point per row: ONNX Runtime's asymmetric grid (min/max including 0), its range
     shrunk by the factor among 1, 0.975, ... that minimizes the row's sum |w - dequantized|^2.4.
 

@@ -156,8 +156,9 @@ def quantize_graph(path: Path, options: QuantOptions, progress: bool = True,
     options.check()
     model = ir.load(path)
     graph = model.graph
-    weights = [(node, value) for node in graph if node.op_type == "MatMul"
-               for value in [_weight_of(node, through_cast=options.format == "qdq")] if value is not None]
+    through_cast = options.format == "qdq"
+    operands = [(node, _weight_of(node, through_cast)) for node in graph if node.op_type == "MatMul"]
+    weights = [(node, value) for node, value in operands if value is not None]
     tied = _tied_embedding(graph)
     rewrite = _QDQ(graph, options) if options.format == "qdq" else _MatMulNBits(graph, options)
     dequantized: dict[str, np.ndarray] = {}
@@ -314,8 +315,7 @@ class _QDQ:
                      name=f"{base}_DQ")
         cast = node.inputs[1].producer() if node.inputs[1] is not value else None
         self.graph.insert_before(cast or node, [dq])
-        old = value
-        for user, index in list(old.uses()):  # the MatMul (or its Cast) and, when tied, the lookup Gather
+        for user, index in list(value.uses()):  # the MatMul (or its Cast) and, when tied, the lookup Gather
             user.replace_input_with(index, dq.outputs[0])
 
     def lookup(self, gather, blocks: Blocks, base: str, dtype) -> None:

@@ -36,7 +36,8 @@ def sample(sequences: int, length: int, seed: int, top_p: float = 0.95) -> list[
     with torch.no_grad():
         for _ in tqdm(range(length - 1), desc="sampling", unit="token"):
             n = tokens.shape[1]
-            logits, past = model(ids, torch.full((sequences, 1), n - 1), torch.ones(sequences, n, dtype=torch.int64), past)
+            mask = torch.ones(sequences, n, dtype=torch.int64)
+            logits, past = model(ids, torch.full((sequences, 1), n - 1), mask, past)
             probs, order = torch.softmax(logits[:, -1], -1).sort(-1, descending=True)
             probs = probs * (probs.cumsum(-1) - probs < top_p)  # the nucleus: smallest set reaching top_p
             ids = order.gather(1, torch.multinomial(probs, 1, generator=generator))
@@ -57,7 +58,8 @@ def main() -> None:
     from models.loading import resolve
 
     tokenizer = Tokenizer.from_file(str(resolve("gemma3-270m").folder / "tokenizer.json"))
-    texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in sample(args.sequences, args.length, args.seed)]
+    rows = sample(args.sequences, args.length, args.seed)
+    texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
     args.output.write_text("\n\n".join(texts) + "\n")
     log.info("wrote %s: %d sequences, %d characters", args.output, len(texts), sum(map(len, texts)))
 

@@ -222,7 +222,8 @@ def test_half_precision_models_scale_the_embedding_and_rotate_in_float32(dtype):
     decoder.layers[0].self_attn.q_norm.register_forward_hook(keep("q", lambda args, out: out))
     ids = torch.tensor([[5, 17, 3]])
     with torch.no_grad():
-        decoder(ids, torch.arange(3)[None], torch.ones_like(ids), empty_past(model.config, 1, dtype=decoder.embed_tokens.weight.dtype))
+        past = empty_past(model.config, 1, dtype=decoder.embed_tokens.weight.dtype)
+        decoder(ids, torch.arange(3)[None], torch.ones_like(ids), past)
     exact = decoder.embed_tokens.weight[ids].float() * math.sqrt(model.config.hidden_size)
     assert seen["x"].dtype == torch.float32 and torch.equal(seen["x"], exact)
     assert seen["cos"].dtype == torch.float32 and seen["q"].dtype == torch.float32

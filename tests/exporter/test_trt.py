@@ -15,12 +15,12 @@ from onnx import numpy_helper
 
 from exporter import ExportOptions, export
 from exporter.api import build_trt_engine, plan_engine
-from exporter.trt.build import UnsupportedOperators
 from exporter.cli import EXIT_NO_TENSORRT, export_command, parity_command
 from exporter.divergence import layer_points, locate, marked_copy, onnxruntime_outputs
+from exporter.trt.build import UnsupportedOperators
 from exporter.trt.plan import BuildLimits, BuildPlan, estimate_weight_bytes, kv_cache_bytes, make_plan, profile_ranges
 from models import presets
-from runtime.manifest import read_manifest
+from runtime.manifest import read_manifest, write_manifest
 from runtime.trt_device import TensorRTUnavailable
 
 GIB = 2**30
@@ -172,9 +172,9 @@ def test_unsupported_operators_are_caught_before_the_build(tmp_path):
     plan = make_plan(tmp_path / "ort" / "model.onnx", ort, limits)
     assert not plan.supported
     assert "SimplifiedLayerNormalization" in " ".join(plan.operators["unsupported"])
-    manifest = {**ort, "trt": {"plan": plan.to_dict(), "engines": []}}
+    write_manifest(tmp_path / "ort", {**ort, "target": "trt", "trt": {"plan": plan.to_dict(), "engines": []}})
     with pytest.raises(UnsupportedOperators, match="SimplifiedLayerNormalization"):
-        build_trt_engine(tmp_path / "ort", manifest, ExportOptions(target="trt"))
+        build_trt_engine(tmp_path / "ort", ExportOptions(target="trt"))
 
 
 def test_plan_refuses_limits_the_graph_cannot_serve(trt_cli, tmp_path):
