@@ -240,9 +240,25 @@ def load_for_export(ckpt, options: ExportOptions):
         for layer in decoder.layers:  # Gemma 3's q/k norms hand float32 to the rotation (models/gemma.py)
             if hasattr(layer.self_attn, "q_norm"):
                 layer.self_attn.q_norm.out_dtype = layer.self_attn.k_norm.out_dtype = torch.float32
-    if dtype == torch.bfloat16 and options.task == "text-generation":
-        decoder_of(model).norm.out_dtype = torch.float32  # the logits are computed in float32 (trace.TiedLogits)
+    if dtype == torch.bfloat16:
+        _widen_bfloat16(decoder_of(model))
+        if options.task == "text-generation":
+            decoder_of(model).norm.out_dtype = torch.float32  # the logits are computed in float32 (trace.TiedLogits)
     return model
+
+
+def _widen_bfloat16(decoder) -> None:
+    """bfloat16 keeps 8 bits of mantissa, so its graphs also keep in float32 what a GPU kernel holds in float32
+    anyway: q·k and the softmax (a fused attention's accumulator), gelu(gate)·up (a GEMM's epilogue) and the
+    post-norms that feed the float32 residual. Measured on the real 270M over tests/data/heldout.txt, with
+    bfloat16 weights: mean |logit - float32| 0.042 with every rounding, 0.033 without these (0.021 with none)."""
+    import torch
+
+    for layer in decoder.layers:
+        layer.self_attn.scores_dtype = torch.float32
+        layer.mlp.act_dtype = torch.float32
+        if layer.sandwich_norms:  # Gemma 1's post_attention_layernorm feeds the MLP: it stays bfloat16
+            layer.post_attention_layernorm.out_dtype = layer.post_feedforward_layernorm.out_dtype = torch.float32
 
 
 def reference_model(ckpt, task: str, dequantized: dict):

@@ -75,6 +75,7 @@ class Attention(nn.Module):
         if config.qk_norm:  # Gemma 3 normalizes q and k per head
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.scores_dtype: torch.dtype | None = None  # q·k and the softmax's input; None: the weights' dtype
 
     def forward(self, x, cos, sin, mask, past: KV, static_slots: torch.Tensor | None) -> tuple[torch.Tensor, KV]:
         B, S, _ = x.shape
@@ -86,8 +87,8 @@ class Attention(nn.Module):
         # Rotated in cos/sin's dtype: float32 in half-precision graphs (a no-op in float32 ones), then back.
         dtype = v.dtype
         q, k = q.to(cos.dtype), k.to(cos.dtype)
-        q = (q * cos + rotate_half(q) * sin).to(dtype)
-        k = (k * cos + rotate_half(k) * sin).to(dtype)
+        q = (q * cos + rotate_half(q) * sin).to(self.scores_dtype or dtype)
+        k = (k * cos + rotate_half(k) * sin).to(dtype)  # the cache's dtype
 
         past_k, past_v = past
         if static_slots is None:
@@ -98,12 +99,12 @@ class Attention(nn.Module):
 
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(B, self.num_kv_heads, groups * S, self.head_dim)  # [B, Hkv, G*S, D]: heads share their kv
-        scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling  # [B, Hkv, G*S, T]
+        scores = torch.matmul(q, k.transpose(2, 3).to(q.dtype)) * self.scaling  # [B, Hkv, G*S, T]
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
         scores = scores.view(B, self.num_heads, S, -1)  # [B, H, S, T]
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
         out = torch.matmul(probs.view(B, self.num_kv_heads, groups * S, -1), v)  # [B, Hkv, G*S, D]
         out = out.view(B, self.num_heads, S, self.head_dim).transpose(1, 2).reshape(B, S, -1)  # [B, S, H*D]
         return self.o_proj(out), present
@@ -115,9 +116,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_dtype: torch.dtype | None = None  # gelu(gate)·up; None: the weights' dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        act = self.act_dtype or x.dtype
+        h = F.gelu(self.gate_proj(x).to(act), approximate="tanh") * self.up_proj(x).to(act)
+        return self.down_proj(h.to(x.dtype))
 
 
 class DecoderLayer(nn.Module):

@@ -229,6 +229,36 @@ def test_half_precision_models_scale_the_embedding_and_rotate_in_float32(dtype):
     assert seen["cos"].dtype == torch.float32 and seen["q"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_bfloat16_graphs_keep_scores_gelu_and_post_norms_in_float32(half_export, dtype):
+    """bfloat16 graphs compute q·k, gelu(gate)·up and the post-norms in float32 (exporter/api.py
+    `_widen_bfloat16`); float16 graphs keep them in float16, the patterns ONNX Runtime's fusions match."""
+    folder, _ = half_export("tiny-gemma3", dtype)
+    _, graph = _ops(folder)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.output]}
+    wide = dtype == "bf16"
+    layers = presets.config("tiny-gemma3").num_hidden_layers
+
+    def float_out(op):
+        nodes = [n for n in graph.node if n.op_type == op]
+        return nodes, [n for n in nodes if types.get(n.output[0]) == TensorProto.FLOAT]
+
+    gelus, float_gelus = float_out("Gelu")
+    assert len(gelus) == layers and len(float_gelus) == (layers if wide else 0)
+    softmax_inputs = {n.input[0] for n in graph.node if n.op_type == "Softmax"}
+    producers = {o: n for n in graph.node for o in n.output}
+    # q·k: walk back from each softmax through the mask, the scaling and the reshapes to its MatMul
+    for name in softmax_inputs:
+        node = producers[name]
+        while node.op_type != "MatMul":
+            node = producers[node.input[0] if node.op_type != "Where" else node.input[2]]
+        assert (types[node.output[0]] == TensorProto.FLOAT) == wide
+    # A post-norm's output rounded to half and widened again for the float32 residual add: Cast(Cast(x))
+    round_trips = [n for n in graph.node if n.op_type == "Cast" and n.attribute[0].i == TensorProto.FLOAT
+                   and getattr(producers.get(n.input[0]), "op_type", None) == "Cast"]
+    assert len(round_trips) == 0 if wide else len(round_trips) >= 2 * layers
+
+
 def test_fp16_runs_in_the_runtime(half_export):
     import runtime
 
