@@ -158,10 +158,12 @@ def main() -> int:
         print(json.dumps({"tokens": int(ids.shape[1]), "text": str(args.text), "rows": rows}, indent=2))
         return 0
     print(f"{ids.shape[1]} tokens of {args.text.name}, teacher-forced; reference {args.reference}")
-    print(f"{'graph':36s} {'ppl':>8s} {'ratio':>7s} {'top-1':>7s} {'max|dlogit|':>11s} {'mean|dlogit|':>12s} {'non-finite':>10s} {'MiB':>7s}")
+    print(f"{'graph':36s} {'ppl':>8s} {'ratio':>7s} {'top-1':>7s} {'max|dlogit|':>11s} {'mean|dlogit|':>12s} "
+          f"{'non-finite':>10s} {'MiB':>7s}")
     for r in rows:
         print(f"{r['graph']:36s} {r['perplexity']:8.3f} {r['ppl_ratio']:7.3f} {r['top1_agreement']:7.2%} "
-              f"{r['max_abs_logit_diff']:11.3f} {r['mean_abs_logit_diff']:12.4f} {r['non_finite']:10d} {r['size_mib']:7.1f}")
+              f"{r['max_abs_logit_diff']:11.3f} {r['mean_abs_logit_diff']:12.4f} {r['non_finite']:10d} "
+              f"{r['size_mib']:7.1f}")
     return 0
 
 
