@@ -234,16 +234,16 @@ def load_for_export(ckpt, options: ExportOptions):
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[options.dtype]
     model, _ = load_model(ckpt, task=options.task, progress=options.progress, dtype=dtype)
+    decoder = decoder_of(model)
     if dtype != torch.float32:
-        decoder = decoder_of(model)
         decoder.residual_dtype = torch.float32
         for layer in decoder.layers:  # Gemma 3's q/k norms hand float32 to the rotation (models/gemma.py)
             if hasattr(layer.self_attn, "q_norm"):
                 layer.self_attn.q_norm.out_dtype = layer.self_attn.k_norm.out_dtype = torch.float32
     if dtype == torch.bfloat16:
-        _widen_bfloat16(decoder_of(model))
+        _widen_bfloat16(decoder)
         if options.task == "text-generation":
-            decoder_of(model).norm.out_dtype = torch.float32  # the logits are computed in float32 (trace.TiedLogits)
+            decoder.norm.out_dtype = torch.float32  # the logits are computed in float32 (trace.TiedLogits)
     return model
 
 

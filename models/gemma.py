@@ -104,7 +104,7 @@ class Attention(nn.Module):
             scores = torch.tanh(scores / self.softcap) * self.softcap
         scores = scores.view(B, self.num_heads, S, -1)  # [B, H, S, T]
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+        probs = torch.softmax(scores.float(), dim=-1).to(dtype)
         out = torch.matmul(probs.view(B, self.num_kv_heads, groups * S, -1), v)  # [B, Hkv, G*S, D]
         out = out.view(B, self.num_heads, S, self.head_dim).transpose(1, 2).reshape(B, S, -1)  # [B, S, H*D]
         return self.o_proj(out), present
