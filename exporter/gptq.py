@@ -61,7 +61,7 @@ def gptq_model(model: nn.Module, ids: torch.Tensor, block_size: int, progress: b
     on its inputs, to gather its Hessians and, once quantized, to compute the next layer's inputs."""
     from tqdm import tqdm
 
-    from models.gemma import decoder_of, empty_past
+    from models.gemma import compute_dtype, decoder_of, empty_past
 
     decoder = decoder_of(model)
     names = {module: name for name, module in model.named_modules()}
@@ -79,7 +79,7 @@ def gptq_model(model: nn.Module, ids: torch.Tensor, block_size: int, progress: b
     # runs the whole stack once; the hidden states it computes on the way are not used.
     mask = torch.ones_like(ids)
     positions = torch.arange(ids.shape[1]).expand_as(ids)
-    past = empty_past(model.config, ids.shape[0], dtype=next(model.parameters()).dtype)
+    past = empty_past(model.config, ids.shape[0], dtype=compute_dtype(model))
     try:
         with torch.no_grad():
             model(ids, positions, mask, past)

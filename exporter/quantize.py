@@ -156,8 +156,7 @@ def quantize_graph(path: Path, options: QuantOptions, progress: bool = True,
     options.check()
     model = ir.load(path)
     graph = model.graph
-    through_cast = options.format == "qdq"
-    operands = [(node, _weight_of(node, through_cast)) for node in graph if node.op_type == "MatMul"]
+    operands = [(node, _weight_of(node)) for node in graph if node.op_type == "MatMul"]
     weights = [(node, value) for node, value in operands if value is not None]
     tied = _tied_embedding(graph)
     rewrite = _QDQ(graph, options) if options.format == "qdq" else _MatMulNBits(graph, options)
@@ -211,14 +210,9 @@ def _block_size(bits: int, K: int, options: QuantOptions) -> int:
     return options.block_size
 
 
-def _weight_of(node, through_cast: bool):
-    """The constant [K, N] weight a MatMul multiplies by, not a small folded constant (RoPE's inv_freq); with
-    `through_cast`, also the one behind a Cast (bfloat16 graphs compute lm_head in float32)."""
+def _weight_of(node):
+    """The constant [K, N] weight a MatMul multiplies by, not a small folded constant (RoPE's inv_freq)."""
     value = node.inputs[1]
-    if through_cast and value is not None and value.const_value is None:
-        producer = value.producer()
-        if producer is not None and producer.op_type == "Cast":
-            value = producer.inputs[0]
     if value is None or value.const_value is None or len(value.shape) != 2 or min(value.shape) < 16:
         return None
     return value
@@ -229,9 +223,7 @@ def _tied_embedding(graph):
     for value in graph.initializers.values():
         users = {node.op_type: node for node, _ in value.uses()}
         gather = users.get("Gather")
-        matmul = "MatMul" in users or ("Cast" in users and any(
-            user.op_type == "MatMul" for user, _ in users["Cast"].outputs[0].uses()))
-        if matmul and gather is not None and gather.attributes.get_int("axis", 0) == 1:
+        if "MatMul" in users and gather is not None and gather.attributes.get_int("axis", 0) == 1:
             return value, gather
     return None
 

@@ -97,19 +97,14 @@ class TransposedEmbedding(nn.Module):
 
 
 class TiedLogits(nn.Module):
-    """lm_head as MatMul(x, E^T) on the embedding's own parameter."""
+    """lm_head as MatMul(x, E^T) on the embedding's own parameter (float32 in bfloat16 graphs, with the final
+    norm's float32 output: exporter.api.wide_tied_table)."""
 
     def __init__(self, embedding: TransposedEmbedding):
         super().__init__()
         self.weight_t = embedding.weight_t  # shared, not copied
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.weight_t.dtype == torch.bfloat16:
-            # bfloat16's 8-bit mantissa spaces logits near 20 by 0.125: rounding them alone changes the top-1
-            # token at 3% of the positions of a real text. The logits are computed in float32 from the final
-            # norm's float32 output instead (the tied weight is cast; TensorRT and ONNX Runtime fold that cast
-            # into a float32 copy of lm_head).
-            return torch.matmul(hidden.float(), self.weight_t.float())
         return torch.matmul(hidden, self.weight_t)  # [B, S, V]
 
 

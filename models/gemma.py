@@ -273,6 +273,12 @@ def decoder_of(model: nn.Module) -> GemmaModel:
     return model if isinstance(model, GemmaModel) else model.model
 
 
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The layers' dtype, that of the KV cache; the embedding may be wider (bfloat16 exports keep the tied
+    table in float32)."""
+    return decoder_of(model).norm.weight.dtype
+
+
 def use_static_cache(model: nn.Module, enabled: bool = True) -> None:
     """Select the static KV layout (past buffers of max_length slots, updated in place) or the dynamic one."""
     decoder_of(model).static_cache = enabled

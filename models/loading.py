@@ -144,19 +144,23 @@ def load_model(
     task: str = "text-generation",
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    embedding_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, Checkpoint]:
-    """Build the module for `task` and fill it with the checkpoint's weights (shapes and names checked)."""
+    """Build the module for `task` and fill it with the checkpoint's weights (shapes and names checked), in
+    `dtype` except the embedding when `embedding_dtype` is given (bfloat16 exports keep the tied table in
+    float32: lm_head reads it in float32)."""
     if task not in TASK_CLASSES:
         raise ValueError(f"task {task!r} is not supported; supported: {', '.join(TASKS)}")
     ckpt = model if isinstance(model, Checkpoint) else resolve(model)
     if ckpt.random_seed is not None:
-        return random_model(ckpt.config, task=task, seed=ckpt.random_seed, dtype=dtype), ckpt
+        return random_model(ckpt.config, task, ckpt.random_seed, dtype, embedding_dtype), ckpt
 
     with torch.device("meta"):  # no memory until the real tensors are assigned
         module = TASK_CLASSES[task](ckpt.config)
     expected = {k: v for k, v in module.state_dict().items()}
     prefix = "" if task == "feature-extraction" else "model."
     tied = ckpt.config.tie_word_embeddings and "lm_head.weight" in expected
+    embedding_key = f"{prefix}embed_tokens.weight"
 
     count, tensors = ckpt.tensors()
     state: dict[str, torch.Tensor] = {}
@@ -174,11 +178,11 @@ def load_model(
                 f"tensor {key!r} has shape {tuple(tensor.shape)} in {ckpt.source} but the config "
                 f"({ckpt.config.model_type}) expects {tuple(expected[key].shape)}"
             )
-        state[key] = tensor.to(dtype)
+        state[key] = tensor.to(embedding_dtype if embedding_dtype and key == embedding_key else dtype)
     if unexpected:
         raise ValueError(f"{ckpt.source} has tensors a {ckpt.config.model_type} decoder does not: {unexpected[:8]}")
     if tied:
-        state["lm_head.weight"] = state.get(f"{prefix}embed_tokens.weight")
+        state["lm_head.weight"] = state.get(embedding_key)
     missing = [k for k in expected if k not in state or state[k] is None]
     head = [k for k in missing if k.startswith("score.")]
     if head:  # transformers also starts a classification head from random weights
@@ -205,7 +209,8 @@ def _finish(module: nn.Module, dtype: torch.dtype) -> None:
 
 
 def random_model(
-    config: GemmaConfig, task: str = "text-generation", seed: int = 0, dtype: torch.dtype = torch.float32
+    config: GemmaConfig, task: str = "text-generation", seed: int = 0, dtype: torch.dtype = torch.float32,
+    embedding_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Random weights, scaled so that greedy decoding does not collapse onto one token (DESIGN.md):
     the default std 0.02 lets the tied embedding echo the input token back. Here the layers dominate the
@@ -222,7 +227,10 @@ def random_model(
                 p.normal_(0.0, 2.0 * p.shape[1] ** -0.5)
             else:
                 p.normal_(0.0, 0.02)
-    return module.to(dtype).eval()
+        table = decoder_of(module).embed_tokens.weight
+        for p in module.parameters():  # in place: lm_head stays tied; the RoPE buffers stay float32
+            p.data = p.data.to(embedding_dtype if embedding_dtype and p is table else dtype)
+    return module.eval()
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):

@@ -232,11 +232,11 @@ def make_plan(graph_path: str | Path | None, manifest: dict, limits: BuildLimits
     )
 
 
-def estimate_weight_bytes(config, dtype: str, quant=None) -> dict[str, int]:
+def estimate_weight_bytes(config, dtype: str, quant=None, table_dtype: str | None = None) -> dict[str, int]:
     """The weights a graph of `config` will hold, by element type, before it is traced: the MatMul weights
-    and the tied embedding in `dtype` (or int4/int8 blocks with their scales and zero points under
-    `quant`, exporter.quantize.QuantOptions), the norm weights in float32 (our fp16/bf16 graphs compute the
-    norms in float32). Constants (rotary tables, shapes) are left out: a few KB."""
+    and the tied embedding in `dtype` (the embedding in `table_dtype` if given; or int4/int8 blocks with their
+    scales and zero points under `quant`, exporter.quantize.QuantOptions), the norm weights in float32 (our
+    fp16/bf16 graphs compute the norms in float32). Constants (rotary tables, shapes) are left out: a few KB."""
     H, D, L = config.hidden_size, config.head_dim, config.num_hidden_layers
     q, kv = config.num_attention_heads * D, config.num_key_value_heads * D
     matmul = L * (H * q + 2 * H * kv + q * H + 3 * H * config.intermediate_size)
@@ -244,9 +244,11 @@ def estimate_weight_bytes(config, dtype: str, quant=None) -> dict[str, int]:
     norms_per_layer = 2 if config.model_type == "gemma" else 4  # Gemma 2 and 3 add pre/post-feedforward norms
     norms = L * norms_per_layer * H + H + (L * 2 * D if config.model_type == "gemma3_text" else 0)  # + q/k norms
     size, name = ITEMSIZE[dtype], ONNX_NAMES[dtype]
+    table_size, table_name = ITEMSIZE[table_dtype or dtype], ONNX_NAMES[table_dtype or dtype]
     totals: Counter = Counter({"float": 4 * norms})
     if quant is None:
-        totals[name] += size * (matmul + embedding)
+        totals[name] += size * matmul
+        totals[table_name] += table_size * embedding
         return dict(totals.most_common())
     blocks = lambda count: count // quant.block_size  # noqa: E731 (rows divide by the block size)
     totals["int4"] += matmul // 2
@@ -254,11 +256,11 @@ def estimate_weight_bytes(config, dtype: str, quant=None) -> dict[str, int]:
     if not quant.symmetric:
         totals["int4"] += blocks(matmul) // 2
     if quant.lm_head == "float":
-        totals[name] += size * embedding
-    else:
+        totals[table_name] += table_size * embedding
+    else:  # the scales take the table's dtype
         kind, per = ("int4", 2) if quant.lm_head == "int4" else ("int8", 1)
         totals[kind] += embedding // per
-        totals[name] += size * blocks(embedding)
+        totals[table_name] += table_size * blocks(embedding)
         if not quant.symmetric:
             totals[kind] += blocks(embedding) // per
     return dict(totals.most_common())

@@ -187,8 +187,10 @@ def test_half_precision_graphs_keep_the_residual_stream_in_float32(half_export, 
     elem = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}[dtype]
     kv = [v for v in graph.input if v.name.startswith("past_key_values.")]
     assert all(v.type.tensor_type.elem_type == elem for v in kv)
-    weights = [i for i in graph.initializer if len(i.dims) == 2]
-    assert weights and all(i.data_type == elem for i in weights)
+    weights = {i.name: i.data_type for i in graph.initializer if len(i.dims) == 2}
+    table = weights.pop("model.lm_head.weight_t")  # the tied embedding: float32 in bf16 graphs (next test)
+    assert weights and set(weights.values()) == {elem}
+    assert table == (TensorProto.FLOAT if dtype == "bf16" else elem)
     # Every decoder layer's residual add runs in float32: Add nodes whose output type is float.
     types = {v.name: v.type.tensor_type.elem_type for v in graph.value_info}
     float_adds = [n for n in graph.node if n.op_type == "Add" and types.get(n.output[0]) == TensorProto.FLOAT]
@@ -205,7 +207,7 @@ def test_half_precision_models_scale_the_embedding_and_rotate_in_float32(dtype):
     import torch
 
     from exporter.api import load_for_export
-    from models.gemma import decoder_of, empty_past
+    from models.gemma import compute_dtype, decoder_of, empty_past
     from models.loading import resolve
 
     model = load_for_export(resolve("random:tiny-gemma3"), ExportOptions(dtype=dtype, progress=False))
@@ -222,7 +224,7 @@ def test_half_precision_models_scale_the_embedding_and_rotate_in_float32(dtype):
     decoder.layers[0].self_attn.q_norm.register_forward_hook(keep("q", lambda args, out: out))
     ids = torch.tensor([[5, 17, 3]])
     with torch.no_grad():
-        past = empty_past(model.config, 1, dtype=decoder.embed_tokens.weight.dtype)
+        past = empty_past(model.config, 1, dtype=compute_dtype(model))
         decoder(ids, torch.arange(3)[None], torch.ones_like(ids), past)
     exact = decoder.embed_tokens.weight[ids].float() * math.sqrt(model.config.hidden_size)
     assert seen["x"].dtype == torch.float32 and torch.equal(seen["x"], exact)
@@ -257,6 +259,37 @@ def test_bfloat16_graphs_keep_scores_gelu_and_post_norms_in_float32(half_export,
     round_trips = [n for n in graph.node if n.op_type == "Cast" and n.attribute[0].i == TensorProto.FLOAT
                    and getattr(producers.get(n.input[0]), "op_type", None) == "Cast"]
     assert len(round_trips) == 0 if wide else len(round_trips) >= 2 * layers
+
+
+def test_bfloat16_graphs_store_the_tied_embedding_once_in_float32(half_export):
+    """lm_head runs in float32 in bf16 graphs (bf16 logits near 20 are 0.125 apart): the tied table is kept in
+    float32, with the values of the float32 model, rather than rounded to bf16 and cast back (exporter/api.py
+    `wide_tied_table`); the layers' weights are bf16, and the plan's estimate says so."""
+    import torch
+
+    from exporter.api import load_for_export
+    from exporter.trt.plan import estimate_weight_bytes, weight_bytes
+    from models.gemma import compute_dtype, decoder_of
+    from models.loading import load_model, resolve
+
+    ckpt = resolve("random:tiny-gemma3")
+    exact, _ = load_model(ckpt, progress=False)
+    model = load_for_export(ckpt, ExportOptions(dtype="bf16", progress=False))
+    table = decoder_of(model).embed_tokens.weight
+    assert table.dtype == torch.float32 and torch.equal(table, decoder_of(exact).embed_tokens.weight)
+    assert model.lm_head.weight is table and compute_dtype(model) == torch.bfloat16
+    layer = decoder_of(model).layers[0].mlp.down_proj.weight
+    assert torch.equal(layer, decoder_of(exact).layers[0].mlp.down_proj.weight.to(torch.bfloat16))
+
+    folder, manifest = half_export("tiny-gemma3", "bf16")
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    tables = [n for n in graph.graph.node if "model.lm_head.weight_t" in n.input]
+    assert sorted(n.op_type for n in tables) == ["Gather", "MatMul"]  # one float32 table, no Cast to a copy
+    config = presets.config("tiny-gemma3")
+    held, estimate = weight_bytes(graph), estimate_weight_bytes(config, "bfloat16", table_dtype="float32")
+    assert held["bfloat16"] == estimate["bfloat16"]
+    assert 0 <= held["float"] - estimate["float"] < 4096  # the table and the norms, + rotary constants
+    assert manifest["parity"]["passed"]
 
 
 def test_fp16_runs_in_the_runtime(half_export):
