@@ -225,7 +225,8 @@ def build_trt_engine(folder: Path, options: ExportOptions) -> dict:
 
 
 def load_for_export(ckpt, options: ExportOptions):
-    """The PyTorch model in the graph's dtype. float16 and bfloat16 graphs keep the residual stream (and, in
+    """The PyTorch model in the graph's dtype (bf16 text generation: but for the vocabulary tables, see
+    `float32_vocab_tables`). float16 and bfloat16 graphs keep the residual stream (and, in
     models/gemma.py, the embedding's scaling, the norms, the rotation of q and k and the softmax) in float32:
     the residual passes float16's 65504, and each of these roundings costs bfloat16 top-1 agreement."""
     import torch
@@ -234,7 +235,7 @@ def load_for_export(ckpt, options: ExportOptions):
     from models.loading import load_model
 
     dtype = getattr(torch, DTYPE_NAMES[options.dtype])
-    table = torch.float32 if wide_tied_table(ckpt.config, options) else None
+    table = torch.float32 if float32_vocab_tables(options) else None
     model, _ = load_model(ckpt, task=options.task, progress=options.progress, dtype=dtype, embedding_dtype=table)
     decoder = decoder_of(model)
     if dtype != torch.float32:
@@ -245,18 +246,19 @@ def load_for_export(ckpt, options: ExportOptions):
     if dtype == torch.bfloat16:
         _widen_bfloat16(decoder)
     if table is not None:
-        decoder.norm.out_dtype = torch.float32  # lm_head: float32 hidden state times the float32 table
+        decoder.norm.out_dtype = torch.float32  # lm_head: the float32 hidden state times the float32 table
     return model
 
 
-def wide_tied_table(config, options: ExportOptions) -> bool:
-    """Whether the graph keeps the tied embedding in float32: bfloat16 text generation. bfloat16 logits near 20
-    are 0.125 apart, and rounding them alone changes the top-1 token at 3% of the positions of a real text, so
-    lm_head runs in float32; and on the real 270M the table's own rounding to bfloat16 costs 7 of the 1,989
-    positions of tests/data/heldout.txt that agree with float32 (weights rounded, float32 arithmetic). A
-    bfloat16 table would also be held twice on the device: TensorRT folds the Cast lm_head needs into a float32
-    copy. So the table is stored in float32 once; the lookup reads its rows into the float32 residual."""
-    return options.dtype == "bf16" and options.task == "text-generation" and config.tie_word_embeddings
+def float32_vocab_tables(options: ExportOptions) -> bool:
+    """Whether the graph keeps the embedding and lm_head (one tied table in Gemma) in float32: bfloat16 text
+    generation. bfloat16 logits near 20 are 0.125 apart, and rounding them alone changes the top-1 token at 3%
+    of the positions of a real text, so lm_head runs in float32; and on the real 270M the table's own rounding
+    to bfloat16 costs 7 of the 1,989 positions of tests/data/heldout.txt that agree with float32 (weights
+    rounded, float32 arithmetic). A bfloat16 table would also be held twice on the device: TensorRT folds the
+    Cast lm_head needs into a float32 copy. So the table is stored in float32 once; the lookup reads its rows
+    into the float32 residual."""
+    return options.dtype == "bf16" and options.task == "text-generation"
 
 
 def _widen_bfloat16(decoder) -> None:
@@ -350,7 +352,7 @@ def plan_engine(model: str | Path, options: ExportOptions):
         raise ValueError(f"--plan-only plans a TensorRT engine: pass --target trt (not {options.target!r})")
     config = resolve(model).config
     spec = _graph_spec(config, options)
-    table = "float32" if wide_tied_table(config, options) else None
+    table = "float32" if float32_vocab_tables(options) else None
     weights = estimate_weight_bytes(config, DTYPE_NAMES[options.dtype], options.quant_options() if options.quant else None,
                                     table)
     return make_plan(None, describe_graph(config, spec, options), options.trt_limits(config.max_position_embeddings),

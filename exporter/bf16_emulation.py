@@ -5,7 +5,8 @@ bfloat16 graph (`--dtype bf16`, TensorRT's target) cannot be checked here as it 
 writes a copy in which every bfloat16 tensor is carried in float32 and every node that produced one is
 followed by Cast(bfloat16) -> Cast(float32): values are rounded to bfloat16 at exactly the points where
 the real graph stores them, while the arithmetic inside each node runs in float32 (as a GPU's bfloat16
-kernels accumulate in float32). Weights are bfloat16 values held exactly in float32.
+kernels accumulate in float32). Weights are bfloat16 values held exactly in float32 (a float32
+initializer, such as the vocabulary table of text generation, stays as it is).
 """
 
 from __future__ import annotations

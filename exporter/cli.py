@@ -39,7 +39,8 @@ def _setup_logging(verbose: bool) -> None:
 )
 @click.option("--dtype", type=click.Choice(DTYPES), default=None,
               help="Weights and activations [default: fp16 for --target trt, else fp32]; fp16/bf16 keep the "
-                   "residual stream, norms, rotary and softmax in float32.")
+                   "residual stream, norms, rotary and softmax in float32; bf16 text generation also keeps the "
+                   "embedding/lm_head table in float32 (a larger file).")
 @click.option("--quant", type=click.Choice(QUANTS), default=None, help="Weight-only quantization of every MatMul.")
 @click.option("--quant-method", type=click.Choice(METHODS), default=None,
               help="gptq (default; calibrated on exporter/data/calibration.txt), rtn: round to nearest (default "

@@ -305,9 +305,10 @@ class _QDQ:
         s_value = _initializer(self.graph, f"{base}_scales", scales.astype(dtype))
         dq = ir.node("DequantizeLinear", [q_value, s_value], {"axis": 0, "block_size": blocks.block_size},
                      name=f"{base}_DQ")
-        cast = node.inputs[1].producer() if node.inputs[1] is not value else None
-        self.graph.insert_before(cast or node, [dq])
-        for user, index in list(value.uses()):  # the MatMul (or its Cast) and, when tied, the lookup Gather
+        uses = list(value.uses())  # the MatMul and, when tied, the lookup Gather at the top of the graph
+        users = {user for user, _ in uses}
+        self.graph.insert_before(next(n for n in self.graph if n in users), [dq])  # kept in topological order
+        for user, index in uses:
             user.replace_input_with(index, dq.outputs[0])
 
     def lookup(self, gather, blocks: Blocks, base: str, dtype) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from models.config import GemmaConfig
-from models.gemma import GemmaForCausalLM, decoder_of, use_static_cache
+from models.gemma import GemmaForCausalLM, compute_dtype, decoder_of, use_static_cache
 from runtime.manifest import DECODER_INPUTS, kv_names  # the graph names are the artifact contract
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class TransposedEmbedding(nn.Module):
 
 class TiedLogits(nn.Module):
     """lm_head as MatMul(x, E^T) on the embedding's own parameter (float32 in bfloat16 graphs, with the final
-    norm's float32 output: exporter.api.wide_tied_table)."""
+    norm's float32 output: exporter.api.float32_vocab_tables)."""
 
     def __init__(self, embedding: TransposedEmbedding):
         super().__init__()
@@ -143,7 +143,8 @@ class GraphModule(nn.Module):
             )
             return (logits, *[t for kv in present for t in kv])
         c = self.config
-        empty = input_ids.new_zeros((input_ids.shape[0], c.num_key_value_heads, 0, c.head_dim), dtype=torch.float32)
+        empty = input_ids.new_zeros((input_ids.shape[0], c.num_key_value_heads, 0, c.head_dim),
+                                    dtype=compute_dtype(self.model))
         past = [(empty, empty)] * c.num_hidden_layers
         out, _ = self.model(input_ids, position_ids, attention_mask, past)
         return (out,)

@@ -147,8 +147,8 @@ def load_model(
     embedding_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, Checkpoint]:
     """Build the module for `task` and fill it with the checkpoint's weights (shapes and names checked), in
-    `dtype` except the embedding when `embedding_dtype` is given (bfloat16 exports keep the tied table in
-    float32: lm_head reads it in float32)."""
+    `dtype` except the embedding and lm_head when `embedding_dtype` is given (bfloat16 exports keep them in
+    float32: lm_head runs in float32)."""
     if task not in TASK_CLASSES:
         raise ValueError(f"task {task!r} is not supported; supported: {', '.join(TASKS)}")
     ckpt = model if isinstance(model, Checkpoint) else resolve(model)
@@ -178,7 +178,8 @@ def load_model(
                 f"tensor {key!r} has shape {tuple(tensor.shape)} in {ckpt.source} but the config "
                 f"({ckpt.config.model_type}) expects {tuple(expected[key].shape)}"
             )
-        state[key] = tensor.to(embedding_dtype if embedding_dtype and key == embedding_key else dtype)
+        vocab = key in (embedding_key, "lm_head.weight")
+        state[key] = tensor.to(embedding_dtype if embedding_dtype and vocab else dtype)
     if unexpected:
         raise ValueError(f"{ckpt.source} has tensors a {ckpt.config.model_type} decoder does not: {unexpected[:8]}")
     if tied:

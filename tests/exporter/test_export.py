@@ -76,6 +76,12 @@ def test_other_heads(tmp_path, task):
     assert not any(name.startswith("past_key_values") for name in manifest["io"]["inputs"])
 
 
+@pytest.mark.parametrize("task,dtype", [("sequence-classification", "fp16"), ("feature-extraction", "bf16")])
+def test_other_heads_in_half_precision(tmp_path, task, dtype):
+    manifest = export("random:tiny-gemma3", tmp_path / "a", ExportOptions(task=task, dtype=dtype, progress=False))
+    assert manifest["parity"]["passed"] and manifest["dtype"] == {"fp16": "float16", "bf16": "bfloat16"}[dtype]
+
+
 def test_manifest_lists_every_file_with_sha256(tmp_path):
     import hashlib
 

@@ -264,7 +264,7 @@ def test_bfloat16_graphs_keep_scores_gelu_and_post_norms_in_float32(half_export,
 def test_bfloat16_graphs_store_the_tied_embedding_once_in_float32(half_export):
     """lm_head runs in float32 in bf16 graphs (bf16 logits near 20 are 0.125 apart): the tied table is kept in
     float32, with the values of the float32 model, rather than rounded to bf16 and cast back (exporter/api.py
-    `wide_tied_table`); the layers' weights are bf16, and the plan's estimate says so."""
+    `float32_vocab_tables`); the layers' weights are bf16, and the plan's estimate says so."""
     import torch
 
     from exporter.api import load_for_export
@@ -292,6 +292,35 @@ def test_bfloat16_graphs_store_the_tied_embedding_once_in_float32(half_export):
     assert manifest["parity"]["passed"]
 
 
+def test_bfloat16_untied_lm_head_is_float32_too(tmp_path):
+    """A checkpoint with its own lm_head (fine-tuned, untied): both vocabulary tables are float32 in a bf16
+    graph, so its logits are not rounded to bf16 either."""
+    import torch
+    from safetensors.torch import save_file
+
+    from models.config import config_from_dict
+
+    config = config_from_dict({**presets.config("tiny-gemma3").to_dict(), "tie_word_embeddings": False})
+    state = {k: v.contiguous() for k, v in random_model_state(config).items() if k != "lm_head.weight"}
+    state["lm_head.weight"] = torch.randn(config.vocab_size, config.hidden_size) * config.hidden_size**-0.5
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config.to_dict()))
+    save_file(state, tmp_path / "ckpt" / "model.safetensors")
+    manifest = export(tmp_path / "ckpt", tmp_path / "a", ExportOptions(dtype="bf16", progress=False))
+    assert manifest["parity"]["passed"]
+    graph = onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False).graph
+    types = {i.name: i.data_type for i in graph.initializer if len(i.dims) == 2}
+    assert types.pop("model.lm_head.weight") == types.pop("model.model.embed_tokens.weight_t") == TensorProto.FLOAT
+    assert set(types.values()) == {TensorProto.BFLOAT16}
+    assert graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+
+
+def random_model_state(config):
+    from models.loading import random_model
+
+    return random_model(config).state_dict()
+
+
 def test_fp16_runs_in_the_runtime(half_export):
     import runtime
 
@@ -315,6 +344,11 @@ def test_trt_graph_is_standard_onnx_with_int4_qdq(tmp_path, dtype):
     assert len(dq_weights) == LINEARS_PER_LAYER * L + 1
     assert {o.version for o in onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False).opset_import
             if o.domain in ("", "ai.onnx")} == {21}
+    # in topological order, as TensorRT's parser reads it: the tied table's DequantizeLinear precedes the lookup
+    defined = {v.name for v in [*graph.input, *graph.initializer]} | {""}
+    for node in graph.node:
+        assert set(node.input) <= defined, f"{node.name} reads {set(node.input) - defined} before it is computed"
+        defined.update(node.output)
 
 
 def test_trt_target_defaults_to_fp16(tmp_path):
