@@ -352,9 +352,9 @@ def plan_engine(model: str | Path, options: ExportOptions):
         raise ValueError(f"--plan-only plans a TensorRT engine: pass --target trt (not {options.target!r})")
     config = resolve(model).config
     spec = _graph_spec(config, options)
+    quant = options.quant_options() if options.quant else None
     table = "float32" if float32_vocab_tables(options) else None
-    weights = estimate_weight_bytes(config, DTYPE_NAMES[options.dtype], options.quant_options() if options.quant else None,
-                                    table)
+    weights = estimate_weight_bytes(config, DTYPE_NAMES[options.dtype], quant, table)
     return make_plan(None, describe_graph(config, spec, options), options.trt_limits(config.max_position_embeddings),
                      options.optimization_level, estimated_weights=weights)
 

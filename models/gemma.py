@@ -186,7 +186,7 @@ class GemmaModel(nn.Module):
     def forward(self, input_ids, position_ids, attention_mask, past: list[KV]) -> tuple[torch.Tensor, list[KV]]:
         S = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
-        dtype = self.norm.weight.dtype  # the compute dtype; the residual stream and the embedding may be wider
+        dtype = compute_dtype(self)  # the residual stream and the embedding may be wider
         if self.residual_dtype is None:
             # sqrt(hidden_size) is cast to the compute dtype first: 55.4256 becomes 55.5 in bf16 (PR #29402).
             x = x.to(dtype) * torch.tensor(math.sqrt(self.config.hidden_size), dtype=dtype)

@@ -1,6 +1,8 @@
-"""Helpers shared by the tests: transformers references for our configs, prompts, greedy loops."""
+"""Helpers shared by the tests: transformers references for our configs, prompts, greedy loops, checkpoints."""
 
 from __future__ import annotations
+
+import json
 
 import torch
 
@@ -55,3 +57,27 @@ def torch_greedy(model, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> to
             out.append(step[:, 0])
             mask = torch.cat([mask, torch.ones(ids.shape[0], 1, dtype=mask.dtype)], dim=1)
     return torch.stack(out, dim=1)
+
+
+def save_folder(model, folder, shards=1):
+    """`model` as a Hugging Face folder (config.json, safetensors, sharded with an index if asked); lm_head is
+    left out when it is the embedding itself, as Gemma's checkpoints do."""
+    from safetensors.torch import save_file
+
+    from models.gemma import decoder_of
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(model.config.to_dict()))
+    tied = getattr(model, "lm_head", None) is not None and model.lm_head.weight is decoder_of(model).embed_tokens.weight
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    names = sorted(state)
+    if shards == 1:
+        save_file(state, folder / "model.safetensors")
+        return
+    weight_map = {}
+    for i in range(shards):
+        part = {k: state[k] for k in names[i::shards]}
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(part, folder / file)
+        weight_map.update({k: file for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))

@@ -296,16 +296,16 @@ def test_bfloat16_untied_lm_head_is_float32_too(tmp_path):
     """A checkpoint with its own lm_head (fine-tuned, untied): both vocabulary tables are float32 in a bf16
     graph, so its logits are not rounded to bf16 either."""
     import torch
-    from safetensors.torch import save_file
 
     from models.config import config_from_dict
+    from models.loading import random_model
+    from tests.reference import save_folder
 
     config = config_from_dict({**presets.config("tiny-gemma3").to_dict(), "tie_word_embeddings": False})
-    state = {k: v.contiguous() for k, v in random_model_state(config).items() if k != "lm_head.weight"}
-    state["lm_head.weight"] = torch.randn(config.vocab_size, config.hidden_size) * config.hidden_size**-0.5
-    (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config.to_dict()))
-    save_file(state, tmp_path / "ckpt" / "model.safetensors")
+    model = random_model(config)
+    head = torch.randn(config.vocab_size, config.hidden_size) / config.hidden_size**0.5
+    model.lm_head.weight = torch.nn.Parameter(head)  # its own, no longer the embedding
+    save_folder(model, tmp_path / "ckpt")
     manifest = export(tmp_path / "ckpt", tmp_path / "a", ExportOptions(dtype="bf16", progress=False))
     assert manifest["parity"]["passed"]
     graph = onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False).graph
@@ -313,12 +313,6 @@ def test_bfloat16_untied_lm_head_is_float32_too(tmp_path):
     assert types.pop("model.lm_head.weight") == types.pop("model.model.embed_tokens.weight_t") == TensorProto.FLOAT
     assert set(types.values()) == {TensorProto.BFLOAT16}
     assert graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
-
-
-def random_model_state(config):
-    from models.loading import random_model
-
-    return random_model(config).state_dict()
 
 
 def test_fp16_runs_in_the_runtime(half_export):

@@ -7,28 +7,11 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from models import load_config, presets, random_model
 from models.config import config_from_dict
 from models.loading import load_model, resolve
-
-
-def save_folder(model, folder, shards=1):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(model.config.to_dict()))
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    names = sorted(state)
-    if shards == 1:
-        save_file(state, folder / "model.safetensors")
-        return
-    weight_map = {}
-    for i in range(shards):
-        part = {k: state[k] for k in names[i::shards]}
-        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        save_file(part, folder / file)
-        weight_map.update({k: file for k in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+from tests.reference import save_folder
 
 
 @pytest.mark.parametrize("shards", [1, 3])
