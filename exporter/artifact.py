@@ -10,10 +10,11 @@ import json
 import logging
 import os
 import shutil
+from importlib import metadata
 from pathlib import Path
 
 from runtime.chat import DEFAULT_CHAT_TEMPLATE
-from runtime.manifest import MANIFEST_NAME
+from runtime.manifest import MANIFEST_NAME, GenerationSpec
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,12 @@ def _chat_template(folder: Path) -> str | None:
     return None
 
 
+def generation_spec(config, folder: Path) -> GenerationSpec:
+    """The special tokens, from the config and the files written to `folder`."""
+    return GenerationSpec(bos_token_id=config.bos_token_id, eos_token_ids=tuple(end_token_ids(config, folder)),
+                          pad_token_id=config.pad_token_id, add_bos_token=add_bos_token(folder))
+
+
 def end_token_ids(config, destination: Path) -> list[int]:
     """The model's end tokens: the config's eos, the generation config's, and <end_of_turn> if in the vocabulary."""
     ids = list(config.eos_token_ids)
@@ -134,3 +141,13 @@ def add_bos_token(destination: Path) -> bool:
     if config.is_file():
         return bool(json.loads(config.read_text()).get("add_bos_token", True))
     return True
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {}
+    for name in ("gemma-deploy", "torch", "transformers", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            versions[name.replace("-", "_")] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions

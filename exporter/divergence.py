@@ -29,7 +29,7 @@ import onnx
 
 SCOPES = re.compile(r"layers\.\d+(\.(self_attn|mlp))?$")
 # max |a - b| / max |a| above which a point counts as diverged, per precision of the graph
-RELATIVE_TOLERANCES = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2}
+RELATIVE_TOLERANCES = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 5e-2}
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def onnxruntime_outputs(onnx_path: Path, feeds: dict, names: list[str]) -> dict:
     return dict(zip(names, session.run(names, feeds)))
 
 
-def locate(onnx_path: Path, feeds: dict, run_candidate, dtype: str = "float32", run_reference=None) -> Divergence:
+def locate(onnx_path: Path, feeds: dict, run_candidate, dtype: str = "fp32", run_reference=None) -> Divergence:
     """Compare the candidate (e.g. a TensorRT engine built from the marked graph) with ONNX Runtime on
     the same graph at every layer point; `run_candidate(marked_path, feeds, names) -> {name: array}`."""
     points = layer_points(onnx.load(str(onnx_path), load_external_data=False))

@@ -10,16 +10,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from runtime.manifest import GenerationSpec
+from runtime.spec import ArtifactSpec
+
 # onnxruntime-genai's model types (the builder's architecture name without "ForCausalLM", lower-cased).
 GENAI_TYPES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3_text"}
 
 
-def genai_config(config, spec, generation: dict, shares_buffers: bool, filename: str = "model.onnx") -> dict:
-    context = spec.max_length or config.max_position_embeddings
-    eos = generation["eos_token_ids"]
+def genai_config(spec: ArtifactSpec, generation: GenerationSpec, filename: str = "model.onnx") -> dict:
+    config, kv = spec.model, spec.kv
+    context = spec.context_length
+    eos = list(generation.eos_token_ids)
     return {
         "model": {
-            "bos_token_id": generation["bos_token_id"],
+            "bos_token_id": generation.bos_token_id,
             "context_length": context,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -43,8 +47,8 @@ def genai_config(config, spec, generation: dict, shares_buffers: bool, filename:
                 "num_key_value_heads": config.num_key_value_heads,
             },
             "eos_token_id": eos if len(eos) > 1 else eos[0],
-            "pad_token_id": generation["pad_token_id"],
-            "type": GENAI_TYPES[config.model_type],
+            "pad_token_id": generation.pad_token_id,
+            "type": GENAI_TYPES[config.family],
             "vocab_size": config.vocab_size,
         },
         "search": {
@@ -57,7 +61,7 @@ def genai_config(config, spec, generation: dict, shares_buffers: bool, filename:
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": shares_buffers,
+            "past_present_share_buffer": kv.shares_buffers,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
@@ -66,7 +70,7 @@ def genai_config(config, spec, generation: dict, shares_buffers: bool, filename:
     }
 
 
-def write_genai_config(folder: Path, config, spec, generation: dict, shares_buffers: bool) -> Path:
+def write_genai_config(folder: Path, spec: ArtifactSpec, generation: GenerationSpec) -> Path:
     path = folder / "genai_config.json"
-    path.write_text(json.dumps(genai_config(config, spec, generation, shares_buffers), indent=4))
+    path.write_text(json.dumps(genai_config(spec, generation), indent=4))
     return path

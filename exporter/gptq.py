@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .quantize import Blocks
+from .blocks import Blocks, pack_nibbles
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def gptq_model(model: nn.Module, ids: torch.Tensor, block_size: int, progress: b
     on its inputs, to gather its Hessians and, once quantized, to compute the next layer's inputs."""
     from tqdm import tqdm
 
-    from models.gemma import compute_dtype, decoder_of, empty_past
+    from models.gemma import decoder_of, empty_past
 
     decoder = decoder_of(model)
     names = {module: name for name, module in model.named_modules()}
@@ -79,7 +79,7 @@ def gptq_model(model: nn.Module, ids: torch.Tensor, block_size: int, progress: b
     # runs the whole stack once; the hidden states it computes on the way are not used.
     mask = torch.ones_like(ids)
     positions = torch.arange(ids.shape[1]).expand_as(ids)
-    past = empty_past(model.config, ids.shape[0], dtype=compute_dtype(model))
+    past = empty_past(model.config, ids.shape[0], dtype=decoder.precision.dtype)
     try:
         with torch.no_grad():
             model(ids, positions, mask, past)
@@ -129,9 +129,7 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, block_size: int, da
     Each block's grid is set when its first column comes up, from the weights as updated so far (the
     reference's default). act_order (largest Hessian diagonal first, its `--act-order`) needs the grids fixed
     beforehand from the original weights (its `--static-groups`) to keep blocks contiguous in the input
-    dimension as MatMulNBits needs; it is off: on the real Gemma 3 270M (block 32, the calibration text
-    shipped here) perplexity over float32 rose +17.8% without it, +20.5% with it, +22.5% with static groups
-    alone."""
+    dimension as MatMulNBits needs; it is off: on the real Gemma 3 270M it cost perplexity (docs/precision.md)."""
     W = weight.clone()
     out_features, in_features = W.shape
     H = hessian.clone()
@@ -179,8 +177,8 @@ def _grid(group: torch.Tensor, steps: int = 24, step: float = 0.025,
     shrunk by the factor among 1, 0.975, ... that minimizes the row's sum |w - dequantized|^2.4.
 
     The reference's `Quantizer.find_params(mse=True)` (gptq/quant.py; its grid 100 and shrink to 0.2 in
-    steps of 0.01). Clipping the few largest weights refines the grid of all the others: on the real Gemma 3
-    270M (int4 with v/down in int8) perplexity over float32 went from +9.9% to +7.5%."""
+    steps of 0.01). Clipping the few largest weights refines the grid of all the others (docs/precision.md has
+    what it gained on the real model)."""
     low0 = torch.clamp(group.min(dim=1).values, max=0)
     high0 = torch.clamp(group.max(dim=1).values, min=0)
     best = torch.full((group.shape[0],), float("inf"))
@@ -199,8 +197,7 @@ def _grid(group: torch.Tensor, steps: int = 24, step: float = 0.025,
 
 def _blocks(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block_size: int, K: int) -> Blocks:
     N, k_blocks = scales.shape
-    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(N, k_blocks, block_size // 2)
+    packed = pack_nibbles(q).reshape(N, k_blocks, block_size // 2)
     if k_blocks % 2:
         zeros = np.pad(zeros, ((0, 0), (0, 1)))
-    zero_points = zeros[:, 0::2] | (zeros[:, 1::2] << 4)
-    return Blocks(packed, scales.astype(np.float32), zero_points, 4, block_size, K)
+    return Blocks(packed, scales.astype(np.float32), pack_nibbles(zeros), 4, block_size, K)

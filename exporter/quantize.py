@@ -1,15 +1,13 @@
-"""Weight-only block quantization of the traced graph (`--quant int4`).
+"""Weight-only block quantization of the traced graph (`--quant int4`): a pass over the graph with a predicate.
 
-Every MatMul on a constant [K, N] weight becomes, per `QuantOptions.format`:
+Every MatMul on a constant [K, N] weight that the predicate selects becomes, per the spec's `format`:
 
     matmulnbits (ONNX Runtime):  MatMulNBits(x, packed [N, K/bs, bs*bits/8], scales, zero_points)
     qdq (TensorRT):              MatMul(x, DequantizeLinear(int4 [K, N], scales [K/bs, N], axis=0, block_size=bs))
 
-The quantizers are ONNX Runtime's: round-to-nearest is its C++ `quantize_matmul_4bits/8bits` kernel (the one
-`MatMulNBitsQuantizer` calls), HQQ is its `HQQWeightOnlyQuantizer.quantize_internal` (half-quadratic
-optimisation of scale and float zero point, no calibration data). We drive them ourselves because Gemma
-ties lm_head to the embedding: one [hidden, vocab] tensor feeds both the logits MatMul and the lookup
-Gather. As onnxruntime-genai does, it is quantized once, for MatMulNBits, and the lookup becomes
+The blocks themselves (round-to-nearest, HQQ, GPTQ's) are exporter/blocks.py. We drive the quantizers ourselves
+because Gemma ties lm_head to the embedding: one [hidden, vocab] tensor feeds both the logits MatMul and the
+lookup Gather. As onnxruntime-genai does, it is quantized once, for MatMulNBits, and the lookup becomes
 GatherBlockQuantized on the same bytes (a Reshape of the packed tensor): one copy on disk and in memory.
 
 `quantize_graph` also returns the dequantized value of every weight it replaced, so that verification can
@@ -20,146 +18,53 @@ quantization error and graph error are then measured apart.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from runtime.manifest import QuantResult
+from runtime.spec import QuantSpec
+
+from .blocks import Blocks, hqq, rtn
 from .graph_io import save_copy, save_in_place
 
 log = logging.getLogger(__name__)
 
-METHODS = ("rtn", "hqq", "gptq")  # gptq: exporter/gptq.py, on the PyTorch model before tracing
-FORMATS = ("matmulnbits", "qdq")
-LM_HEAD = ("int4", "int8", "float")  # the tied lm_head / embedding
-BLOCK_SIZES = (16, 32, 64, 128, 256)
 INT8_BLOCK_SIZE = 128  # see _block_size
+# which weights to quantize, and to how many bits: select(initializer name, is the tied embedding) -> 4, 8 or None
+Select = Callable[[str, bool], "int | None"]
 
 
-@dataclass(frozen=True)
-class QuantOptions:
-    method: str = "rtn"
-    block_size: int = 32
-    symmetric: bool = False
-    lm_head: str = "int8"
-    format: str = "matmulnbits"
-    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on CPU), 1 = float32 (exact)
-    int8_weights: tuple[str, ...] = ()  # weights whose name contains one of these stay in 8 bits (mixed recipe)
+def weight_bits(quant: QuantSpec) -> Select:
+    """The spec's predicate: every MatMul weight to 4 bits, those named in --int8-weights to 8, the tied
+    lm_head/embedding to --lm-head's bits (None: left in float)."""
+    lm_head = {"int4": 4, "int8": 8}.get(quant.lm_head)
 
-    def check(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"quantization method {self.method!r} is not supported; supported: {', '.join(METHODS)}")
-        if self.block_size not in BLOCK_SIZES:
-            raise ValueError(f"block size {self.block_size} is not supported; supported: {BLOCK_SIZES}")
-        if self.lm_head not in LM_HEAD:
-            raise ValueError(f"lm_head precision {self.lm_head!r} is not supported; supported: {', '.join(LM_HEAD)}")
-        if self.format == "qdq":
-            # TensorRT's blocked DequantizeLinear takes int4 weights without zero points, so neither HQQ's
-            # float zero points nor asymmetric RTN map to it (TensorRT developer guide, "Quantized Types").
-            if self.method != "rtn" or not self.symmetric:
-                raise ValueError("the TensorRT graph takes symmetric round-to-nearest int4 only: "
-                                 "use --quant-method rtn --symmetric (the default for --target trt)")
-            if self.lm_head == "int8":
-                raise ValueError("the TensorRT graph quantizes lm_head to int4 or keeps it in float: "
-                                 "pass --lm-head int4 or --lm-head float")
-        if self.method == "gptq" and self.symmetric:
-            raise ValueError("gptq quantizes with zero points: drop --symmetric")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise ValueError(f"accuracy level {self.accuracy_level} must be 0-4 (MatMulNBits' attribute)")
+    def select(name: str, tied: bool) -> int | None:
+        if tied:
+            return lm_head
+        return 8 if any(part in name for part in quant.int8_weights) else 4
 
-    def summary(self) -> dict:
-        return {"bits": 4, **asdict(self)}
+    return select
 
 
-@dataclass
-class Blocks:
-    """One weight [K, N] quantized along K in blocks, in MatMulNBits' layout."""
-
-    packed: np.ndarray  # uint8 [N, K_blocks, block_size * bits / 8]
-    scales: np.ndarray  # float [N, K_blocks]
-    zero_points: np.ndarray | None  # uint8 [N, ceil(K_blocks * bits / 8)] packed, float [N, K_blocks] (HQQ), None
-    bits: int
-    block_size: int
-    K: int
-
-    def dequantize(self) -> np.ndarray:
-        """The float32 weight [K, N] this encodes."""
-        N, k_blocks, _ = self.packed.shape
-        if self.bits == 4:
-            q = _nibbles(self.packed).reshape(N, k_blocks, self.block_size)
-        else:
-            q = self.packed.reshape(N, k_blocks, self.block_size)
-        zero = self._zero_points_unpacked(N, k_blocks)
-        w = (q.astype(np.float32) - zero[..., None]) * self.scales.astype(np.float32)[..., None]
-        return np.ascontiguousarray(w.reshape(N, -1)[:, : self.K].T)
-
-    def _zero_points_unpacked(self, N: int, k_blocks: int) -> np.ndarray:
-        if self.zero_points is None:
-            return np.full((N, k_blocks), 2 ** (self.bits - 1), np.float32)
-        if self.zero_points.dtype != np.uint8:
-            return self.zero_points.astype(np.float32)  # HQQ's float zero points
-        if self.bits == 8:
-            return self.zero_points[:, :k_blocks].astype(np.float32)
-        unpacked = _nibbles(self.zero_points).reshape(N, -1)
-        return unpacked[:, :k_blocks].astype(np.float32)
-
-    def int4_kn(self) -> tuple[np.ndarray, np.ndarray]:
-        """Symmetric 4-bit values as signed int8 [K, N] and scales [K_blocks, N]: the QDQ layout."""
-        N, k_blocks, _ = self.packed.shape
-        q = _nibbles(self.packed).reshape(N, -1)[:, : self.K]
-        return np.ascontiguousarray((q.astype(np.int8) - 8).T), np.ascontiguousarray(self.scales.T)
-
-
-def _nibbles(packed: np.ndarray) -> np.ndarray:
-    """4-bit values packed two a byte, low nibble first (ONNX Runtime's order), one a uint8: last axis x2."""
-    return np.stack([packed & 0xF, packed >> 4], -1)
-
-
-def rtn(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -> Blocks:
-    """Round-to-nearest with ONNX Runtime's C++ kernel (what MatMulNBitsQuantizer's default config runs)."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
-
-    K, N = weight.shape
-    k_blocks = -(-K // block_size)
-    per_byte = 8 // bits
-    w = np.ascontiguousarray(np.pad(weight.astype(np.float32), ((0, k_blocks * block_size - K), (0, 0))))
-    packed = np.zeros((N, k_blocks, block_size // per_byte), np.uint8)
-    zero_points = np.zeros((N, -(-k_blocks // per_byte)), np.uint8)
-    scales = np.zeros((N, k_blocks), np.float32)
-    kernel = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
-    kernel(packed, w, scales, zero_points, block_size, N, K, symmetric)
-    return Blocks(packed, scales, None if symmetric else zero_points, bits, block_size, K)
-
-
-def hqq(weight: np.ndarray, block_size: int) -> Blocks:
-    """Half-quadratic quantization (ONNX Runtime's HQQWeightOnlyQuantizer): 4 bits, float zero points."""
-    import torch
-    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
-
-    K, N = weight.shape
-    quantizer = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block_size, bits=4))
-    q, scales, zero = quantizer.quantize_internal(torch.from_numpy(weight.astype(np.float32)).T, bits=4,
-                                                  group_size=block_size)  # q [N, K_padded] ints
-    q = q.numpy().astype(np.uint8)
-    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(N, -1, block_size // 2)
-    return Blocks(packed, scales.numpy(), zero.numpy(), 4, block_size, K)
-
-
-def quantize_graph(path: Path, options: QuantOptions, progress: bool = True,
-                   precomputed: dict[str, Blocks] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
-    """Quantize the graph at `path` in place; returns (manifest summary, {initializer name: dequantized [K, N]}).
+def quantize_graph(path: Path, quant: QuantSpec, progress: bool = True, precomputed: dict[str, Blocks] | None = None,
+                   select: Select | None = None) -> tuple[QuantResult, dict[str, np.ndarray]]:
+    """Quantize the weights `select` picks (by default the spec's `weight_bits`) in the graph at `path`, in place;
+    returns (what was done, {initializer name: dequantized [K, N]}).
 
     `precomputed` holds weights already quantized by name (GPTQ's, computed on the PyTorch model)."""
     precomputed = precomputed or {}
+    select = select or weight_bits(quant)
     import onnx_ir as ir
 
-    options.check()
     model = ir.load(path)
     graph = model.graph
     operands = [(node, _weight_of(node)) for node in graph if node.op_type == "MatMul"]
     weights = [(node, value) for node, value in operands if value is not None]
     tied = _tied_embedding(graph)
-    rewrite = _QDQ(graph, options) if options.format == "qdq" else _MatMulNBits(graph, options)
+    rewrite = _QDQ(graph, quant) if quant.format == "qdq" else _MatMulNBits(graph, quant)
     dequantized: dict[str, np.ndarray] = {}
     skipped: list[str] = []
     counts = {"int4": 0, "int8": 0}
@@ -167,19 +72,17 @@ def quantize_graph(path: Path, options: QuantOptions, progress: bool = True,
 
     for node, value in tqdm(weights, desc="quantize", unit="weight", disable=not progress, leave=False):
         is_tied = tied is not None and value is tied[0]
-        bits = {"int4": 4, "int8": 8}.get(options.lm_head) if is_tied else 4
-        if not is_tied and any(part in value.name for part in options.int8_weights):
-            bits = 8
+        bits = select(value.name, is_tied)
         if bits is None:
             skipped.append(value.name)
             continue
         weight = value.const_value.numpy()
         if value.name in precomputed and bits == 4:
             blocks = precomputed.pop(value.name)
-        elif options.method == "hqq" and bits == 4 and not is_tied:
-            blocks = hqq(weight, options.block_size)
+        elif quant.method == "hqq" and bits == 4 and not is_tied:
+            blocks = hqq(weight, quant.block_size)
         else:  # the tied tensor also feeds GatherBlockQuantized, which takes integer zero points only
-            blocks = rtn(weight, bits, _block_size(bits, weight.shape[0], options), options.symmetric)
+            blocks = rtn(weight, bits, _block_size(bits, weight.shape[0], quant), quant.symmetric)
         dequantized[value.name] = blocks.dequantize()
         rewrite.matmul(node, blocks, value)
         if is_tied:
@@ -187,27 +90,26 @@ def quantize_graph(path: Path, options: QuantOptions, progress: bool = True,
         counts[f"int{bits}"] += 1
         if not value.uses():
             graph.initializers.pop(value.name)
-    if tied is not None and options.lm_head == "float":
+    if tied is not None and quant.lm_head == "float":
         log.info("lm_head and the embedding stay in %s (--lm-head float)", tied[0].dtype)
     save_in_place(model, path)
-    if counts["int8"] and options.format == "matmulnbits" and options.accuracy_level != 4:
+    if counts["int8"] and quant.format == "matmulnbits" and quant.accuracy_level != 4:
         log.warning("--accuracy-level %d with int8 weights: ONNX Runtime's 8-bit MatMulNBits computes float32 "
-                    "activations on a slow path (1.32, x86: the real 270M's int8 lm_head takes 1 s a token instead "
-                    "of 10 ms); keep level 4 or pass --lm-head int4|float", options.accuracy_level)
-    summary = {**options.summary(), "quantized_weights": counts, "skipped": skipped}
+                    "activations on a slow path, about 100x slower on x86 (docs/precision.md); keep level 4 or "
+                    "pass --lm-head int4|float", quant.accuracy_level)
+    summary = QuantResult(weights=counts, skipped=tuple(skipped))
     log.info("quantized %d weights to int4 and %d to int8 (%s, block %d, %s)", counts["int4"], counts["int8"],
-             options.method, options.block_size, "symmetric" if options.symmetric else "zero points")
+             quant.method, quant.block_size, "symmetric" if quant.symmetric else "zero points")
     return summary, dequantized
 
 
-def _block_size(bits: int, K: int, options: QuantOptions) -> int:
+def _block_size(bits: int, K: int, quant: QuantSpec) -> int:
     """int4 weights take --block-size; int8 ones blocks of INT8_BLOCK_SIZE inputs (or --block-size, if larger)
     when K divides into them: 8 bits need no fine blocks for accuracy, and the float32 scale and zero point of
-    every 32 inputs make 15% of an int8 weight's bytes. On the tied lm_head of the real Gemma 3 270M (K 640,
-    256k outputs) blocks of 128 take ONNX Runtime 1.32's MatMulNBits from 12.2 to 10.0 ms a token."""
+    every 32 inputs make 15% of an int8 weight's bytes, which a decode step reads (docs/precision.md)."""
     if bits == 8 and K % INT8_BLOCK_SIZE == 0:
-        return max(INT8_BLOCK_SIZE, options.block_size)
-    return options.block_size
+        return max(INT8_BLOCK_SIZE, quant.block_size)
+    return quant.block_size
 
 
 def _weight_of(node):
@@ -231,7 +133,7 @@ def _tied_embedding(graph):
 class _MatMulNBits:
     """ONNX Runtime's contrib operators: MatMulNBits, and GatherBlockQuantized for the tied lookup."""
 
-    def __init__(self, graph, options: QuantOptions):
+    def __init__(self, graph, options: QuantSpec):
         self.graph = graph
         self.options = options
 
@@ -290,7 +192,7 @@ class _MatMulNBits:
 class _QDQ:
     """Standard ONNX: DequantizeLinear (opset 21, blocked, int4) feeding the original MatMul / Gather."""
 
-    def __init__(self, graph, options: QuantOptions):
+    def __init__(self, graph, options: QuantSpec):
         self.graph = graph
         self.options = options
         if graph.opset_imports.get("", 0) < 21:  # blocked DequantizeLinear and int4 tensors: opset 21

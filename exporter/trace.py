@@ -17,56 +17,15 @@ peak memory stays near one copy of the weights.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from models.config import GemmaConfig
-from models.gemma import GemmaForCausalLM, compute_dtype, decoder_of, use_static_cache
-from runtime.manifest import DECODER_INPUTS, kv_names  # the graph names are the artifact contract
+from models.gemma import GemmaForCausalLM, decoder_of
+from runtime.spec import ELEMENT_TYPE, ArtifactSpec
 
 log = logging.getLogger(__name__)
-
-DIM_NAMES = ("batch_size", "sequence_length", "past_sequence_length", "total_sequence_length")
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    """What the traced graph takes and gives; recorded in the manifest."""
-
-    task: str
-    num_layers: int
-    kv_layout: str  # dynamic | static
-    max_length: int | None
-    logits: str  # all | last
-
-    @property
-    def with_past(self) -> bool:
-        return self.task == "text-generation"
-
-    @property
-    def past_names(self) -> list[str]:
-        if not self.with_past:
-            return []
-        return kv_names("past_key_values", self.num_layers)
-
-    @property
-    def present_names(self) -> list[str]:
-        if not self.with_past:
-            return []
-        return kv_names("present", self.num_layers)
-
-    @property
-    def input_names(self) -> list[str]:
-        return [*DECODER_INPUTS, *self.past_names]
-
-    @property
-    def output_names(self) -> list[str]:
-        first = "last_hidden_state" if self.task == "feature-extraction" else "logits"
-        return [first, *self.present_names]
-
 
 class MatMulLinear(nn.Module):
     """y = x @ W + b with W stored [in, out]: a MatMul on an initializer once traced."""
@@ -127,45 +86,45 @@ def to_export_form(model: nn.Module) -> None:
 
 
 class GraphModule(nn.Module):
-    """Flat positional I/O around the model, in the order of GraphSpec's names."""
+    """Flat positional I/O around the model, in the order of the spec's graph names."""
 
-    def __init__(self, model: nn.Module, spec: GraphSpec):
+    def __init__(self, model: nn.Module, spec: ArtifactSpec):
         super().__init__()
         self.model = model
         self.spec = spec
-        self.config: GemmaConfig = model.config
 
     def forward(self, input_ids, attention_mask, position_ids, *past_flat):
-        if self.spec.with_past:
-            past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.spec.num_layers)]
+        spec = self.spec
+        if spec.kv is not None:
+            past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(spec.kv.num_layers)]
             logits, present = self.model(
-                input_ids, position_ids, attention_mask, past, last_logits_only=self.spec.logits == "last"
+                input_ids, position_ids, attention_mask, past, last_logits_only=spec.graph.logits == "last"
             )
             return (logits, *[t for kv in present for t in kv])
-        c = self.config
-        empty = input_ids.new_zeros((input_ids.shape[0], c.num_key_value_heads, 0, c.head_dim),
-                                    dtype=compute_dtype(self.model))
-        past = [(empty, empty)] * c.num_hidden_layers
-        out, _ = self.model(input_ids, position_ids, attention_mask, past)
+        m = spec.model
+        empty = input_ids.new_zeros((input_ids.shape[0], m.num_key_value_heads, 0, m.head_dim),
+                                    dtype=decoder_of(self.model).precision.dtype)
+        out, _ = self.model(input_ids, position_ids, attention_mask, [(empty, empty)] * m.num_hidden_layers)
         return (out,)
 
 
-def sample_inputs(config: GemmaConfig, spec: GraphSpec, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def sample_inputs(spec: ArtifactSpec) -> tuple[torch.Tensor, ...]:
     """Distinct sizes for every dynamic dimension (B=2, S=3, P=5) so that none is specialized."""
     B, S, P = 2, 3, 5
-    ids = torch.randint(3, config.vocab_size, (B, S))
-    if not spec.with_past:
+    ids = torch.randint(3, spec.model.vocab_size, (B, S))
+    kv = spec.kv
+    if kv is None:
         mask = torch.ones(B, S, dtype=torch.long)
         return ids, mask, mask.cumsum(-1) - 1
     mask = torch.ones(B, P + S, dtype=torch.long)
     positions = (mask.cumsum(-1) - 1)[:, -S:]
-    length = spec.max_length if spec.kv_layout == "static" else P
-    shape = (B, config.num_key_value_heads, length, config.head_dim)
-    past = [torch.zeros(shape, dtype=dtype) for _ in spec.past_names]
+    length = kv.max_length if kv.layout == "static" else P
+    dtype = getattr(torch, ELEMENT_TYPE[kv.dtype])
+    past = [torch.zeros((B, kv.num_kv_heads, length, kv.head_dim), dtype=dtype) for _ in kv.past_names]
     return (ids, mask, positions, *past)
 
 
-def dynamic_shapes(spec: GraphSpec) -> dict:
+def dynamic_shapes(spec: ArtifactSpec) -> dict:
     batch = torch.export.Dim("batch_size")
     seq = torch.export.Dim("sequence_length")
     shapes = {
@@ -174,28 +133,30 @@ def dynamic_shapes(spec: GraphSpec) -> dict:
         "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},
         "position_ids": {0: batch, 1: seq},
     }
-    if spec.with_past:
-        past_dims = {0: batch} if spec.kv_layout == "static" else {0: batch, 2: torch.export.Dim("past_sequence_length")}
-        shapes["past_flat"] = tuple(dict(past_dims) for _ in spec.past_names)
+    kv = spec.kv
+    if kv is not None:
+        past_dims = {0: batch} if kv.layout == "static" else {0: batch, 2: torch.export.Dim("past_sequence_length")}
+        shapes["past_flat"] = tuple(dict(past_dims) for _ in kv.past_names)
     return shapes
 
 
-def trace(model: nn.Module, spec: GraphSpec, path: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Export the model to `path` (model.onnx, weights in model.onnx.data); returns the path."""
+def trace(model: nn.Module, spec: ArtifactSpec, path: Path) -> Path:
+    """Export the model (built in the spec's precision and KV layout) to `path` (model.onnx, weights in
+    model.onnx.data); returns the path."""
     import onnx
 
-    config = model.config
-    use_static_cache(model, spec.kv_layout == "static")
     to_export_form(model)
     graph = GraphModule(model, spec).eval()
-    inputs = sample_inputs(config, spec, dtype)
-    log.info("tracing %s (%d layers, %s KV cache) with torch.onnx", config.model_type, spec.num_layers, spec.kv_layout)
+    inputs = sample_inputs(spec)
+    layout = spec.kv.layout if spec.kv else "no"
+    log.info("tracing %s (%d layers, %s KV cache) with torch.onnx", spec.model.family, spec.model.num_hidden_layers,
+             layout)
     with torch.no_grad():
         program = torch.onnx.export(
             graph,
             inputs,
-            input_names=spec.input_names,
-            output_names=spec.output_names,
+            input_names=list(spec.graph.inputs),
+            output_names=list(spec.graph.outputs),
             dynamic_shapes=dynamic_shapes(spec),
             dynamo=True,
             optimize=True,
@@ -209,24 +170,24 @@ def trace(model: nn.Module, spec: GraphSpec, path: Path, dtype: torch.dtype = to
     return path
 
 
-def _name_dims(ir_model, spec: GraphSpec) -> None:
+def _name_dims(ir_model, spec: ArtifactSpec) -> None:
     """Give every graph input and output the DESIGN.md names of its dynamic dimensions."""
     import onnx_ir as ir
 
-    total = "total_sequence_length"
-    kv_len = "past_sequence_length"
+    kv = spec.kv
+    static = kv is not None and kv.layout == "static"
     for value in [*ir_model.graph.inputs, *ir_model.graph.outputs]:
         if value.shape is None:
             continue
         dims = list(value.shape)
         name = value.name
         if name == "attention_mask":
-            dims[1] = total
+            dims[1] = "total_sequence_length"
         elif name.startswith("present."):
-            dims[2] = spec.max_length if spec.kv_layout == "static" else total
+            dims[2] = kv.max_length if static else "total_sequence_length"
         elif name.startswith("past_key_values."):
-            dims[2] = spec.max_length if spec.kv_layout == "static" else kv_len
-        elif name in ("logits", "last_hidden_state") and spec.logits == "last" and spec.with_past:
+            dims[2] = kv.max_length if static else "past_sequence_length"
+        elif name in ("logits", "last_hidden_state") and spec.graph.logits == "last" and kv is not None:
             dims[1] = 1
         value.shape = ir.Shape(dims)
 

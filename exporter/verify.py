@@ -12,12 +12,15 @@ import gc
 import logging
 import tempfile
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from runtime.generate import positions
+from runtime.manifest import ParitySummary
+from runtime.spec import ArtifactSpec
 from runtime.tokenizer import left_pad
 
 log = logging.getLogger(__name__)
@@ -28,8 +31,10 @@ DEFAULT_PROMPTS = (
     "def fibonacci(n):",
 )
 # Max |logit difference| allowed per precision of the graph.
-TOLERANCES = {"float32": 1e-3, "float16": 0.5, "bfloat16": 1.0}
-MIN_AGREEMENT = {"float32": 1.0, "float16": 0.9, "bfloat16": 0.9}
+TOLERANCES = {"fp32": 1e-3, "fp16": 0.5, "bf16": 1.0}
+MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.9, "bf16": 0.9}
+# numpy's dtype for the graph's KV cache: bfloat16 graphs run through the float32-carried emulation
+KV_NUMPY = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}
 # int4 graphs are compared with a reference holding the same dequantized weights. At MatMulNBits'
 # accuracy_level 4 the activations are quantized to int8 per block: greedy tokens must then agree on
 # the steps whose reference top-2 are further apart than INT4_TIE_MARGIN.
@@ -57,9 +62,8 @@ class ParityReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def summary(self) -> dict:
-        keys = ("passed", "tolerance", "max_abs_diff", "mean_abs_diff", "greedy_agreement", "new_tokens")
-        return {k: getattr(self, k) for k in keys}
+    def summary(self) -> ParitySummary:
+        return ParitySummary(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ParitySummary)})
 
 
 def encode_prompts(tokenizer_dir: Path | None, prompts, vocab_size: int, seed: int = 0):
@@ -73,44 +77,44 @@ def encode_prompts(tokenizer_dir: Path | None, prompts, vocab_size: int, seed: i
     return [[2, *rng.integers(3, vocab_size, size=4 + 3 * i).tolist()] for i in range(len(prompts))]
 
 
-def reference_steps(model, spec, ids: np.ndarray, mask: np.ndarray, new_tokens: int):
-    """Greedy decode with the PyTorch module; returns (tokens [B, N], logits per step)."""
+def reference_steps(model, spec: ArtifactSpec, ids: np.ndarray, mask: np.ndarray, new_tokens: int):
+    """Greedy decode with the PyTorch module (built in the graph's KV layout); returns (tokens [B, N], logits
+    per step)."""
     import torch
 
-    from models.gemma import empty_past, use_static_cache
+    from models.gemma import empty_past
 
-    config = model.config
+    config, kv = model.config, spec.kv
     B = ids.shape[0]
-    use_static_cache(model, spec.kv_layout == "static")
-    past = empty_past(config, B, spec.max_length or 0) if spec.with_past else None
+    past = empty_past(config, B, kv.max_length or 0) if kv else None
     steps, tokens = [], []
     with torch.no_grad():
         step_ids, step_mask = torch.from_numpy(ids), torch.from_numpy(mask)
-        for step in range(new_tokens + 1 if spec.with_past else 1):
+        for step in range(new_tokens + 1 if kv else 1):
             pos = torch.from_numpy(positions(step_mask.numpy()))[:, -step_ids.shape[1] :]
-            if spec.with_past:
-                logits, past = model(step_ids, pos, step_mask, past, last_logits_only=spec.logits == "last")
+            if kv:
+                logits, past = model(step_ids, pos, step_mask, past, last_logits_only=spec.graph.logits == "last")
             else:
                 logits, _ = model(step_ids, pos, step_mask, empty_past(config, B))
             steps.append(logits.float().numpy())
-            if not spec.with_past or step == new_tokens:
+            if not kv or step == new_tokens:
                 break
             step_ids = logits[:, -1:].argmax(-1)
             tokens.append(step_ids.numpy()[:, 0])
             step_mask = torch.cat([step_mask, torch.ones(B, 1, dtype=step_mask.dtype)], dim=1)
-    use_static_cache(model, False)
     return np.stack(tokens, axis=1) if tokens else np.zeros((B, 0), np.int64), steps
 
 
-def onnx_steps(onnx_path: Path, spec, config, ids: np.ndarray, mask: np.ndarray, tokens: np.ndarray, kv_dtype):
+def onnx_steps(onnx_path: Path, spec: ArtifactSpec, ids: np.ndarray, mask: np.ndarray, tokens: np.ndarray):
     """The graph on ONNX Runtime (CPU), fed the reference's tokens; logits per step."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    B = ids.shape[0]
-    length = spec.max_length if spec.kv_layout == "static" else 0
-    shape = (B, config.num_key_value_heads, length, config.head_dim)
-    past = {name: np.zeros(shape, dtype=kv_dtype) for name in spec.past_names}
+    B, kv = ids.shape[0], spec.kv
+    past = {}
+    if kv is not None:
+        shape = (B, kv.num_kv_heads, kv.max_length if kv.layout == "static" else 0, kv.head_dim)
+        past = {name: np.zeros(shape, dtype=KV_NUMPY[kv.dtype]) for name in kv.past_names}
     steps = []
     step_ids, step_mask = ids, mask
     for step in range(tokens.shape[1] + 1):
@@ -124,15 +128,15 @@ def onnx_steps(onnx_path: Path, spec, config, ids: np.ndarray, mask: np.ndarray,
         steps.append(outputs[0].astype(np.float32))
         if step == tokens.shape[1]:
             break
-        past = dict(zip(spec.past_names, outputs[1:]))
+        past = dict(zip(kv.past_names, outputs[1:]))
         step_ids = tokens[:, step : step + 1]
         step_mask = np.concatenate([step_mask, np.ones((B, 1), np.int64)], axis=1)
     return steps
 
 
-def backend_steps(backend, spec, ids: np.ndarray, mask: np.ndarray, tokens: np.ndarray):
+def backend_steps(backend, spec: ArtifactSpec, ids: np.ndarray, mask: np.ndarray, tokens: np.ndarray):
     """The graph through a runtime backend (its KV cache, bindings, profiles), fed the reference's tokens."""
-    all_logits = spec.logits == "all"
+    all_logits = spec.graph.logits == "all"
     backend.reset(ids.shape[0], ids.shape[1] + tokens.shape[1] + 1)
     logits = backend.forward(ids, mask, positions(mask), all_logits=all_logits)
     steps = [logits if all_logits else logits[:, None]]
@@ -143,7 +147,7 @@ def backend_steps(backend, spec, ids: np.ndarray, mask: np.ndarray, tokens: np.n
 
 
 def compare(
-    reference, candidate, mask: np.ndarray, spec, tokens: np.ndarray, tie_margin: float = 0.0
+    reference, candidate, mask: np.ndarray, spec: ArtifactSpec, tokens: np.ndarray, tie_margin: float = 0.0
 ) -> tuple[list[dict], float]:
     """Per-step differences over real positions, and the greedy agreement."""
     rows = []
@@ -159,7 +163,7 @@ def compare(
             decisive = (top2[:, 1] - top2[:, 0]) > tie_margin
             agree += int(((got[:, -1].argmax(-1) == tokens[:, step]) & decisive).sum())
             total += int(decisive.sum())
-    if spec.with_past is False:  # heads: agreement of the argmax over labels / features is not greedy decoding
+    if spec.kv is None:  # heads: agreement of the argmax over labels / features is not greedy decoding
         agree, total = 1, 1
     return rows, (agree / total if total else 1.0)
 
@@ -167,14 +171,12 @@ def compare(
 def verify(
     model_factory,
     onnx_path: Path,
-    spec,
-    config,
-    dtype: str = "float32",
+    spec: ArtifactSpec,
+    pad_token_id: int = 0,
     tokenizer_dir: Path | None = None,
     prompts=DEFAULT_PROMPTS,
     new_tokens: int = 8,
     tolerance: float | None = None,
-    quantized_activations: bool = False,
     backend=None,
     locate_with=None,
 ) -> ParityReport:
@@ -185,20 +187,22 @@ def verify(
     step by step. When such a run fails and `locate_with` is given (divergence.locate's candidate
     runner), the report names the first layer output where the backend departs from ONNX Runtime."""
     start = time.perf_counter()
+    dtype = spec.precision.dtype
     tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
-    sequences = encode_prompts(tokenizer_dir, prompts, config.vocab_size)
-    ids, mask = left_pad(sequences, config.pad_token_id)
+    # MatMulNBits above accuracy_level 1 quantizes its activations to int8
+    quantized_activations = spec.quant is not None and spec.quant.accuracy_level not in (0, 1)
+    sequences = encode_prompts(tokenizer_dir, prompts, spec.model.vocab_size)
+    ids, mask = left_pad(sequences, pad_token_id)
     model = model_factory()
     tokens, reference = reference_steps(model, spec, ids, mask, new_tokens)
     del model
     gc.collect()
-    kv_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}[dtype]
     with tempfile.TemporaryDirectory(prefix="gemma-verify-") as scratch:
-        if dtype == "bfloat16":  # no bfloat16 kernels on ONNX Runtime's CPU provider: rounding emulated
+        if dtype == "bf16":  # no bfloat16 kernels on ONNX Runtime's CPU provider: rounding emulated
             from .bf16_emulation import emulate_bfloat16
 
             onnx_path = emulate_bfloat16(onnx_path, Path(scratch) / "model.onnx")
-        candidate = onnx_steps(onnx_path, spec, config, ids, mask, tokens, kv_dtype)
+        candidate = onnx_steps(onnx_path, spec, ids, mask, tokens)
         vs_onnxruntime = []
         if backend is not None:
             session_steps, candidate = candidate, backend_steps(backend, spec, ids, mask, tokens)
@@ -213,8 +217,8 @@ def verify(
             from .quantize import float_activation_twin
 
             twin = float_activation_twin(onnx_path, Path(scratch) / "twin" / "model.onnx")
-            rows, _ = compare(reference, onnx_steps(twin, spec, config, ids, mask, tokens, kv_dtype), mask, spec,
-                              tokens, tie_margin=tolerance)
+            rows, _ = compare(reference, onnx_steps(twin, spec, ids, mask, tokens), mask, spec, tokens,
+                              tie_margin=tolerance)
     max_diff = max(r["max_abs_diff"] for r in rows)
     mean_diff = float(np.mean([r["mean_abs_diff"] for r in rows]))
     min_agreement = min(MIN_AGREEMENT[dtype], INT4_MIN_AGREEMENT if quantized_activations else 1.0)
@@ -233,12 +237,13 @@ def verify(
         backend="onnxruntime" if backend is None else f"runtime: {type(backend).__name__} ({backend.provider})",
         vs_onnxruntime=vs_onnxruntime,
     )
-    if not report.passed and locate_with is not None and dtype != "bfloat16":  # no bfloat16 kernels in ORT's CPU
+    if not report.passed and locate_with is not None and dtype != "bf16":  # no bfloat16 kernels in ORT's CPU
         from .divergence import locate
 
+        kv = spec.kv
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask),
-                 **{name: np.zeros((ids.shape[0], config.num_key_value_heads, spec.max_length or 0,
-                                    config.head_dim), kv_dtype) for name in spec.past_names}}
+                 **{name: np.zeros((ids.shape[0], kv.num_kv_heads, kv.max_length or 0, kv.head_dim),
+                                   KV_NUMPY[dtype]) for name in kv.past_names}}
         report.divergence = locate(onnx_path, feeds, locate_with, dtype).to_dict()
     log.info(
         "parity %s: max |diff| %.3g (tolerance %.3g), greedy agreement %.0f%% over %d steps",

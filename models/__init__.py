@@ -6,15 +6,15 @@ from .gemma import (
     GemmaForSequenceClassification,
     GemmaForTokenClassification,
     GemmaModel,
+    Precision,
     empty_past,
     position_ids_from_mask,
-    use_static_cache,
 )
 from .loading import TASKS, Checkpoint, load_model, random_model, resolve
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "GemmaConfig", "Gemma2Config", "Gemma3TextConfig", "config_from_dict", "load_config",
     "GemmaForCausalLM", "GemmaForSequenceClassification", "GemmaForTokenClassification", "GemmaModel",
-    "empty_past", "position_ids_from_mask", "use_static_cache",
+    "Precision", "empty_past", "position_ids_from_mask",
     "TASKS", "Checkpoint", "load_model", "random_model", "resolve",
 ]

@@ -4,7 +4,8 @@ The KV cache is explicit: `forward(input_ids, position_ids, attention_mask, past
 where `past` and `present` are lists of (key, value) tensors [B, num_kv_heads, T, head_dim]. What the
 ONNX graph takes and gives is what this function takes and gives.
 
-Two cache layouts:
+Precision and the KV layout are given at construction, as mlx-lm's and gpt-fast's models take their args:
+`GemmaForCausalLM(config, Precision(...), kv_layout="static")`. Two cache layouts:
 - dynamic: past holds the T_past tokens seen so far; present = concat(past, new).
 - static: past is a buffer of `max_length` slots; the new entries are written at slots
   T_past..T_past+S-1 (T_past = attention_mask.shape[1] - S) and present is the whole updated buffer.
@@ -12,7 +13,9 @@ Two cache layouts:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,20 +24,37 @@ from torch import nn
 from .config import GemmaConfig
 
 KV = tuple[torch.Tensor, torch.Tensor]
+KV_LAYOUTS = ("dynamic", "static")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtype of each kind of value, as torch dtypes (the artifact spec's precision section says why each one):
+    `dtype` for the layers' weights, the projections and the KV cache; the others may be wider."""
+
+    dtype: torch.dtype = torch.float32
+    residual: torch.dtype = torch.float32  # residual stream, embedding scale, q/k norms' outputs, rotary
+    scores: torch.dtype = torch.float32  # q·k
+    activations: torch.dtype = torch.float32  # gelu(gate)·up
+    post_norms: torch.dtype = torch.float32  # the sandwich norms' outputs, which feed the residual
+    vocab_table: torch.dtype = torch.float32  # the tied embedding / lm_head, and the final norm's output
+
+    @classmethod
+    def uniform(cls, dtype: torch.dtype) -> "Precision":
+        return cls(*[dtype] * len(dataclasses.fields(cls)))
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, out_dtype: torch.dtype | None = None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
-        self.out_dtype: torch.dtype | None = None  # None: the weights' dtype
+        self.out_dtype = out_dtype  # None: the weights' dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Gemma scales by (1 + w), all in float32, then casts (transformers modular_gemma.py, PR #29402).
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        # Cast to the weights' dtype, which is x's except when the residual stream is kept in float32.
         return (h * (1.0 + self.weight.float())).to(self.out_dtype or self.weight.dtype)
 
 
@@ -60,22 +80,22 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: GemmaConfig, layer_idx: int):
+    def __init__(self, config: GemmaConfig, precision: Precision):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scaling = config.query_pre_attn_scalar**-0.5
         self.softcap = config.attn_logit_softcapping  # Gemma 2 only
+        self.scores_dtype = precision.scores
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
-        if config.qk_norm:  # Gemma 3 normalizes q and k per head
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.scores_dtype: torch.dtype | None = None  # q·k and the softmax's input; None: the weights' dtype
+        if config.qk_norm:  # Gemma 3 normalizes q and k per head, into the (wide) rotation
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, precision.residual)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, precision.residual)
 
     def forward(self, x, cos, sin, mask, past: KV, static_slots: torch.Tensor | None) -> tuple[torch.Tensor, KV]:
         B, S, _ = x.shape
@@ -87,7 +107,7 @@ class Attention(nn.Module):
         # Rotated in cos/sin's dtype: float32 in half-precision graphs (a no-op in float32 ones), then back.
         dtype = v.dtype
         q, k = q.to(cos.dtype), k.to(cos.dtype)
-        q = (q * cos + rotate_half(q) * sin).to(self.scores_dtype or dtype)
+        q = (q * cos + rotate_half(q) * sin).to(self.scores_dtype)
         k = (k * cos + rotate_half(k) * sin).to(dtype)  # the cache's dtype
 
         past_k, past_v = past
@@ -111,31 +131,32 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GemmaConfig):
+    def __init__(self, config: GemmaConfig, precision: Precision):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.act_dtype: torch.dtype | None = None  # gelu(gate)·up; None: the weights' dtype
+        self.act_dtype = precision.activations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = self.act_dtype or x.dtype
-        h = F.gelu(self.gate_proj(x).to(act), approximate="tanh") * self.up_proj(x).to(act)
+        h = F.gelu(self.gate_proj(x).to(self.act_dtype), approximate="tanh") * self.up_proj(x).to(self.act_dtype)
         return self.down_proj(h.to(x.dtype))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: GemmaConfig, layer_idx: int):
+    def __init__(self, config: GemmaConfig, precision: Precision):
         super().__init__()
-        self.self_attn = Attention(config, layer_idx)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, precision)
+        self.mlp = MLP(config, precision)
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.sandwich_norms = config.sandwich_norms
         if config.sandwich_norms:  # Gemma 2 and 3 norm before and after both attention and MLP
+            self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, precision.post_norms)
             self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
-            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, precision.post_norms)
+        else:  # Gemma 1's post_attention_layernorm is the MLP's input norm
+            self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
 
     def forward(self, x, cos, sin, mask, past, static_slots):
         h, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, static_slots)
@@ -170,37 +191,37 @@ def attention_masks(
 class GemmaModel(nn.Module):
     """The decoder stack; returns the last hidden state (feature extraction) and the present KV."""
 
-    def __init__(self, config: GemmaConfig):
+    def __init__(self, config: GemmaConfig, precision: Precision = Precision(), kv_layout: str = "dynamic"):
         super().__init__()
+        if kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout {kv_layout!r} is not supported; supported: {', '.join(KV_LAYOUTS)}")
         self.config = config
+        self.precision = precision
+        self.kv_layout = kv_layout
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(config, precision) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, precision.vocab_table)
         self.layer_types = list(config.layer_types)
-        self.static_cache = False  # KV layout; see `use_static_cache`
-        # float16 graphs keep the residual stream in float32: Gemma's passes 65504 and would turn to inf.
-        self.residual_dtype: torch.dtype | None = None
         for layer_type in set(self.layer_types):
             self.register_buffer(f"inv_freq_{layer_type}", rope_inv_freq(config, layer_type), persistent=False)
 
     def forward(self, input_ids, position_ids, attention_mask, past: list[KV]) -> tuple[torch.Tensor, list[KV]]:
         S = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
-        dtype = compute_dtype(self)  # the residual stream and the embedding may be wider
-        if self.residual_dtype is None:
+        dtype, residual = self.precision.dtype, self.precision.residual
+        if residual == dtype:
             # sqrt(hidden_size) is cast to the compute dtype first: 55.4256 becomes 55.5 in bf16 (PR #29402).
             x = x.to(dtype) * torch.tensor(math.sqrt(self.config.hidden_size), dtype=dtype)
-        else:  # the residual stream starts wide too: neither the product nor sqrt(hidden_size) is rounded
-            x = x.to(self.residual_dtype) * math.sqrt(self.config.hidden_size)
+        else:  # float16 graphs keep the residual stream in float32: Gemma's passes 65504 and would turn to inf
+            x = x.to(residual) * math.sqrt(self.config.hidden_size)  # neither the product nor the scale rounded
 
         kv_len = past[0][0].shape[2] + S
         static_slots = None
-        if self.static_cache:  # buffers of max_length slots; write the new entries at slots T-S..T-1
+        if self.kv_layout == "static":  # buffers of max_length slots; write the new entries at slots T-S..T-1
             kv_len = past[0][0].shape[2]
             static_slots = torch.arange(S, device=input_ids.device) + (attention_mask.shape[1] - S)
         full_mask, sliding_mask = attention_masks(attention_mask, S, kv_len, self.config.sliding_window)
-        rope_dtype = self.residual_dtype or dtype  # half-precision graphs rotate q and k in float32
-        ropes = {t: rotary(position_ids, getattr(self, f"inv_freq_{t}"), rope_dtype) for t in set(self.layer_types)}
+        ropes = {t: rotary(position_ids, getattr(self, f"inv_freq_{t}"), residual) for t in set(self.layer_types)}
 
         present = []
         for layer, layer_type, layer_past in zip(self.layers, self.layer_types, past):
@@ -211,10 +232,10 @@ class GemmaModel(nn.Module):
 
 
 class GemmaForCausalLM(nn.Module):
-    def __init__(self, config: GemmaConfig):
+    def __init__(self, config: GemmaConfig, precision: Precision = Precision(), kv_layout: str = "dynamic"):
         super().__init__()
         self.config = config
-        self.model = GemmaModel(config)
+        self.model = GemmaModel(config, precision, kv_layout)
         # Tied to the embedding: built on the meta device so that no [vocab, hidden] copy is ever allocated.
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
         self.lm_head.weight = self.model.embed_tokens.weight
@@ -235,10 +256,10 @@ class GemmaForCausalLM(nn.Module):
 class GemmaForSequenceClassification(nn.Module):
     """A linear score over the hidden state of each row's last non-pad token (transformers' pooling)."""
 
-    def __init__(self, config: GemmaConfig):
+    def __init__(self, config: GemmaConfig, precision: Precision = Precision(), kv_layout: str = "dynamic"):
         super().__init__()
         self.config = config
-        self.model = GemmaModel(config)
+        self.model = GemmaModel(config, precision, kv_layout)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
 
     def forward(self, input_ids, position_ids, attention_mask, past: list[KV]) -> tuple[torch.Tensor, list[KV]]:
@@ -250,10 +271,10 @@ class GemmaForSequenceClassification(nn.Module):
 
 
 class GemmaForTokenClassification(nn.Module):
-    def __init__(self, config: GemmaConfig):
+    def __init__(self, config: GemmaConfig, precision: Precision = Precision(), kv_layout: str = "dynamic"):
         super().__init__()
         self.config = config
-        self.model = GemmaModel(config)
+        self.model = GemmaModel(config, precision, kv_layout)
         self.score = nn.Linear(config.hidden_size, config.num_labels)  # with bias, as transformers'
 
     def forward(self, input_ids, position_ids, attention_mask, past: list[KV]) -> tuple[torch.Tensor, list[KV]]:
@@ -271,17 +292,6 @@ TASK_CLASSES = {
 
 def decoder_of(model: nn.Module) -> GemmaModel:
     return model if isinstance(model, GemmaModel) else model.model
-
-
-def compute_dtype(model: nn.Module) -> torch.dtype:
-    """The layers' dtype, that of the KV cache; the embedding may be wider (bfloat16 exports keep the tied
-    table in float32)."""
-    return decoder_of(model).norm.weight.dtype
-
-
-def use_static_cache(model: nn.Module, enabled: bool = True) -> None:
-    """Select the static KV layout (past buffers of max_length slots, updated in place) or the dynamic one."""
-    decoder_of(model).static_cache = enabled
 
 
 def empty_past(config: GemmaConfig, batch_size: int, length: int = 0, dtype=torch.float32) -> list[KV]:

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import packaged, presets
 from .config import GemmaConfig, config_from_dict, load_config
-from .gemma import TASK_CLASSES, decoder_of, rope_inv_freq
+from .gemma import TASK_CLASSES, Precision, decoder_of, rope_inv_freq
 
 log = logging.getLogger(__name__)
 
@@ -142,21 +142,20 @@ def _normalize(name: str) -> str:
 def load_model(
     model: str | Path | Checkpoint,
     task: str = "text-generation",
-    dtype: torch.dtype = torch.float32,
+    precision: Precision = Precision(),
+    kv_layout: str = "dynamic",
     progress: bool = True,
-    embedding_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, Checkpoint]:
-    """Build the module for `task` and fill it with the checkpoint's weights (shapes and names checked), in
-    `dtype` except the embedding and lm_head when `embedding_dtype` is given (bfloat16 exports keep them in
-    float32: lm_head runs in float32)."""
+    """Build the module for `task` and fill it with the checkpoint's weights (shapes and names checked): the
+    embedding and lm_head in `precision.vocab_table`, every other weight in `precision.dtype`."""
     if task not in TASK_CLASSES:
         raise ValueError(f"task {task!r} is not supported; supported: {', '.join(TASKS)}")
     ckpt = model if isinstance(model, Checkpoint) else resolve(model)
     if ckpt.random_seed is not None:
-        return random_model(ckpt.config, task, ckpt.random_seed, dtype, embedding_dtype), ckpt
+        return random_model(ckpt.config, task, ckpt.random_seed, precision, kv_layout), ckpt
 
     with torch.device("meta"):  # no memory until the real tensors are assigned
-        module = TASK_CLASSES[task](ckpt.config)
+        module = TASK_CLASSES[task](ckpt.config, precision, kv_layout)
     expected = {k: v for k, v in module.state_dict().items()}
     prefix = "" if task == "feature-extraction" else "model."
     tied = ckpt.config.tie_word_embeddings and "lm_head.weight" in expected
@@ -179,7 +178,7 @@ def load_model(
                 f"({ckpt.config.model_type}) expects {tuple(expected[key].shape)}"
             )
         vocab = key in (embedding_key, "lm_head.weight")
-        state[key] = tensor.to(embedding_dtype if embedding_dtype and vocab else dtype)
+        state[key] = tensor.to(precision.vocab_table if vocab else precision.dtype)
     if unexpected:
         raise ValueError(f"{ckpt.source} has tensors a {ckpt.config.model_type} decoder does not: {unexpected[:8]}")
     if tied:
@@ -190,16 +189,16 @@ def load_model(
         log.warning("%s has no %s head; it is initialized randomly: fine-tune it before use", ckpt.source, task)
         generator = torch.Generator().manual_seed(0)
         for k in head:
-            state[k] = torch.randn(expected[k].shape, generator=generator, dtype=dtype) * 0.02
+            state[k] = torch.randn(expected[k].shape, generator=generator, dtype=precision.dtype) * 0.02
         missing = [k for k in missing if k not in head]
     if missing:
         raise ValueError(f"{ckpt.source} lacks tensors of the {ckpt.config.model_type} decoder: {missing[:8]}")
     module.load_state_dict(state, strict=True, assign=True)
-    _finish(module, dtype)
+    _finish(module)
     return module, ckpt
 
 
-def _finish(module: nn.Module, dtype: torch.dtype) -> None:
+def _finish(module: nn.Module) -> None:
     """Re-tie lm_head (assign=True replaced the parameter) and rebuild the RoPE buffers off the meta device."""
     decoder = decoder_of(module)
     if hasattr(module, "lm_head") and module.config.tie_word_embeddings:
@@ -210,14 +209,14 @@ def _finish(module: nn.Module, dtype: torch.dtype) -> None:
 
 
 def random_model(
-    config: GemmaConfig, task: str = "text-generation", seed: int = 0, dtype: torch.dtype = torch.float32,
-    embedding_dtype: torch.dtype | None = None,
+    config: GemmaConfig, task: str = "text-generation", seed: int = 0, precision: Precision = Precision(),
+    kv_layout: str = "dynamic",
 ) -> nn.Module:
     """Random weights, scaled so that greedy decoding does not collapse onto one token (DESIGN.md):
     the default std 0.02 lets the tied embedding echo the input token back. Here the layers dominate the
     residual stream: norms ~N(0, 1), linears ~N(0, 4/fan_in), embedding ~N(0, 0.16/hidden)."""
     torch.manual_seed(seed)
-    module = TASK_CLASSES[task](config)
+    module = TASK_CLASSES[task](config, precision, kv_layout)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if name.endswith("norm.weight"):
@@ -230,7 +229,7 @@ def random_model(
                 p.normal_(0.0, 0.02)
         table = decoder_of(module).embed_tokens.weight
         for p in module.parameters():  # in place: lm_head stays tied; the RoPE buffers stay float32
-            p.data = p.data.to(embedding_dtype if embedding_dtype and p is table else dtype)
+            p.data = p.data.to(precision.vocab_table if p is table else precision.dtype)
     return module.eval()
 
 

@@ -25,11 +25,11 @@ WEIGHT_FILES = ("model.onnx", "model.onnx.data")
 
 def prompt_ids(model, length: int, batch_size: int, seed: int = 0) -> np.ndarray:
     """Random ordinary tokens after <bos>: the content does not change the cost."""
-    vocab = model.manifest["config"]["vocab_size"]
+    vocab = model.manifest.model.vocab_size
     rng = np.random.default_rng(seed)
     low = 1000 if vocab > 2000 else 3  # past the special tokens
     ids = rng.integers(low, min(vocab, 200_000), size=(batch_size, length), dtype=np.int64)
-    ids[:, 0] = model.manifest.generation.get("bos_token_id", 2)
+    ids[:, 0] = model.manifest.generation.bos_token_id
     return ids
 
 
@@ -76,8 +76,8 @@ def read_bandwidth(megabytes: int = 256, repeats: int = 5) -> dict:
 
 def weight_bytes(model) -> int:
     """Bytes of the graph and its external data: what a decode step reads at least once."""
-    files = model.manifest["files"]
-    return sum(files[name]["size"] for name in WEIGHT_FILES if name in files)
+    files = model.manifest.files
+    return sum(files[name].size for name in WEIGHT_FILES if name in files)
 
 
 def peak_rss_bytes() -> int:
@@ -101,7 +101,7 @@ def benchmark(model, prompt_length: int, new_tokens: int, batch_size: int = 1, r
     bound = max(bandwidth.values()) / weights  # tokens/s per row if each step only read the weights
     return {
         "artifact": str(model.manifest.folder),
-        "dtype": model.manifest["dtype"],
+        "dtype": model.manifest.precision.dtype,
         "kv_layout": model.backend.kv_layout,
         "provider": model.backend.provider,
         "prompt_length": prompt_length,

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import click
 
+from . import exit_codes
 from .manifest import ArtifactError
 from .model import BACKENDS
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_TENSORRT = 0, 1, 2, 3
+log = logging.getLogger("gemma-run")
 
 
 def _sampling_options(f):
@@ -61,21 +62,22 @@ def _fail(message: str, code: int) -> None:
 
 
 def _guard(run):
-    """Bad input and unusable artifacts (ValueError, ArtifactError, ProviderError, a missing file) exit 2
-    with their message; a failure while running exits 1; neither prints a traceback."""
+    """Bad input and unusable artifacts (ValueError, ArtifactError, ProviderError, a missing file) exit 2 with
+    their message, one line; a failure while running exits 1, its traceback in the log before the message."""
     from .backends.onnxruntime_backend import ProviderError
     from .trt_device import EngineMismatch, TensorRTUnavailable
 
     try:
         return run()
     except TensorRTUnavailable as e:
-        _fail(f"{e}; or run the ONNX graph with --backend onnxruntime", EXIT_NO_TENSORRT)
+        _fail(f"{e}; or run the ONNX graph with --backend onnxruntime", exit_codes.NO_TENSORRT)
     except (ArtifactError, ValueError, FileNotFoundError, ProviderError, EngineMismatch) as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, EXIT_USAGE)
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, exit_codes.USAGE)
     except KeyboardInterrupt:
-        _fail("interrupted", EXIT_FAIL)
-    except Exception as e:  # a failure while running: say what, keep the exit code distinct
-        _fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", EXIT_FAIL)
+        _fail("interrupted", exit_codes.FAILED)
+    except Exception as e:  # a failure while running: the traceback for whoever debugs it, then what failed
+        log.error("unexpected failure", exc_info=True)
+        _fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", exit_codes.FAILED)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -96,10 +98,10 @@ def generate(artifact, prompt, stream, chat, as_json, **kw):
     """Complete PROMPT (or standard input when PROMPT is absent)."""
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
-            _fail("no prompt: pass PROMPT or pipe text on standard input", EXIT_USAGE)
+            _fail("no prompt: pass PROMPT or pipe text on standard input", exit_codes.USAGE)
         prompt = sys.stdin.read().rstrip("\n")
     if not prompt:
-        _fail("the prompt is empty", EXIT_USAGE)
+        _fail("the prompt is empty", exit_codes.USAGE)
 
     def run():
         options = _options(kw)

@@ -92,13 +92,14 @@ def load(folder: str | Path, provider: str = "cpu", allow_cpu_fallback: bool = F
         raise ValueError(f"backend {backend!r} is not supported; supported: {', '.join(BACKENDS)}")
     manifest = read_manifest(folder, verify=verify)
     if backend == "auto":
-        backend = "tensorrt" if (manifest.get("trt") or {}).get("engines") else "onnxruntime"
+        backend = "tensorrt" if manifest.engines else "onnxruntime"
     if backend == "tensorrt":
         from .backends.tensorrt_backend import TensorRTBackend
 
         return GemmaRuntime(manifest, TensorRTBackend(manifest))
     if not manifest.path("model.onnx").is_file():
-        raise ValueError(f"{folder} has no model.onnx (target {manifest.target!r}); this runtime runs ONNX graphs")
+        raise ValueError(f"{folder} has no model.onnx (target {manifest.graph.target!r}); this runtime runs ONNX "
+                         "graphs")
     from .backends.onnxruntime_backend import OnnxRuntimeBackend
 
     return GemmaRuntime(manifest, OnnxRuntimeBackend(manifest, provider, allow_cpu_fallback, threads))
@@ -110,23 +111,26 @@ class GemmaRuntime:
     def __init__(self, manifest: Manifest, backend):
         self.manifest = manifest
         self.backend = backend
-        spec = manifest.generation_spec
-        self.eos_token_ids = list(spec.eos_token_ids)
-        self.pad_token_id = spec.pad_token_id
-        self.context_length = int(backend.max_length or spec.context_length
-                                  or manifest["config"].get("max_position_embeddings") or 8192)
+        generation = manifest.generation
+        self.eos_token_ids = list(generation.eos_token_ids) if generation else []
+        self.pad_token_id = generation.pad_token_id if generation else 0
+        self.context_length = int(backend.max_length or manifest.context_length)
         self.generation_config = _read_json(manifest.path("generation_config.json"))
         folder = manifest.folder
         self.tokenizer = None
         self.chat_template = None
         if (folder / "tokenizer.json").is_file():
-            self.tokenizer = Tokenizer.from_dir(folder, spec.add_bos_token, self.pad_token_id)
+            self.tokenizer = Tokenizer.from_dir(folder, generation.add_bos_token if generation else None,
+                                                self.pad_token_id)
             config = _read_json(folder / "tokenizer_config.json")
             special = {k: v for k in ("bos_token", "eos_token", "pad_token", "unk_token")
                        if isinstance(v := config.get(k), str)}
             self.chat_template = ChatTemplate.from_dir(folder, special)
         self.last_timings: dict = {}
-        self.cache_owner = None  # the ChatSession whose conversation the backend's cache holds
+        #: the tokens whose keys and values the backend's cache holds after the last single-sequence stream
+        #: ([] after a batch): `stream_ids(..., reuse_cache=True)` keeps the prefix a new prompt shares with them
+        self.cached_tokens: list[int] = []
+        self.last_prefilled = 0  # tokens the last stream fed to its prefill (the rest came from the cache)
 
     # -- token level: the shape of transformers' generate ---------------------------------------------
 
@@ -163,14 +167,14 @@ class GemmaRuntime:
     def _check(self, options: GenerationOptions, prompt_length: int) -> int:
         """Validated options; the number of new tokens that fits the context."""
         options.check()
-        if self.manifest.task != "text-generation":
-            raise ValueError(f"this artifact was exported for {self.manifest.task!r}, not text-generation")
+        if self.manifest.kv is None:
+            raise ValueError(f"this artifact was exported for {self.manifest.graph.task!r}, not text-generation")
         return loop.fit_new_tokens(prompt_length, options.max_new_tokens, self.context_length,
                                    static=self.backend.kv_layout == "static")
 
     def _generate(self, input_ids, mask, options: GenerationOptions, eos, pad, stop=None) -> np.ndarray:
         max_new = self._check(options, input_ids.shape[1])
-        self.cache_owner = None
+        self.cached_tokens = []
         start = time.perf_counter()
         new = loop.generate_tokens(self.backend, input_ids, mask, options.sampler(), max_new, eos, pad, stop,
                                    options.use_history)
@@ -221,31 +225,45 @@ class GemmaRuntime:
 
     def stream(self, prompt: str, options: GenerationOptions | None = None, chat: bool = False) -> Iterator[str]:
         """Text pieces of one completion as they are generated; they concatenate to generate_text's."""
-        options = options or GenerationOptions()
-        ids, mask = self.encode([prompt], chat)
-        yield from self._stream(ids, mask, options)
+        ids, _ = self.encode([prompt], chat)
+        yield from self.stream_ids(ids[0].tolist(), options)
 
-    def _stream(self, ids, mask, options: GenerationOptions, continue_cache: bool = False,
-                tokens: list[int] | None = None) -> Iterator[str]:
-        past = self.backend.past_length if continue_cache else 0
-        max_new = self._check(options, past + ids.shape[1])
-        tokens = [] if tokens is None else tokens
-        if not continue_cache:
-            self.cache_owner = None
+    def stream_ids(self, ids: list[int], options: GenerationOptions | None = None,
+                   reuse_cache: bool = False) -> Iterator[str]:
+        """Text pieces of the completion of one tokenized sequence. With `reuse_cache` the backend's cache keeps
+        the longest prefix `ids` share with `cached_tokens` (what the last single-sequence stream left there: a
+        chat's earlier turns) and only the rest is prefilled."""
+        options = options or GenerationOptions()
+        keep = min(common_prefix(self.cached_tokens, ids), len(ids) - 1) if reuse_cache else 0
+        max_new = self._check(options, len(ids))
+        if keep:
+            self.backend.trim(keep)
+        new = np.array([ids[keep:]], np.int64)
+        mask = np.ones((1, keep + new.shape[1]), np.int64)
+        self.last_prefilled, self.cached_tokens = new.shape[1], []
+        generated: list[int] = []
         start = time.perf_counter()
-        yield from loop.stream(self.backend, self._require_tokenizer(), ids, mask, options.sampler(), max_new,
-                               self.eos_token_ids, options.stop_strings, options.use_history, continue_cache, tokens)
-        self._record(start, len(tokens))
+        try:
+            yield from loop.stream(self.backend, self._require_tokenizer(), new, mask, options.sampler(), max_new,
+                                   self.eos_token_ids, options.stop_strings, options.use_history, keep > 0, generated)
+        except GeneratorExit:  # the caller stopped reading: the cache is as far as the stream got
+            self.cached_tokens = list(ids) + generated[:-1] if generated else []
+            raise
+        else:
+            # The last sampled token was never fed: the cache holds the prompt and the reply but it.
+            self.cached_tokens = list(ids) + generated[:-1]
+        finally:
+            self._record(start, len(generated))
 
     def chat_session(self, options: GenerationOptions | None = None, system: str | None = None) -> "ChatSession":
         return ChatSession(self, options or GenerationOptions(), system)
 
 
 class ChatSession:
-    """A multi-turn chat that keeps the KV cache between turns. Each turn renders the whole conversation,
-    keeps the cache for the longest prefix it shares with what the cache holds (trimming the rest), and
-    prefills only the tokens after it: the new user turn, and the end of the previous reply as the
-    template writes it."""
+    """A multi-turn chat that keeps the KV cache between turns. Each turn renders the whole conversation and
+    streams its reply with `GemmaRuntime.stream_ids(..., reuse_cache=True)`: the cache keeps the longest prefix
+    the conversation shares with what it holds, and only the tokens after it are prefilled (the new user turn,
+    and the end of the previous reply as the template writes it)."""
 
     def __init__(self, model: GemmaRuntime, options: GenerationOptions, system: str | None = None):
         model._require_tokenizer()
@@ -257,37 +275,28 @@ class ChatSession:
 
     def reset(self) -> None:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
-        self.cached: list[int] = []  # the tokens whose keys and values the backend's cache holds
-        self.prefilled = 0  # tokens fed in the last turn's prefill (the rest came from the cache)
+        self.model.cached_tokens = []
+
+    @property
+    def cached(self) -> list[int]:
+        """The tokens whose keys and values the cache holds."""
+        return self.model.cached_tokens
+
+    @property
+    def prefilled(self) -> int:
+        """Tokens fed in the last turn's prefill (the rest came from the cache)."""
+        return self.model.last_prefilled
 
     def send(self, text: str) -> Iterator[str]:
         """Add a user turn and stream the reply; the reply joins the conversation when the stream ends."""
         model = self.model
         messages = [*self.messages, {"role": "user", "content": text}]
-        rendered = model.apply_chat_template(messages, add_generation_prompt=True)
-        ids = model.tokenizer.encode(rendered, add_special_tokens=False)
-        if model.cache_owner is not self:  # someone else ran the model since our last turn
-            self.cached = []
-        keep = min(common_prefix(self.cached, ids), len(ids) - 1)  # at least one token to prefill
-        if keep:
-            model.backend.trim(keep)
-        new = np.array([ids[keep:]], np.int64)
-        mask = np.ones((1, keep + new.shape[1]), np.int64)
-        self.prefilled = new.shape[1]
-        self.cached = ids[:keep]
-        generated: list[int] = []
+        ids = model.tokenizer.encode(model.apply_chat_template(messages, add_generation_prompt=True),
+                                     add_special_tokens=False)
         reply = ""
-        try:
-            for piece in model._stream(new, mask, self.options, continue_cache=keep > 0, tokens=generated):
-                model.cache_owner = self
-                reply += piece
-                yield piece
-        finally:
-            # The last sampled token was never fed: the cache holds the prompt and the reply but it
-            # (also when the caller stopped reading early).
-            if generated:
-                model.cache_owner = self
-                self.cached = ids + generated[:-1]
+        for piece in model.stream_ids(ids, self.options, reuse_cache=True):
+            reply += piece
+            yield piece
         self.messages = [*messages, {"role": "assistant", "content": reply}]
 
 

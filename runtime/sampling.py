@@ -88,7 +88,7 @@ def top_indices(logits: np.ndarray, m: int) -> np.ndarray:
     """Indices [B, m] of the m largest logits of each row, in no particular order.
 
     On a long row the m-th largest block maximum bounds the m-th largest value from below, so only
-    the few values above it are partitioned (0.1 ms instead of 2.5 ms for argpartition on 262k)."""
+    the few values above it are partitioned, instead of the whole row."""
     B, V = logits.shape
     if m >= V:
         return np.broadcast_to(np.arange(V), (B, V))

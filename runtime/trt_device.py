@@ -102,19 +102,19 @@ def engine_file_name(device: DeviceInfo, tensorrt_version: str) -> str:
     return f"{device.slug}-sm{device.compute_capability.replace('.', '')}-trt{tensorrt_version}.plan"
 
 
-def select_engine(engines: list[dict], device: DeviceInfo, tensorrt_version: str) -> dict:
-    """The manifest entry of the engine built for `device` with `tensorrt_version`, or EngineMismatch."""
+def select_engine(engines, device: DeviceInfo, tensorrt_version: str):
+    """The manifest's Engine built for `device` with `tensorrt_version`, or EngineMismatch."""
     if not engines:
         raise EngineMismatch(
             "this artifact has no TensorRT engine yet; build it on this machine with gemma-export --resume-build DIR "
             "(or run the ONNX graph with ONNX Runtime: backend='onnxruntime', gemma-run --backend onnxruntime)"
         )
     for entry in engines:
-        if (entry.get("gpu") == device.name and entry.get("compute_capability") == device.compute_capability
-                and entry.get("tensorrt_version") == tensorrt_version):
+        if (entry.gpu == device.name and entry.compute_capability == device.compute_capability
+                and entry.tensorrt_version == tensorrt_version):
             return entry
-    built = "; ".join(f"{e.get('file')}: {e.get('gpu')} (compute capability {e.get('compute_capability')}), "
-                      f"TensorRT {e.get('tensorrt_version')}" for e in engines)
+    built = "; ".join(f"{e.file}: {e.gpu} (compute capability {e.compute_capability}), TensorRT {e.tensorrt_version}"
+                      for e in engines)
     raise EngineMismatch(
         f"no engine of this artifact was built for this machine's {device.name} (compute capability "
         f"{device.compute_capability}) with TensorRT {tensorrt_version}; it has {built}. A TensorRT engine runs only "

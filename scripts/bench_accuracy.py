@@ -37,13 +37,14 @@ def token_ids(reference: Path, text: str) -> np.ndarray:
 
 def graph_path(folder: Path, scratch: Path) -> tuple[Path, str, int]:
     """The ONNX file to run, a label and the head size; bfloat16 artifacts go through the emulation."""
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
-        data = json.loads(manifest.read_text())
-        if data["kv_cache"]["layout"] != "dynamic" or data.get("logits") != "all":
+    if (folder / "manifest.json").is_file():
+        from runtime import read_manifest
+
+        manifest = read_manifest(folder, verify=False)
+        if manifest.kv.layout != "dynamic" or manifest.graph.logits != "all":
             raise SystemExit(f"{folder}: needs the dynamic KV layout and --logits all")
-        head_dim = data["config"]["head_dim"]
-        if data["dtype"] == "bfloat16":
+        head_dim = manifest.kv.head_dim
+        if manifest.precision.dtype == "bf16":
             from exporter.bf16_emulation import emulate_bfloat16
 
             path = emulate_bfloat16(folder / "model.onnx", scratch / folder.name / "model.onnx")

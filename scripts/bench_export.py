@@ -33,13 +33,15 @@ def main() -> int:
     if status != 0:
         print(f"export failed with exit code {status}", file=sys.stderr)
         return status
-    manifest = json.loads((output / "manifest.json").read_text())
-    weights = manifest["export"]["weight_bytes"]
-    size = sum(f["size"] for f in manifest["files"].values())
+    from runtime import read_manifest
+
+    manifest = read_manifest(output, verify=False)
+    weights = manifest.export.weight_bytes
+    size = sum(f.size for f in manifest.files.values())
     print(json.dumps({
         "preset": args.preset,
         "seconds": round(seconds, 1),
-        "trace_seconds": manifest["export"]["trace_seconds"],
+        "trace_seconds": manifest.export.trace_seconds,
         "weight_gib": round(weights / 2**30, 2),
         "artifact_gib": round(size / 2**30, 2),
         "peak_rss_gib": round(peak / 2**30, 2),

@@ -25,11 +25,10 @@ def sample(sequences: int, length: int, seed: int, top_p: float = 0.95) -> list[
     import torch
     from tqdm import tqdm
 
-    from exporter.api import ExportOptions, load_for_export
     from models import gemma
-    from models.loading import resolve
+    from models.loading import load_model
 
-    model = load_for_export(resolve("gemma3-270m"), ExportOptions(dtype="fp32", progress=False))
+    model, _ = load_model("gemma3-270m", progress=False)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.full((sequences, 1), model.config.bos_token_id)
     tokens, past = ids, gemma.empty_past(model.config, sequences)

@@ -36,6 +36,7 @@ Nothing here runs without TensorRT and an NVIDIA GPU; the plan (plan.py) is what
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -43,14 +44,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.manifest import read_manifest, write_manifest
+from runtime.manifest import Engine, TrtPlan, read_manifest, write_manifest
+from runtime.spec import TrtSpec
 from runtime.trt_device import DeviceInfo, TensorRTUnavailable, current_device, engine_file_name, import_tensorrt
 
-from .plan import BuildPlan
+from .plan import plan_table
 
 log = logging.getLogger(__name__)
-
-EXIT_NO_TENSORRT = 3  # gemma-export: the ONNX and the plan are written, the engine needs a GPU machine
 
 
 class BuildError(RuntimeError):
@@ -61,7 +61,7 @@ class UnsupportedOperators(BuildError):
     """The graph has operators TensorRT's ONNX parser does not take; the artifact is written, no engine built."""
 
 
-def require_supported(plan: BuildPlan, graph: Path) -> None:
+def require_supported(plan: TrtPlan, graph: Path) -> None:
     """Refuse, before anyone looks for TensorRT, a graph whose plan lists operators its parser lacks."""
     unsupported = plan.operators.get("unsupported")
     if unsupported:
@@ -101,7 +101,7 @@ def timing_cache_path(device: DeviceInfo, tensorrt_version: str) -> Path:
     return root / f"timing-{device.slug}-sm{device.compute_capability.replace('.', '')}-trt{tensorrt_version}.cache"
 
 
-def build_engine(onnx_path: Path, plan: BuildPlan, engine_path: Path, progress: bool = True,
+def build_engine(onnx_path: Path, trt_spec: TrtSpec, plan: TrtPlan, engine_path: Path, progress: bool = True,
                  timing_cache: Path | None = None) -> BuildResult:
     """Parse `onnx_path`, build with the plan's profiles, write the serialized engine atomically."""
     require_supported(plan, onnx_path)
@@ -116,7 +116,7 @@ def build_engine(onnx_path: Path, plan: BuildPlan, engine_path: Path, progress: 
         raise BuildError(f"TensorRT {trt.__version__} cannot parse {onnx_path}: {errors}")
 
     config = builder.create_builder_config()
-    config.builder_optimization_level = plan.optimization_level
+    config.builder_optimization_level = trt_spec.optimization_level
     for profile in plan.profiles:
         trt_profile = builder.create_optimization_profile()
         for name, (low, opt, high) in profile.shapes.items():
@@ -138,37 +138,29 @@ def build_engine(onnx_path: Path, plan: BuildPlan, engine_path: Path, progress: 
     return BuildResult(engine_path, time.perf_counter() - start, device, trt.__version__)
 
 
-def build_artifact_engine(folder: str | Path, progress: bool = True) -> dict:
+def build_artifact_engine(folder: str | Path, progress: bool = True):
     """Build the engine of an artifact whose manifest holds a build plan (gemma-export --resume-build),
-    add it to manifest["trt"]["engines"] and rewrite the manifest. Returns the new manifest."""
+    add it to the manifest's engines and rewrite the manifest. Returns the new manifest."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    section = manifest.get("trt") or {}
-    if manifest.target != "trt" or "plan" not in section:
-        raise ValueError(f"{folder} has no TensorRT build plan (target {manifest.target!r}); export it with "
+    if manifest.graph.target != "trt" or manifest.plan is None:
+        raise ValueError(f"{folder} has no TensorRT build plan (target {manifest.graph.target!r}); export it with "
                          "gemma-export --target trt")
-    plan = BuildPlan.from_dict(section["plan"])
-    log.info("%s", plan.table())
-    require_supported(plan, folder)
+    log.info("%s", plan_table(manifest, manifest.plan))
+    require_supported(manifest.plan, folder)
     try:
         trt, device = require_tensorrt()
     except TensorRTUnavailable as e:
         raise TensorRTUnavailable(e.reason, unavailable_message(folder)) from e
     name = engine_file_name(device, trt.__version__)
-    result = build_engine(manifest.path("model.onnx"), plan, folder / "engines" / name, progress)
-    entry = {
-        "file": f"engines/{name}",
-        "gpu": device.name,
-        "compute_capability": device.compute_capability,
-        "tensorrt_version": result.tensorrt_version,
-        "profiles": [p.name for p in plan.profiles],
-        "build_seconds": round(result.seconds, 1),
-    }
-    engines = [e for e in section.get("engines", []) if e["file"] != entry["file"]] + [entry]
-    data = {k: v for k, v in manifest.data.items() if k not in ("schema_version", "kind", "files")}
-    data["trt"] = {**section, "engines": engines}
-    log.info("built %s in %.0f s", entry["file"], result.seconds)
-    return write_manifest(folder, data)
+    result = build_engine(manifest.path("model.onnx"), manifest.trt, manifest.plan, folder / "engines" / name,
+                          progress)
+    engine = Engine(file=f"engines/{name}", gpu=device.name, compute_capability=device.compute_capability,
+                    tensorrt_version=result.tensorrt_version, profiles=tuple(p.name for p in manifest.plan.profiles),
+                    build_seconds=round(result.seconds, 1))
+    engines = (*(e for e in manifest.engines if e.file != engine.file), engine)
+    log.info("built %s in %.0f s", engine.file, result.seconds)
+    return write_manifest(folder, dataclasses.replace(manifest, engines=engines))
 
 
 def _use_timing_cache(config, path: Path) -> None:

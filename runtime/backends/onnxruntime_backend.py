@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from ..manifest import ArtifactError, Manifest
+from ..spec import ELEMENT_TYPE
 from .base import Backend
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-KV_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 class ProviderError(RuntimeError):
@@ -45,30 +45,18 @@ class OnnxRuntimeBackend(Backend):
             raise ValueError(f"provider {provider!r} is not supported; supported: {', '.join(PROVIDERS)}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads {threads!r} is out of range; expected an integer >= 1 (or None for all cores)")
-        kv = manifest.kv
-        if kv.dtype == "bfloat16":
+        if manifest.precision.dtype == "bf16":
             raise ValueError("this artifact is bfloat16, which ONNX Runtime's CPU provider cannot run (no bfloat16 "
                              "kernels); build its TensorRT engine on a GPU, or export with --dtype fp16 or fp32")
-        if kv.dtype not in KV_DTYPES:
-            raise ValueError(f"kv_cache.dtype {kv.dtype!r} is not supported; supported: {', '.join(KV_DTYPES)}")
+        super().__init__(manifest)
         self.ort = ort
-        self.manifest = manifest
         self.session = self._session(provider, allow_cpu_fallback, threads)
         self.provider = provider if PROVIDERS[provider] in self.session.get_providers() else "cpu"
         self.device = "cpu" if self.provider == "cpu" else "cuda"
-
-        self.kv_layout = kv.layout
-        self.max_length = kv.max_length if kv.layout == "static" else None
-        self.shares_buffers = kv.shares_buffers
-        self.kv_heads, self.head_dim = kv.num_kv_heads, kv.head_dim
-        self.kv_dtype = KV_DTYPES[kv.dtype]
-        self.logits_all = manifest.logits == "all"
-        self.past_names = manifest.past_names
-        self.present_names = manifest.present_names
+        if manifest.kv is not None:
+            self.kv_heads, self.head_dim = manifest.kv.num_kv_heads, manifest.kv.head_dim
+            self.kv_dtype = np.dtype(ELEMENT_TYPE[manifest.kv.dtype])
         self._binding = self.session.io_binding()
-        self.batch_size = 0
-        self._past_length = 0
-        self.run_seconds = 0.0
 
     # -- session -------------------------------------------------------------------------------------
 
@@ -109,19 +97,7 @@ class OnnxRuntimeBackend(Backend):
 
     # -- the cache -----------------------------------------------------------------------------------
 
-    @property
-    def past_length(self) -> int:
-        return self._past_length
-
-    def reset(self, batch_size: int, max_length: int) -> None:
-        if self.kv_layout == "static" and max_length > self.max_length:
-            raise ValueError(
-                f"{max_length} tokens (prompt + max_new_tokens) do not fit the static KV cache of "
-                f"{self.max_length}; shorten the prompt or max_new_tokens, or export with a larger --max-length"
-            )
-        self.batch_size = batch_size
-        self._past_length = 0
-        self.run_seconds = 0.0
+    def _reset(self, batch_size: int) -> None:
         if self.kv_layout == "static":
             self._reset_static(batch_size)
         else:
@@ -147,23 +123,18 @@ class OnnxRuntimeBackend(Backend):
             self._bindings.append(binding)
         self._current = 0  # the set that holds the cache
 
-    def trim(self, length: int) -> None:
-        if not 0 <= length <= self._past_length:
-            raise ValueError(f"cannot trim the cache to {length} slots; it holds {self._past_length}")
-        if self.kv_layout == "dynamic" and length < self._past_length:
-            # One copy per trim (a chat turn), not per step.
+    def _trim(self, length: int) -> None:
+        if self.kv_layout == "dynamic":  # one copy per trim (a chat turn), not per step
             self._past = [
                 self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :length]), self.device, 0)
                 for v in self._past
             ]
-        self._past_length = length  # static: the slots past the mask are ignored, then overwritten
 
     # -- a step --------------------------------------------------------------------------------------
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 all_logits: bool = False) -> np.ndarray:
-        if all_logits and not self.logits_all:
-            raise ValueError("all_logits needs an artifact exported with --logits all; this one returns the last position only")
+        self.check_logits(all_logits)
         if self.kv_layout == "static":
             binding = self._bindings[self._current]
             binding.bind_output("logits", "cpu")  # rebinding a name replaces it in place

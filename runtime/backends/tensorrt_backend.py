@@ -43,12 +43,12 @@ import time
 import numpy as np
 
 from ..manifest import ArtifactError, Manifest
+from ..spec import ITEMSIZE
 from ..trt_device import check_cuda, current_device, import_cudart, import_tensorrt, native_handle, select_engine
 from .base import Backend
 
 log = logging.getLogger(__name__)
 
-KV_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
@@ -59,16 +59,16 @@ class TensorRTBackend(Backend):
         trt = import_tensorrt()
         self.cudart = cudart = import_cudart()
         device = current_device(device_index)
-        section = manifest.get("trt") or {}
-        entry = select_engine(section.get("engines", []), device, trt.__version__)
-        limits = section["plan"]["limits"]
+        entry = select_engine(manifest.engines, device, trt.__version__)
+        limits = manifest.trt.limits
+        super().__init__(manifest)
         kv = manifest.kv
         check_cuda(cudart.cudaSetDevice(device_index), "cudaSetDevice")
 
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(manifest.path(entry["file"]).read_bytes())
+        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(manifest.path(entry.file).read_bytes())
         if self.engine is None:
-            raise ArtifactError(f"TensorRT {trt.__version__} cannot deserialize {entry['file']}; build it again "
+            raise ArtifactError(f"TensorRT {trt.__version__} cannot deserialize {entry.file}; build it again "
                                 "with gemma-export --resume-build DIR")
         self.stream = check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self.stream_handle = native_handle(self.stream)
@@ -83,16 +83,12 @@ class TensorRTBackend(Backend):
             context.set_optimization_profile_async(index, self.stream_handle)
             self.contexts.append(context)
 
-        self.kv_layout = kv.layout
-        self.max_batch_size = limits["max_batch_size"]
-        self.max_length = kv.max_length if kv.layout == "static" else limits["max_length"]
-        self.shares_buffers = kv.shares_buffers
+        self.max_batch_size = limits.max_batch_size
+        self.max_length = kv.max_length if kv.layout == "static" else limits.max_length
         self.kv_heads, self.head_dim = kv.num_kv_heads, kv.head_dim
-        self.kv_itemsize = KV_ITEMSIZE[kv.dtype]
-        self.past_names, self.present_names = manifest.past_names, manifest.present_names
-        self.vocab_size = manifest["config"]["vocab_size"]
-        self.logits_all = manifest.logits == "all"
-        self.max_rows = limits["max_input_len"] if self.logits_all else 1
+        self.kv_itemsize = ITEMSIZE[kv.dtype]
+        self.vocab_size = manifest.model.vocab_size
+        self.max_rows = limits.max_input_len if self.logits_all else 1
 
         self._buffers: list[int] = []
         B, L = self.max_batch_size, self.max_length
@@ -102,10 +98,7 @@ class TensorRTBackend(Backend):
         sets = 1 if self.shares_buffers else 2
         self.kv = [[self._malloc(self.kv_bytes) for _ in self.past_names] for _ in range(sets)]
         self._current = 0
-        self.batch_size = 0
-        self._past_length = 0
-        self.run_seconds = 0.0
-        log.info("TensorRT engine %s on %s: %d profiles, %.2f GiB of KV buffers", entry["file"], device.name,
+        log.info("TensorRT engine %s on %s: %d profiles, %.2f GiB of KV buffers", entry.file, device.name,
                  len(self.contexts), sets * len(self.past_names) * self.kv_bytes / 2**30)
 
     def _malloc(self, size: int) -> int:
@@ -121,27 +114,14 @@ class TensorRTBackend(Backend):
 
     # -- the cache -----------------------------------------------------------------------------------
 
-    @property
-    def past_length(self) -> int:
-        return self._past_length
-
-    def reset(self, batch_size: int, max_length: int) -> None:
-        if batch_size > self.max_batch_size or max_length > self.max_length:
-            raise ValueError(
-                f"a batch of {batch_size} rows of up to {max_length} tokens does not fit this engine (built for "
-                f"--max-batch-size {self.max_batch_size}, --max-length {self.max_length}); shorten the request or "
-                "export and build again with larger limits"
-            )
-        self.batch_size, self._past_length, self.run_seconds = batch_size, 0, 0.0
+    def _reset(self, batch_size: int) -> None:
         if self.kv_layout == "static":  # unused slots are masked, but NaN garbage times a zero weight is NaN
             for buffers in self.kv:
                 for pointer in buffers:
                     check_cuda(self.cudart.cudaMemsetAsync(pointer, 0, self.kv_bytes, self.stream), "cudaMemsetAsync")
 
-    def trim(self, length: int) -> None:
-        if not 0 <= length <= self._past_length:
-            raise ValueError(f"cannot trim the cache to {length} slots; it holds {self._past_length}")
-        if self.kv_layout == "dynamic" and 0 < length < self._past_length and len(self.kv) == 2:
+    def _trim(self, length: int) -> None:
+        if self.kv_layout == "dynamic" and length > 0 and len(self.kv) == 2:
             # [B, H, P, D] -> [B, H, length, D]: B * H rows of length * D items, into the other set.
             row = self.head_dim * self.kv_itemsize
             kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
@@ -150,14 +130,12 @@ class TensorRTBackend(Backend):
                                                          self.batch_size * self.kv_heads, kind, self.stream),
                            "cudaMemcpy2DAsync")
             self._current = 1 - self._current
-        self._past_length = length
 
     # -- a step --------------------------------------------------------------------------------------
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 all_logits: bool = False) -> np.ndarray:
-        if all_logits and not self.logits_all:
-            raise ValueError("all_logits needs an artifact exported with --logits all; this one returns the last position only")
+        self.check_logits(all_logits)
         B, S = input_ids.shape
         pieces, start = [], 0
         while start < S:
@@ -246,62 +224,3 @@ class TensorRTBackend(Backend):
                                                 self.stream), "cudaMemcpy2DAsync")
         check_cuda(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return out
-
-
-def run_engine_once(engine_path, feeds: dict[str, np.ndarray], names: list[str], profile: int = 0) -> dict:
-    """Run a serialized engine once on host `feeds` and return the named outputs as float32 arrays (a
-    debugging path: buffers are allocated for this call and freed after it)."""
-    trt, cudart = import_tensorrt(), import_cudart()
-    current_device()
-    logger = trt.Logger(trt.Logger.WARNING)
-    with open(engine_path, "rb") as f:
-        engine = trt.Runtime(logger).deserialize_cuda_engine(f.read())
-    if engine is None:
-        raise RuntimeError(f"TensorRT {trt.__version__} cannot deserialize {engine_path} (its log above says why)")
-    context = engine.create_execution_context()
-    stream = check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
-    context.set_optimization_profile_async(profile, native_handle(stream))
-    pointers = []
-
-    def malloc(size):
-        pointers.append(int(check_cuda(cudart.cudaMalloc(max(size, 1)), "cudaMalloc")))
-        return pointers[-1]
-
-    try:
-        for name, value in feeds.items():
-            value = np.ascontiguousarray(value)
-            pointer = malloc(value.nbytes)
-            check_cuda(cudart.cudaMemcpy(pointer, value.ctypes.data, value.nbytes,
-                                         cudart.cudaMemcpyKind.cudaMemcpyHostToDevice), "cudaMemcpy")
-            if not (context.set_input_shape(name, value.shape) and context.set_tensor_address(name, pointer)):
-                raise RuntimeError(f"the TensorRT engine refused input {name} of shape {value.shape} "
-                                   f"in profile {profile}")
-        outputs = {}
-        for index in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(index)
-            if engine.get_tensor_mode(name) != trt.TensorIOMode.OUTPUT:
-                continue
-            shape = tuple(context.get_tensor_shape(name))
-            # trt.nptype maps float32/float16/int8/int32/int64/bool/uint8 and raises TypeError for bfloat16 and
-            # the fp8/int4 types, which numpy lacks: bfloat16 is read as its raw 16 bits
-            bf16 = engine.get_tensor_dtype(name) == trt.bfloat16
-            dtype = np.dtype(np.uint16 if bf16 else trt.nptype(engine.get_tensor_dtype(name)))
-            size = int(np.prod(shape)) * dtype.itemsize
-            outputs[name] = (shape, dtype, bf16, malloc(size))
-            context.set_tensor_address(name, outputs[name][3])
-        if not context.execute_async_v3(native_handle(stream)):
-            raise RuntimeError("TensorRT execute_async_v3 failed (its log above says why)")
-        check_cuda(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
-        result = {}
-        for name in names:
-            shape, dtype, bf16, pointer = outputs[name]
-            host = np.empty(shape, dtype)
-            check_cuda(cudart.cudaMemcpy(host.ctypes.data, pointer, host.nbytes,
-                                         cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost), "cudaMemcpy")
-            # bfloat16 is the top half of a float32
-            result[name] = (host.astype(np.uint32) << 16).view(np.float32) if bf16 else host.astype(np.float32)
-        return result
-    finally:
-        for pointer in pointers:
-            cudart.cudaFree(pointer)
-        cudart.cudaStreamDestroy(stream)

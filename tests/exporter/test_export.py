@@ -18,12 +18,11 @@ from exporter import ExportOptions, export
 from exporter.cli import export_command, parity_command
 from runtime.generate import positions
 from runtime.tokenizer import left_pad
-
-FAMILIES = ["tiny-gemma-2b", "tiny-gemma-7b", "tiny-gemma2", "tiny-gemma3"]
+from tests.families import ALL, FAMILY_OF
 
 
 @pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", ALL)
 def test_tiny_export_matches_pytorch(tmp_path, name, kv_cache):
     """Batch of three left-padded prompts, prefill + 8 decode steps, past the window of 8."""
     options = ExportOptions(kv_cache=kv_cache, max_length=48 if kv_cache == "static" else None, progress=False)
@@ -32,8 +31,8 @@ def test_tiny_export_matches_pytorch(tmp_path, name, kv_cache):
     assert parity["passed"] and parity["batch_size"] == 3 and parity["new_tokens"] == 8
     assert parity["max_abs_diff"] <= 1e-4
     assert parity["greedy_agreement"] == 1.0
-    assert manifest["kv_cache"]["layout"] == kv_cache
-    assert manifest["family"] == {"tiny-gemma2": "gemma2", "tiny-gemma3": "gemma3_text"}.get(name, "gemma")
+    assert manifest.kv.layout == kv_cache
+    assert manifest.model.family == FAMILY_OF[name]
 
 
 def test_graph_io_names_dtypes_and_dims(tmp_path):
@@ -71,15 +70,15 @@ def test_last_logits_only(tmp_path):
 @pytest.mark.parametrize("task", ["feature-extraction", "sequence-classification", "token-classification"])
 def test_other_heads(tmp_path, task):
     manifest = export("random:tiny-gemma-2b", tmp_path / "a", ExportOptions(task=task, progress=False))
-    assert manifest["task"] == task and manifest["parity"]["passed"]
-    assert manifest["parity"]["max_abs_diff"] <= 1e-4
-    assert not any(name.startswith("past_key_values") for name in manifest["io"]["inputs"])
+    assert manifest.graph.task == task and manifest.parity.passed
+    assert manifest.parity.max_abs_diff <= 1e-4
+    assert not any(name.startswith("past_key_values") for name in manifest.graph.inputs) and manifest.kv is None
 
 
 @pytest.mark.parametrize("task,dtype", [("sequence-classification", "fp16"), ("feature-extraction", "bf16")])
 def test_other_heads_in_half_precision(tmp_path, task, dtype):
     manifest = export("random:tiny-gemma3", tmp_path / "a", ExportOptions(task=task, dtype=dtype, progress=False))
-    assert manifest["parity"]["passed"] and manifest["dtype"] == {"fp16": "float16", "bf16": "bfloat16"}[dtype]
+    assert manifest.parity.passed and manifest.precision.dtype == dtype
 
 
 def test_manifest_lists_every_file_with_sha256(tmp_path):
@@ -88,11 +87,12 @@ def test_manifest_lists_every_file_with_sha256(tmp_path):
     manifest = export("random:tiny-gemma3", tmp_path / "a", ExportOptions(progress=False))
     folder = tmp_path / "a"
     on_disk = sorted(p.name for p in folder.iterdir() if p.name != "manifest.json")
-    assert sorted(manifest["files"]) == on_disk
-    for name, entry in manifest["files"].items():
-        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == entry["sha256"]
-    assert manifest["schema_version"] == 1 and manifest["parity"]["passed"]
-    assert manifest["kv_cache"]["sliding_window_layers"] == [0, 1, 2, 3, 4]
+    assert sorted(manifest.files) == on_disk
+    for name, entry in manifest.files.items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == entry.sha256
+    written = json.loads((folder / "manifest.json").read_text())
+    assert written["schema_version"] == 2 and written["parity"]["passed"] and manifest.parity.passed
+    assert manifest.kv.sliding_window_layers == (0, 1, 2, 3, 4) == tuple(written["kv"]["sliding_window_layers"])
 
 
 def test_existing_output_needs_overwrite(tmp_path):
@@ -135,7 +135,7 @@ def test_interrupted_export_leaves_no_artifact(tmp_path):
 def test_failed_parity_writes_nothing(tmp_path, monkeypatch):
     from exporter import ParityError, verify
 
-    monkeypatch.setitem(verify.TOLERANCES, "float32", 1e-12)
+    monkeypatch.setitem(verify.TOLERANCES, "fp32", 1e-12)
     with pytest.raises(ParityError, match="parity failed"):
         export("random:tiny-gemma-2b", tmp_path / "a", ExportOptions(progress=False))
     assert not (tmp_path / "a").exists()

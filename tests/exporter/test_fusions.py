@@ -7,27 +7,26 @@ import pytest
 
 from exporter import ExportOptions, export
 from models import presets
+from tests.families import ONE_PER_FAMILY
 
-FAMILIES = ["tiny-gemma-2b", "tiny-gemma2", "tiny-gemma3"]
 
-
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", ONE_PER_FAMILY)
 def test_ort_target_fuses_every_norm_and_keeps_parity(tmp_path, name):
     config = presets.config(name)
     L = config.num_hidden_layers
     manifest = export(f"random:{name}", tmp_path / "a", ExportOptions(target="ort", progress=False))
     # Norms per layer: 2 (Gemma 1), 4 with sandwich norms, 6 with q/k norms; plus the final norm.
     per_layer = 2 + 2 * config.sandwich_norms + 2 * config.qk_norm
-    assert manifest["fusions"]["rms_normalization"] == per_layer * L + 1
+    assert manifest.fusions["rms_normalization"] == per_layer * L + 1
     # The residual add before each layer's second norm, before the next layer's first, and before the final norm.
-    assert manifest["fusions"]["skip_rms_normalization"] == 2 * L
-    assert manifest["fusions"]["rotary_embedding"] == 2 * L  # q and k of every layer
-    assert manifest["fusions"]["cos_sin_cache"] == 2 * L
-    assert manifest["fusions"]["fast_gelu"] == L
-    assert manifest["fusions"]["rotary_positions"] == 2 * L  # tables of the fed positions only
-    assert "group_query_attention" not in manifest["fusions"]  # the dynamic layout keeps its attention
-    assert manifest["target"] == "ort"
-    assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_diff"] <= 1e-4
+    assert manifest.fusions["skip_rms_normalization"] == 2 * L
+    assert manifest.fusions["rotary_embedding"] == 2 * L  # q and k of every layer
+    assert manifest.fusions["cos_sin_cache"] == 2 * L
+    assert manifest.fusions["fast_gelu"] == L
+    assert manifest.fusions["rotary_positions"] == 2 * L  # tables of the fed positions only
+    assert "group_query_attention" not in manifest.fusions  # the dynamic layout keeps its attention
+    assert manifest.graph.target == "ort"
+    assert manifest.parity.passed and manifest.parity.max_abs_diff <= 1e-4
 
     graph = onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
@@ -49,8 +48,8 @@ def test_static_layout_attention_shares_its_buffers_and_decodes_as_the_unfused_g
     config = presets.config(name)
     fused = export(f"random:{name}", tmp_path / "fused",
                    ExportOptions(target="ort", kv_cache="static", max_length=48, progress=False))
-    assert fused["kv_cache"]["shares_buffers"] and fused["fusions"]["group_query_attention"] == config.num_hidden_layers
-    assert fused["parity"]["passed"] and fused["parity"]["max_abs_diff"] <= 1e-4
+    assert fused.kv.shares_buffers and fused.fusions["group_query_attention"] == config.num_hidden_layers
+    assert fused.parity.passed and fused.parity.max_abs_diff <= 1e-4
     graph = onnx.load(str(tmp_path / "fused" / "model.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("GroupQueryAttention") == config.num_hidden_layers and "Softmax" not in ops
@@ -80,9 +79,9 @@ def test_attention_the_kernel_cannot_run_is_left_unfused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(values))
     manifest = export(f"random:{tmp_path / 'config.json'}", tmp_path / "a",
                       ExportOptions(target="ort", kv_cache="static", max_length=32, progress=False))
-    assert "group_query_attention" not in manifest["fusions"] and manifest["fusions"]["rotary_embedding"]
-    assert not manifest["kv_cache"]["shares_buffers"]  # the unfused graph's runtime swaps two buffer sets
-    assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_diff"] <= 1e-4
+    assert "group_query_attention" not in manifest.fusions and manifest.fusions["rotary_embedding"]
+    assert not manifest.kv.shares_buffers  # the unfused graph's runtime swaps two buffer sets
+    assert manifest.parity.passed and manifest.parity.max_abs_diff <= 1e-4
     ops = [n.op_type for n in onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False).graph.node]
     assert "GroupQueryAttention" not in ops and "Softmax" in ops
 

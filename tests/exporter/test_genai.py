@@ -34,9 +34,9 @@ def test_onnxruntime_genai_runs_the_artifact_with_our_greedy_tokens(tmp_path, na
     import runtime
 
     manifest = export(f"random:{name}", tmp_path / "a", ExportOptions(target="ort", progress=False, **options))
-    assert "genai_config.json" in manifest["files"]
+    assert "genai_config.json" in manifest.files
     genai = json.loads((tmp_path / "a" / "genai_config.json").read_text())
-    assert genai["model"]["decoder"]["num_key_value_heads"] == manifest["config"]["num_key_value_heads"]
+    assert genai["model"]["decoder"]["num_key_value_heads"] == manifest.model.num_key_value_heads
     prompt = [2, 17, 30, 41, 99]
     theirs = _genai_greedy(tmp_path / "a", prompt, max_length=len(prompt) + 16)
     ours = runtime.load(tmp_path / "a").generate([prompt], max_new_tokens=len(theirs))[0][len(prompt):].tolist()
@@ -45,4 +45,4 @@ def test_onnxruntime_genai_runs_the_artifact_with_our_greedy_tokens(tmp_path, na
 
 def test_no_genai_config_where_genai_could_not_run_it(tmp_path):
     onnx_target = export("random:tiny-gemma3", tmp_path / "a", ExportOptions(verify=False, progress=False))
-    assert "genai_config.json" not in onnx_target["files"]
+    assert "genai_config.json" not in onnx_target.files

@@ -15,11 +15,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from exporter import ExportOptions, export
 from exporter.bf16_emulation import emulate_bfloat16
+from exporter.blocks import hqq, rtn
 from exporter.cli import export_command
-from exporter.quantize import QuantOptions, hqq, rtn
 from models import presets
+from tests.families import ONE_PER_FAMILY
 
-FAMILIES = ["tiny-gemma-2b", "tiny-gemma2", "tiny-gemma3"]
 LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
 
 
@@ -119,17 +119,17 @@ def _ops(folder):
     return ops, graph
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", ONE_PER_FAMILY)
 def test_int4_ort_graph_matches_fake_quantized_reference(tmp_path, name):
     """MatMulNBits everywhere, the tied embedding shared by lm_head (int8) and GatherBlockQuantized; with float32
     activations the graph equals a PyTorch model holding the dequantized weights."""
     L = presets.config(name).num_hidden_layers
     manifest = export(f"random:{name}", tmp_path / "a", ExportOptions(quant="int4", accuracy_level=1, progress=False))
-    assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_diff"] <= 1e-4
-    assert manifest["parity"]["greedy_agreement"] == 1.0
-    q = manifest["quantization"]
-    assert q["quantized_weights"] == {"int4": LINEARS_PER_LAYER * L, "int8": 1}
-    assert (q["method"], q["block_size"], q["symmetric"], q["lm_head"]) == ("gptq", 32, False, "int8")
+    assert manifest.parity.passed and manifest.parity.max_abs_diff <= 1e-4
+    assert manifest.parity.greedy_agreement == 1.0
+    assert manifest.quantized.weights == {"int4": LINEARS_PER_LAYER * L, "int8": 1}
+    q = manifest.quant
+    assert (q.method, q.block_size, q.symmetric, q.lm_head) == ("gptq", 32, False, "int8")
     ops, graph = _ops(tmp_path / "a")
     assert ops["MatMulNBits"] == LINEARS_PER_LAYER * L + 1 and ops["GatherBlockQuantized"] == 1
     assert "Gather" not in ops  # the float embedding is gone: one quantized copy serves both
@@ -141,9 +141,9 @@ def test_int4_ort_graph_matches_fake_quantized_reference(tmp_path, name):
 def test_int4_default_accuracy_level_keeps_greedy_tokens_and_shrinks_the_artifact(tmp_path):
     fp32 = export("random:tiny-gemma3", tmp_path / "f", ExportOptions(verify=False, progress=False))
     int4 = export("random:tiny-gemma3", tmp_path / "q", ExportOptions(quant="int4", progress=False))
-    assert int4["parity"]["passed"] and int4["parity"]["max_abs_diff"] <= 1e-4  # the float-activation twin
-    assert int4["parity"]["greedy_agreement"] >= 0.9  # the shipped graph, int8 activations
-    size = lambda m: m["files"]["model.onnx.data"]["size"]  # noqa: E731
+    assert int4.parity.passed and int4.parity.max_abs_diff <= 1e-4  # the float-activation twin
+    assert int4.parity.greedy_agreement >= 0.9  # the shipped graph, int8 activations
+    size = lambda m: m.files["model.onnx.data"].size  # noqa: E731
     assert size(int4) < 0.35 * size(fp32)
 
 
@@ -152,9 +152,9 @@ def test_hqq_and_float_lm_head(tmp_path):
     manifest = export("random:tiny-gemma2", tmp_path / "a",
                       ExportOptions(quant="int4", quant_method="hqq", lm_head="float", block_size=64,
                                     accuracy_level=1, progress=False))
-    assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_diff"] <= 1e-4
-    assert manifest["quantization"]["quantized_weights"]["int8"] == 0
-    assert manifest["quantization"]["skipped"] == ["model.lm_head.weight_t"]
+    assert manifest.parity.passed and manifest.parity.max_abs_diff <= 1e-4
+    assert manifest.quantized.weights["int8"] == 0
+    assert manifest.quantized.skipped == ("model.lm_head.weight_t",)
     ops, _ = _ops(tmp_path / "a")
     assert ops["Gather"] == 1 and "GatherBlockQuantized" not in ops and ops["MatMul"] >= 1
 
@@ -179,10 +179,11 @@ def half_export(tmp_path_factory):
 
 @pytest.mark.parametrize("name,dtype", [*HALF, *(pytest.param(*p, marks=pytest.mark.slow) for p in SLOW_HALF)])
 def test_half_precision_graphs_keep_the_residual_stream_in_float32(half_export, name, dtype):
+    from exporter.divergence import layer_points
+
     folder, manifest = half_export(name, dtype)
-    parity = manifest["parity"]
-    assert parity["passed"] and parity["max_abs_diff"] <= (0.1 if dtype == "fp16" else 0.6)
-    assert manifest["dtype"] == {"fp16": "float16", "bf16": "bfloat16"}[dtype]
+    assert manifest.parity.passed and manifest.parity.max_abs_diff <= (0.1 if dtype == "fp16" else 0.6)
+    assert manifest.precision.dtype == dtype and manifest.precision.residual == "fp32"
     _, graph = _ops(folder)
     elem = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}[dtype]
     kv = [v for v in graph.input if v.name.startswith("past_key_values.")]
@@ -191,10 +192,15 @@ def test_half_precision_graphs_keep_the_residual_stream_in_float32(half_export, 
     table = weights.pop("model.lm_head.weight_t")  # the tied embedding: float32 in bf16 graphs (next test)
     assert weights and set(weights.values()) == {elem}
     assert table == (TensorProto.FLOAT if dtype == "bf16" else elem)
-    # Every decoder layer's residual add runs in float32: Add nodes whose output type is float.
+    # The residual stream itself is float32: what each decoder layer hands the next (its scope's last value), and
+    # the residual add inside it, after attention.
     types = {v.name: v.type.tensor_type.elem_type for v in graph.value_info}
-    float_adds = [n for n in graph.node if n.op_type == "Add" and types.get(n.output[0]) == TensorProto.FLOAT]
-    assert len(float_adds) >= 2 * presets.config(name).num_hidden_layers
+    points = layer_points(onnx.load(str(folder / "model.onnx"), load_external_data=False))
+    layer_outputs = [p.value for p in points if p.scope.rsplit(".", 1)[-1].isdigit()]
+    assert len(layer_outputs) == presets.config(name).num_hidden_layers
+    assert all(types[v] == TensorProto.FLOAT for v in layer_outputs)
+    producers = {o: n for n in graph.node for o in n.output}
+    assert all(producers[v].op_type == "Add" for v in layer_outputs)  # x + mlp(...): the residual add
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
@@ -206,11 +212,14 @@ def test_half_precision_models_scale_the_embedding_and_rotate_in_float32(dtype):
 
     import torch
 
-    from exporter.api import load_for_export
-    from models.gemma import compute_dtype, decoder_of, empty_past
+    from exporter.source import load_for_export
+    from models.gemma import decoder_of, empty_past
     from models.loading import resolve
+    from runtime.spec import ModelSpec, resolve as resolve_spec
 
-    model = load_for_export(resolve("random:tiny-gemma3"), ExportOptions(dtype=dtype, progress=False))
+    ckpt = resolve("random:tiny-gemma3")
+    spec = resolve_spec(ExportOptions(dtype=dtype), ModelSpec.from_config(ckpt.config))
+    model = load_for_export(ckpt, spec, progress=False)
     decoder = decoder_of(model)
     seen = {}
 
@@ -224,7 +233,7 @@ def test_half_precision_models_scale_the_embedding_and_rotate_in_float32(dtype):
     decoder.layers[0].self_attn.q_norm.register_forward_hook(keep("q", lambda args, out: out))
     ids = torch.tensor([[5, 17, 3]])
     with torch.no_grad():
-        past = empty_past(model.config, 1, dtype=compute_dtype(model))
+        past = empty_past(model.config, 1, dtype=decoder.precision.dtype)
         decoder(ids, torch.arange(3)[None], torch.ones_like(ids), past)
     exact = decoder.embed_tokens.weight[ids].float() * math.sqrt(model.config.hidden_size)
     assert seen["x"].dtype == torch.float32 and torch.equal(seen["x"], exact)
@@ -233,8 +242,8 @@ def test_half_precision_models_scale_the_embedding_and_rotate_in_float32(dtype):
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_bfloat16_graphs_keep_scores_gelu_and_post_norms_in_float32(half_export, dtype):
-    """bfloat16 graphs compute q·k, gelu(gate)·up and the post-norms in float32 (exporter/api.py
-    `_widen_bfloat16`); float16 graphs keep them in float16, the patterns ONNX Runtime's fusions match."""
+    """bfloat16 graphs compute q·k, gelu(gate)·up and the post-norms in float32 (runtime/spec.py `_precision`);
+    float16 graphs keep them in float16, the patterns ONNX Runtime's fusions match."""
     folder, _ = half_export("tiny-gemma3", dtype)
     _, graph = _ops(folder)
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.output]}
@@ -263,21 +272,24 @@ def test_bfloat16_graphs_keep_scores_gelu_and_post_norms_in_float32(half_export,
 
 def test_bfloat16_graphs_store_the_tied_embedding_once_in_float32(half_export):
     """lm_head runs in float32 in bf16 graphs (bf16 logits near 20 are 0.125 apart): the tied table is kept in
-    float32, with the values of the float32 model, rather than rounded to bf16 and cast back (exporter/api.py
-    `float32_vocab_tables`); the layers' weights are bf16, and the plan's estimate says so."""
+    float32, with the values of the float32 model, rather than rounded to bf16 and cast back (the spec's
+    precision.vocab_table); the layers' weights are bf16, and the plan's estimate says so."""
     import torch
 
-    from exporter.api import load_for_export
+    from exporter.source import load_for_export
     from exporter.trt.plan import estimate_weight_bytes, weight_bytes
-    from models.gemma import compute_dtype, decoder_of
+    from models.gemma import decoder_of
     from models.loading import load_model, resolve
+    from runtime.spec import ModelSpec, resolve as resolve_spec
 
     ckpt = resolve("random:tiny-gemma3")
     exact, _ = load_model(ckpt, progress=False)
-    model = load_for_export(ckpt, ExportOptions(dtype="bf16", progress=False))
+    spec = resolve_spec(ExportOptions(dtype="bf16"), ModelSpec.from_config(ckpt.config))
+    assert spec.precision.vocab_table == "fp32"
+    model = load_for_export(ckpt, spec, progress=False)
     table = decoder_of(model).embed_tokens.weight
     assert table.dtype == torch.float32 and torch.equal(table, decoder_of(exact).embed_tokens.weight)
-    assert model.lm_head.weight is table and compute_dtype(model) == torch.bfloat16
+    assert model.lm_head.weight is table and decoder_of(model).norm.weight.dtype == torch.bfloat16
     layer = decoder_of(model).layers[0].mlp.down_proj.weight
     assert torch.equal(layer, decoder_of(exact).layers[0].mlp.down_proj.weight.to(torch.bfloat16))
 
@@ -286,10 +298,10 @@ def test_bfloat16_graphs_store_the_tied_embedding_once_in_float32(half_export):
     tables = [n for n in graph.graph.node if "model.lm_head.weight_t" in n.input]
     assert sorted(n.op_type for n in tables) == ["Gather", "MatMul"]  # one float32 table, no Cast to a copy
     config = presets.config("tiny-gemma3")
-    held, estimate = weight_bytes(graph), estimate_weight_bytes(config, "bfloat16", table_dtype="float32")
+    held, estimate = weight_bytes(graph), estimate_weight_bytes(config, manifest.precision)
     assert held["bfloat16"] == estimate["bfloat16"]
     assert 0 <= held["float"] - estimate["float"] < 4096  # the table and the norms, + rotary constants
-    assert manifest["parity"]["passed"]
+    assert manifest.parity.passed
 
 
 def test_bfloat16_untied_lm_head_is_float32_too(tmp_path):
@@ -307,7 +319,7 @@ def test_bfloat16_untied_lm_head_is_float32_too(tmp_path):
     model.lm_head.weight = torch.nn.Parameter(head)  # its own, no longer the embedding
     save_folder(model, tmp_path / "ckpt")
     manifest = export(tmp_path / "ckpt", tmp_path / "a", ExportOptions(dtype="bf16", progress=False))
-    assert manifest["parity"]["passed"]
+    assert manifest.parity.passed
     graph = onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False).graph
     types = {i.name: i.data_type for i in graph.initializer if len(i.dims) == 2}
     assert types.pop("model.lm_head.weight") == types.pop("model.model.embed_tokens.weight_t") == TensorProto.FLOAT
@@ -316,11 +328,22 @@ def test_bfloat16_untied_lm_head_is_float32_too(tmp_path):
 
 
 def test_fp16_runs_in_the_runtime(half_export):
+    """Finite logits, and the greedy tokens of the float32 PyTorch model."""
+    import torch
+
     import runtime
+    from models.loading import random_model
+    from tests.reference import torch_greedy
 
     model = runtime.load(half_export("tiny-gemma3", "fp16")[0])
-    tokens = model.generate([[2, 17, 30, 41]], max_new_tokens=6)
-    assert np.asarray(tokens).shape[-1] == 4 + 6
+    prompt = np.array([[2, 17, 30, 41]])
+    model.backend.reset(1, 16)
+    logits = model.backend.forward(prompt, np.ones_like(prompt), np.arange(4)[None], all_logits=True)
+    assert logits.dtype == np.float32 and np.isfinite(logits).all()
+    tokens = model.generate(prompt, max_new_tokens=12, eos_token_id=[])[0, 4:]
+    reference = torch_greedy(random_model(presets.config("tiny-gemma3")), torch.from_numpy(prompt),
+                             torch.ones(1, 4, dtype=torch.long), 12)[0]
+    assert tokens.tolist() == reference.tolist()
 
 
 @pytest.mark.parametrize("dtype", ["fp16", pytest.param("bf16", marks=pytest.mark.slow)])
@@ -328,9 +351,8 @@ def test_trt_graph_is_standard_onnx_with_int4_qdq(tmp_path, dtype):
     L = presets.config("tiny-gemma3").num_hidden_layers
     manifest = export("random:tiny-gemma3", tmp_path / "a",
                       ExportOptions(target="trt", quant="int4", dtype=dtype, progress=False, build=False))
-    assert manifest["parity"]["passed"] and manifest["target"] == "trt"
-    q = manifest["quantization"]
-    assert (q["format"], q["symmetric"], q["lm_head"]) == ("qdq", True, "int4")
+    assert manifest.parity.passed and manifest.graph.target == "trt"
+    assert (manifest.quant.format, manifest.quant.symmetric, manifest.quant.lm_head) == ("qdq", True, "int4")
     ops, graph = _ops(tmp_path / "a")
     assert all(not n.domain or n.domain == "ai.onnx" for n in graph.node)  # no com.microsoft operator
     assert ops["DequantizeLinear"] == LINEARS_PER_LAYER * L + 1
@@ -347,7 +369,7 @@ def test_trt_graph_is_standard_onnx_with_int4_qdq(tmp_path, dtype):
 
 def test_trt_target_defaults_to_fp16(tmp_path):
     manifest = export("random:tiny-gemma-2b", tmp_path / "a", ExportOptions(target="trt", progress=False, build=False))
-    assert manifest["dtype"] == "float16" and manifest["parity"]["passed"]
+    assert manifest.precision.dtype == "fp16" and manifest.parity.passed
 
 
 @pytest.mark.parametrize("options,message", [
@@ -369,7 +391,7 @@ def test_cli_prints_the_quantization(tmp_path):
     assert result.exit_code == 0, result.output
     assert "quantization: gptq block 64" in result.output
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert manifest["quantization"]["block_size"] == 64 and manifest["quantization"]["accuracy_level"] == 1
+    assert manifest["quant"]["block_size"] == 64 and manifest["quant"]["accuracy_level"] == 1
     bad = CliRunner().invoke(export_command, ["-m", "random:tiny-gemma3", "-o", str(tmp_path / "b"), "-q",
                                               "--target", "trt", "--quant", "int4", "--quant-method", "hqq"])
     assert bad.exit_code == 2 and "symmetric" in bad.output
@@ -422,9 +444,9 @@ def test_gptq_export_and_mixed_int8_recipe(tmp_path):
     manifest = export("random:tiny-gemma3", tmp_path / "a",
                       ExportOptions(quant="int4", quant_method="gptq", accuracy_level=1,
                                     int8_weights=("v_proj", "down_proj"), progress=False))
-    assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_diff"] <= 1e-4
-    assert manifest["quantization"]["quantized_weights"] == {"int4": 5 * L, "int8": 2 * L + 1}
-    assert manifest["quantization"]["method"] == "gptq"
+    assert manifest.parity.passed and manifest.parity.max_abs_diff <= 1e-4
+    assert manifest.quantized.weights == {"int4": 5 * L, "int8": 2 * L + 1}
+    assert manifest.quant.method == "gptq"
 
 
 def test_runtime_refuses_a_bfloat16_artifact_with_the_fix(half_export):

@@ -14,13 +14,15 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from exporter import ExportOptions, export
-from exporter.api import build_trt_engine, plan_engine
-from exporter.cli import EXIT_NO_TENSORRT, export_command, parity_command
+from exporter.api import build_trt_engine
+from exporter.cli import export_command, parity_command
 from exporter.divergence import layer_points, locate, marked_copy, onnxruntime_outputs
 from exporter.trt.build import UnsupportedOperators
-from exporter.trt.plan import BuildLimits, BuildPlan, estimate_weight_bytes, kv_cache_bytes, make_plan, profile_ranges
+from exporter.trt.plan import estimate_weight_bytes, kv_cache_bytes, make_plan, profile_ranges
 from models import presets
+from runtime.exit_codes import NO_TENSORRT
 from runtime.manifest import read_manifest, write_manifest
+from runtime.spec import BuildLimits, ModelSpec, resolve
 from runtime.trt_device import TensorRTUnavailable
 
 GIB = 2**30
@@ -39,10 +41,12 @@ def trt_cli(tmp_path_factory):
 # -- byte counts, by hand ------------------------------------------------------------------------------
 
 
-def _kv(name: str) -> dict:
-    c = presets.config(name)
-    return {"num_layers": c.num_hidden_layers, "num_kv_heads": c.num_key_value_heads, "head_dim": c.head_dim,
-            "dtype": "float16"}
+def _spec(name: str, **options):
+    return resolve(ExportOptions(**options), ModelSpec.from_config(presets.config(name)))
+
+
+def _kv(name: str):
+    return _spec(name, dtype="fp16").kv
 
 
 def test_kv_cache_bytes_by_hand():
@@ -56,15 +60,15 @@ def test_kv_cache_bytes_by_hand():
 def test_weight_bytes_by_hand():
     # gemma-2b: per layer q, o 2048x2048; k, v 2048x256; gate, up, down 2048x16384 -> 110,100,480 weights;
     # 18 layers + the tied embedding 256000 x 2048 = 2,506,096,640; norms 2 a layer + final: 75,776.
-    fp16 = estimate_weight_bytes(presets.config("gemma-2b"), "float16")
+    fp16 = estimate_weight_bytes(presets.config("gemma-2b"), _spec("gemma-2b", dtype="fp16").precision)
     assert fp16 == {"float16": 2_506_096_640 * 2, "float": 75_776 * 4}
     # gemma-7b: q, k, v, o 3072x4096 each; mlp 3 x 3072x24576 -> 276,824,064 a layer; x 28 + 256000 x 3072
-    fp16 = estimate_weight_bytes(presets.config("gemma-7b"), "float16")
+    fp16 = estimate_weight_bytes(presets.config("gemma-7b"), _spec("gemma-7b", dtype="fp16").precision)
     assert fp16 == {"float16": (28 * 276_824_064 + 786_432_000) * 2, "float": (28 * 2 * 3072 + 3072) * 4}
     assert sum(fp16.values()) / 1e9 == pytest.approx(17.08, abs=0.01)  # the 8.54B-parameter model in 2 bytes
     # int4, TensorRT's flavour: symmetric, block 32, lm_head int4 -> half a byte a weight + one fp16 scale a block
-    int4 = estimate_weight_bytes(presets.config("gemma-2b"), "float16",
-                                 ExportOptions(target="trt", quant="int4").quant_options())
+    spec = _spec("gemma-2b", target="trt", quant="int4")
+    int4 = estimate_weight_bytes(presets.config("gemma-2b"), spec.precision, spec.quant)
     assert int4 == {"int4": 2_506_096_640 // 2, "float16": 2_506_096_640 // 32 * 2, "float": 75_776 * 4}
 
 
@@ -98,9 +102,13 @@ def test_profile_corners_keep_total_equal_past_plus_new(limits):
 
 def test_limits_are_checked():
     with pytest.raises(ValueError, match="--max-input-len 600 exceeds --max-length 512"):
-        BuildLimits(1, 600, 512).check()
+        _spec("tiny-gemma3", target="trt", max_input_len=600, max_length=512)
     with pytest.raises(ValueError, match="--max-batch-size 0 must be a positive integer"):
-        BuildLimits(0, 1, 2).check()
+        _spec("tiny-gemma3", target="trt", max_batch_size=0)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        _spec("tiny-gemma3", target="trt", max_length=10**6)
+    with pytest.raises(ValueError, match="optimization-level 7"):
+        _spec("tiny-gemma3", target="trt", optimization_level=7)
 
 
 # -- the export without TensorRT -------------------------------------------------------------------------
@@ -108,30 +116,30 @@ def test_limits_are_checked():
 
 def test_export_without_tensorrt_exits_3_with_the_resume_command(trt_cli):
     result, folder = trt_cli
-    assert result.exit_code == EXIT_NO_TENSORRT, result.output
+    assert result.exit_code == NO_TENSORRT, result.output
     assert "pip install 'gemma-deploy[trt]'" in result.output
     assert f"gemma-export --resume-build {folder}" in result.output
     manifest = read_manifest(folder)  # complete and verified: only the engine is missing
-    assert manifest["trt"]["engines"] == [] and manifest["parity"]["passed"]
+    assert manifest.engines == () and manifest.parity.passed
 
 
 def test_plan_is_stored_in_the_manifest(trt_cli):
     _, folder = trt_cli
     manifest = read_manifest(folder)
-    plan = BuildPlan.from_dict(manifest["trt"]["plan"])
-    assert plan.limits == BuildLimits(2, 32, 96) and plan.supported
+    plan = manifest.plan
+    assert manifest.trt.limits == BuildLimits(2, 32, 96) and plan.supported
     prefill, decode = plan.profiles
     assert prefill.shapes["input_ids"] == ((1, 1), (1, 16), (2, 32))
     assert decode.shapes["input_ids"] == ((1, 1), (1, 1), (2, 1))
     assert decode.shapes["past_key_values.5.value"] == ((1, 2, 0, 32), (1, 2, 47, 32), (2, 2, 95, 32))
     assert decode.contains({"input_ids": (2, 1), "attention_mask": (2, 96)})
     assert not decode.contains({"input_ids": (1, 2)})
-    kv = manifest["kv_cache"]
-    assert plan.kv_cache_bytes == 2 * kv["num_layers"] * 2 * 96 * kv["num_kv_heads"] * kv["head_dim"] * 2
+    kv = manifest.kv
+    assert plan.kv_cache_bytes == 2 * kv.num_layers * 2 * 96 * kv.num_kv_heads * kv.head_dim * 2
     assert plan.kv_buffer_bytes == 2 * plan.kv_cache_bytes  # two sets, swapped each step
     config = presets.config("tiny-gemma3")
     assert plan.logits_buffer_bytes == 2 * 32 * config.vocab_size * 4
-    estimate = estimate_weight_bytes(config, "float16")
+    estimate = estimate_weight_bytes(config, manifest.precision)
     assert plan.weight_bytes["float16"] == estimate["float16"]  # the graph holds what the config says
     assert 0 <= plan.weight_bytes["float"] - estimate["float"] < 4096  # + rotary tables
 
@@ -140,8 +148,8 @@ def test_plan_is_stored_in_the_manifest(trt_cli):
 def test_int4_graph_weights_match_the_estimate(tmp_path):
     options = ExportOptions(target="trt", quant="int4", verify=False, build=False, progress=False)
     manifest = export("random:tiny-gemma3", tmp_path / "int4", options)
-    plan = BuildPlan.from_dict(manifest["trt"]["plan"])
-    estimate = estimate_weight_bytes(presets.config("tiny-gemma3"), "float16", options.quant_options())
+    plan = manifest.plan
+    estimate = estimate_weight_bytes(presets.config("tiny-gemma3"), manifest.precision, manifest.quant)
     assert plan.weight_bytes["int4"] == estimate["int4"]
     assert plan.weight_bytes["float16"] == estimate["float16"]
     assert plan.supported, plan.operators  # blocked int4 DequantizeLinear is in TensorRT's table
@@ -152,7 +160,7 @@ def test_no_build_and_resume_build(trt_cli, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
     result = CliRunner().invoke(export_command, ["--resume-build", str(copy), "-q"])
-    assert result.exit_code == EXIT_NO_TENSORRT and f"--resume-build {copy}" in result.output
+    assert result.exit_code == NO_TENSORRT and f"--resume-build {copy}" in result.output
     result = CliRunner().invoke(export_command, ["--resume-build", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "does not exist" in result.output
 
@@ -160,30 +168,24 @@ def test_no_build_and_resume_build(trt_cli, tmp_path):
 def test_python_export_raises_tensorrt_unavailable_after_writing(tmp_path):
     with pytest.raises(TensorRTUnavailable, match="--resume-build"):
         export("random:tiny-gemma-2b", tmp_path / "a", ExportOptions(target="trt", verify=False, progress=False))
-    assert read_manifest(tmp_path / "a")["trt"]["plan"]
+    assert read_manifest(tmp_path / "a").plan.profiles
 
 
 @pytest.mark.slow  # an export each; the default run stays near 20 minutes
 def test_unsupported_operators_are_caught_before_the_build(tmp_path):
     """An ONNX Runtime-fused graph (com.microsoft operators) cannot be built: the plan says which, and the
     build refuses before looking for TensorRT."""
+    import dataclasses
+
     ort = export("random:tiny-gemma3", tmp_path / "ort", ExportOptions(target="ort", verify=False, progress=False))
-    limits = BuildLimits(1, 16, 64)
-    plan = make_plan(tmp_path / "ort" / "model.onnx", ort, limits)
+    as_trt = dataclasses.replace(ort, graph=dataclasses.replace(ort.graph, target="trt"),
+                                 trt=_spec("tiny-gemma3", target="trt", max_input_len=16, max_length=64).trt)
+    plan = make_plan(tmp_path / "ort" / "model.onnx", as_trt)
     assert not plan.supported
     assert "SimplifiedLayerNormalization" in " ".join(plan.operators["unsupported"])
-    write_manifest(tmp_path / "ort", {**ort, "target": "trt", "trt": {"plan": plan.to_dict(), "engines": []}})
+    write_manifest(tmp_path / "ort", dataclasses.replace(as_trt, plan=plan))
     with pytest.raises(UnsupportedOperators, match="SimplifiedLayerNormalization"):
-        build_trt_engine(tmp_path / "ort", ExportOptions(target="trt"))
-
-
-def test_plan_refuses_limits_the_graph_cannot_serve(trt_cli, tmp_path):
-    _, folder = trt_cli
-    manifest = read_manifest(folder).data
-    with pytest.raises(ValueError, match="exceeds the model's context"):
-        make_plan(folder / "model.onnx", manifest, BuildLimits(1, 16, 10**6))
-    with pytest.raises(ValueError, match="optimization-level 7"):
-        make_plan(folder / "model.onnx", manifest, BuildLimits(1, 16, 64), optimization_level=7)
+        build_trt_engine(tmp_path / "ort")
 
 
 # -- parity through a runtime backend, and the divergence locator --------------------------------------------
@@ -202,7 +204,7 @@ def test_parity_through_the_runtime_backend(trt_cli):
 def test_parity_on_tensorrt_without_it_exits_3(trt_cli):
     _, folder = trt_cli
     result = CliRunner().invoke(parity_command, [str(folder), "-m", "random:tiny-gemma3", "--backend", "tensorrt"])
-    assert result.exit_code == EXIT_NO_TENSORRT and "TensorRT" in result.output
+    assert result.exit_code == NO_TENSORRT and "TensorRT" in result.output
 
 
 def test_locate_finds_the_first_diverging_layer(trt_cli, tmp_path):
@@ -228,8 +230,8 @@ def test_locate_finds_the_first_diverging_layer(trt_cli, tmp_path):
     feeds = {"input_ids": np.array([[5, 6, 7, 8]]), "attention_mask": np.ones((1, 4), np.int64),
              "position_ids": np.arange(4)[None],
              **{f"past_key_values.{i}.{kv}": np.zeros((1, 2, 0, 32), np.float16) for i in range(6) for kv in ("key", "value")}}
-    report = locate(folder / "model.onnx", feeds, faulty, "float16")
+    report = locate(folder / "model.onnx", feeds, faulty, "fp16")
     assert report.first["scope"] == "model.model.layers.2.mlp"
     assert all(row["relative"] < 2e-2 for row in report.rows[:7])  # everything before it agrees
-    same = locate(folder / "model.onnx", feeds, lambda m, f, n: onnxruntime_outputs(m, f, n), "float16")
+    same = locate(folder / "model.onnx", feeds, lambda m, f, n: onnxruntime_outputs(m, f, n), "fp16")
     assert same.first is None

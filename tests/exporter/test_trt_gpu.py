@@ -40,9 +40,9 @@ def fp16(tmp_path_factory):
 
 def test_engine_is_recorded_for_this_gpu(fp16, gpu):
     model = load(fp16)  # auto: the engine
-    engine = model.manifest["trt"]["engines"][0]
-    assert engine["gpu"] == gpu.name and engine["compute_capability"] == gpu.compute_capability
-    assert engine["tensorrt_version"] == import_tensorrt().__version__
+    engine = model.manifest.engines[0]
+    assert engine.gpu == gpu.name and engine.compute_capability == gpu.compute_capability
+    assert engine.tensorrt_version == import_tensorrt().__version__
     assert type(model.backend).__name__ == "TensorRTBackend"
 
 
@@ -51,7 +51,8 @@ def test_engine_generates_onnxruntimes_greedy_tokens(fp16):
     mask = (ids != 0).astype(np.int64)
     engine = load(fp16).generate(ids, mask, max_new_tokens=24)
     onnxruntime = load(fp16, backend="onnxruntime").generate(ids, mask, max_new_tokens=24)
-    assert (engine == onnxruntime).mean() >= 0.95  # fp16 kernels differ; near-ties may flip late tokens
+    new = slice(ids.shape[1], None)  # the generated tokens: the prompt agrees by construction
+    assert (engine[:, new] == onnxruntime[:, new]).mean() >= 0.95  # fp16 kernels differ; near-ties may flip late
 
 
 def test_prompt_longer_than_max_input_len_is_fed_in_chunks(fp16):
@@ -93,7 +94,7 @@ def test_other_flavours_build_and_pass_parity(tmp_path, options):
 
 def test_resume_build_on_the_same_gpu_replaces_its_engine_entry(fp16):
     manifest = build_artifact_engine(fp16, progress=False)  # rebuilding on the same GPU replaces the entry
-    assert len(manifest["trt"]["engines"]) == 1
+    assert len(manifest.engines) == 1
 
 
 @pytest.mark.real

@@ -5,18 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import empty_past, position_ids_from_mask, presets, random_model, use_static_cache
+from models import empty_past, position_ids_from_mask, presets, random_model
 from models.loading import load_model
+from tests.families import ALL
 from tests.reference import PROMPTS, left_padded_batch, torch_greedy, transformers_reference
 
-FAMILIES = ["tiny-gemma-2b", "tiny-gemma-7b", "tiny-gemma2", "tiny-gemma3"]
 FP32_TOL = 1e-4
 
 
 def run_steps(model, config, ids, mask, decode_ids, static_length=None):
     """Prefill `ids`, then feed `decode_ids` one column at a time; logits of every step [B, S, V]."""
     B = ids.shape[0]
-    use_static_cache(model, static_length is not None)
     past = empty_past(config, B, static_length or 0)
     outputs = []
     with torch.no_grad():
@@ -27,7 +26,6 @@ def run_steps(model, config, ids, mask, decode_ids, static_length=None):
             position_ids = position_ids_from_mask(mask)[:, -1:]
             logits, past = model(decode_ids[:, t : t + 1], position_ids, mask, past)
             outputs.append(logits)
-    use_static_cache(model, False)
     return outputs
 
 
@@ -60,10 +58,10 @@ def max_diff(ours, theirs, mask):
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", ALL)
 def test_tiny_family_matches_transformers(name, static):
     config = presets.config(name)
-    model = random_model(config, seed=1)
+    model = random_model(config, seed=1, kv_layout="static" if static else "dynamic")
     ref = transformers_reference(config, model)
     # Two prompts of different lengths, left-padded; 12 + 6 steps crosses the sliding window of 8.
     ids, mask = left_padded_batch(config.vocab_size, [12, 7])
@@ -73,7 +71,7 @@ def test_tiny_family_matches_transformers(name, static):
     assert max_diff(ours, theirs, mask) <= FP32_TOL
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", ALL)
 def test_greedy_decoding_is_not_degenerate(name):
     """Random weights must give varied greedy tokens, or KV-cache bugs hide (DESIGN.md)."""
     config = presets.config(name)

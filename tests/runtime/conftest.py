@@ -4,6 +4,7 @@ generation, streaming, stop strings and chat run without the real model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from runtime.chat import DEFAULT_CHAT_TEMPLATE
-from runtime.manifest import MANIFEST_NAME, write_manifest
+from runtime.manifest import read_manifest, write_manifest
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]  # ids 0..6 as Gemma's first
 END_OF_TURN = 6
@@ -69,10 +70,9 @@ def add_text_files(source, destination):
     shutil.copytree(source, destination)
     write_tokenizer(destination, add_bos_token=True)
     (destination / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE)
-    manifest = json.loads((destination / MANIFEST_NAME).read_text())
-    manifest["generation"]["eos_token_ids"] = [1, END_OF_TURN]
-    manifest.pop("files")
-    write_manifest(destination, manifest)
+    manifest = read_manifest(destination, verify=False)
+    generation = dataclasses.replace(manifest.generation, eos_token_ids=(1, END_OF_TURN))
+    write_manifest(destination, dataclasses.replace(manifest, generation=generation))
     return destination
 
 

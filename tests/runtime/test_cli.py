@@ -41,7 +41,7 @@ def test_errors_are_one_line_without_traceback(tmp_path, tiny_text_artifacts):
     assert result.exit_code == 2 and "the artifact is incomplete" in result.stderr
 
 
-def test_runtime_failure_exits_1(tiny_text_artifacts, monkeypatch):
+def test_runtime_failure_exits_1(tiny_text_artifacts, monkeypatch, caplog):
     from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     def broken(self, *args, **kwargs):
@@ -50,7 +50,9 @@ def test_runtime_failure_exits_1(tiny_text_artifacts, monkeypatch):
     monkeypatch.setattr(OnnxRuntimeBackend, "forward", broken)
     result = invoke("generate", tiny_text_artifacts["dynamic"], "hello")
     assert result.exit_code == 1
-    assert result.stderr == "gemma-run: RuntimeError: the execution provider failed\n"
+    assert result.stderr.endswith("gemma-run: RuntimeError: the execution provider failed\n")
+    logged = [r for r in caplog.records if r.name == "gemma-run" and r.exc_info]  # the traceback, in the log
+    assert logged and "the execution provider failed" in str(logged[0].exc_info[1])
 
 
 def test_generate_from_argument_stdin_stream_and_json(tiny_text_artifacts):
@@ -102,17 +104,38 @@ def test_bench_plot_draws_decode_speed_against_context(tiny_artifacts, tmp_path)
 
 
 def test_bench_reports_figures(tiny_artifacts):
-    result = invoke("bench", tiny_artifacts["static"], "--prompt-length", "8", "--new-tokens", "8", "--runs", "2", "--json")
+    """The report against figures measured here apart from it: the weight files' sizes, this process's peak
+    RSS, and decode steps timed by hand (a loose factor: the machine is shared; it catches units, not speed)."""
+    import resource
+    import statistics
+    import time
+
+    import numpy as np
+
+    import runtime
+
+    folder = tiny_artifacts["static"]
+    result = invoke("bench", folder, "--prompt-length", "8", "--new-tokens", "8", "--runs", "2", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["kv_layout"] == "static" and report["decode_tokens_per_s"] > 0
-    assert 0 <= report["overhead_percent"] < 100 and report["weight_bytes_per_token"] > 0
+    assert report["kv_layout"] == "static"
+    assert report["weight_bytes_per_token"] == sum((folder / f).stat().st_size for f in ("model.onnx", "model.onnx.data"))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the bench ran in this process
+    assert 10 < report["peak_rss_mb"] <= peak_mb + 1
+
+    backend = runtime.load(folder).backend
+    backend.reset(1, 24)
+    ids = np.arange(3, 11)[None]
+    backend.forward(ids, np.ones_like(ids), np.arange(8)[None])
+    steps = []
+    for n in range(9, 17):
+        start = time.perf_counter()
+        backend.forward(np.array([[5]]), np.ones((1, n), np.int64), np.array([[n - 1]]))
+        steps.append(1000 * (time.perf_counter() - start))
+    by_hand = statistics.median(steps)
+    assert by_hand / 4 < report["decode_step_ms"] < 4 * by_hand
     assert 0 <= report["overhead_ms_per_step"] < report["decode_step_ms"]
     assert report["numpy_read_gb_per_s"] > 0 and report["matvec_read_gb_per_s"] > 0
-    bound = max(report["numpy_read_gb_per_s"], report["matvec_read_gb_per_s"]) * 1e9 / report["weight_bytes_per_token"]
-    assert report["bandwidth_bound_tokens_per_s"] == pytest.approx(bound, rel=0.02)
-    assert report["fraction_of_bound"] == pytest.approx(report["decode_tokens_per_s"] / bound, rel=0.02, abs=2e-3)
-    assert report["peak_rss_mb"] > 10
 
 
 @pytest.mark.real

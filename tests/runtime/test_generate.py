@@ -35,13 +35,22 @@ def test_tiny_greedy_matches_pytorch(tiny_artifacts, tiny_torch, layout):
 
 
 def test_static_layout_allocates_nothing_per_step(tiny_artifacts):
+    """The KV buffers are allocated at reset and the same ones serve every step of the batch."""
     model = runtime.load(tiny_artifacts["static"])
     backend = model.backend
-    model.generate(np.array([[2, 5, 6]]), max_new_tokens=4, eos_token_id=[])
-    buffers = [id(v) for pair in backend._buffers for v in pair]
-    backend.run_seconds = 0
+    seen = []
+    forward = type(backend).forward
+
+    def spy(self, *args, **kwargs):
+        seen.append([v.data_ptr() for pair in self._buffers for v in pair])
+        return forward(self, *args, **kwargs)
+
+    backend.forward = spy.__get__(backend)
     model.generate(np.array([[2, 5, 6]]), max_new_tokens=8, eos_token_id=[])
-    assert len(set(buffers)) == 2 * 12  # two sets of 12 KV buffers, swapped, never the same as input and output
+    assert len(seen) == 8 and all(step == seen[0] for step in seen)  # the same buffers at every step
+    assert len(set(seen[0])) == 2 * 12  # two sets of 12 KV buffers, swapped, never the same as input and output
+    after = [v.data_ptr() for pair in backend._buffers for v in pair]
+    assert after == seen[0]  # ...and still them after the call
 
 
 def test_context_limits(tiny_artifacts):

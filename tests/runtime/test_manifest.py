@@ -29,18 +29,26 @@ def edit_manifest(folder, change):
 
 def test_valid_artifact_loads(artifact):
     manifest = read_manifest(artifact)
-    assert manifest.kv_cache["layout"] == "dynamic" and len(manifest.past_names) == 12
+    assert manifest.kv.layout == "dynamic" and len(manifest.kv.past_names) == 12
+    assert manifest.graph.inputs[:3] == ("input_ids", "attention_mask", "position_ids")
 
 
 def test_unknown_schema_version(artifact):
     edit_manifest(artifact, lambda m: m.update(schema_version=99))
-    with pytest.raises(ArtifactError, match="schema_version 99 is not supported; this runtime reads schema_version 1"):
+    with pytest.raises(ArtifactError, match="schema_version 99 is not supported; this runtime reads schema_version 2"):
         read_manifest(artifact)
 
 
-def test_missing_field(artifact):
-    edit_manifest(artifact, lambda m: m.pop("io"))
-    with pytest.raises(ArtifactError, match="required field 'io' is missing"):
+@pytest.mark.parametrize("path", [("graph",), ("precision", "dtype"), ("kv", "head_dim")])
+def test_missing_field(artifact, path):
+    def drop(m):
+        section = m
+        for key in path[:-1]:
+            section = section[key]
+        section.pop(path[-1])
+
+    edit_manifest(artifact, drop)
+    with pytest.raises(ArtifactError, match=f"manifest.json: {'.'.join(path)} is missing; export the artifact again"):
         read_manifest(artifact)
 
 
@@ -72,8 +80,8 @@ def test_half_written_artifact(artifact):
 
 
 def test_io_names_must_match_the_kv_description(artifact):
-    edit_manifest(artifact, lambda m: m["kv_cache"].update(num_layers=3))
-    with pytest.raises(ArtifactError, match="past_key_values entries but kv_cache.num_layers is 3"):
+    edit_manifest(artifact, lambda m: m["kv"].update(num_layers=3))
+    with pytest.raises(ArtifactError, match=r"graph.inputs does not match kv \(3 layers"):
         read_manifest(artifact)
 
 
@@ -90,29 +98,33 @@ def test_no_silent_cpu_fallback(artifact):
 
 
 def test_io_names_must_match_the_presents(artifact):
-    edit_manifest(artifact, lambda m: m["io"].update(outputs=m["io"]["outputs"][:-1]))
-    with pytest.raises(ArtifactError, match="io.outputs has 11 present entries but kv_cache.num_layers is 6"):
+    edit_manifest(artifact, lambda m: m["graph"].update(outputs=m["graph"]["outputs"][:-1]))
+    with pytest.raises(ArtifactError, match=r"graph.outputs does not match kv \(6 layers.* got 12 names"):
         read_manifest(artifact)
 
 
 @pytest.mark.parametrize(
-    "field, value, message",
+    "section, field, value, message",
     [
-        ("kind", "something-else", "kind 'something-else' is not supported; supported: gemma-deploy-artifact"),
-        ("task", "translation", "task 'translation' is not supported; supported: text-generation, feature-extraction"),
-        ("family", "llama", "family 'llama' is not supported; supported: gemma, gemma2, gemma3_text"),
-        ("logits", "some", "logits 'some' is not supported; supported: all, last"),
+        (None, "kind", "something-else", "kind 'something-else' is not supported; supported: gemma-deploy-artifact"),
+        ("graph", "task", "translation", "graph.task 'translation' is not supported; supported: text-generation, "
+                                         "feature-extraction"),
+        ("model", "family", "llama", "model.family 'llama' is not supported; supported: gemma, gemma2, gemma3_text"),
+        ("graph", "logits", "some", "graph.logits 'some' is not supported; supported: all, last"),
+        ("precision", "dtype", "float8", "precision.dtype 'float8' is not supported; supported: fp32, fp16, bf16"),
+        ("kv", "num_kv_heads", "2", "kv.num_kv_heads must be int, got '2'"),
+        ("kv", "sliding_window_layers", 3, "kv.sliding_window_layers must be a list, got 3"),
     ],
 )
-def test_unknown_values_are_named(artifact, field, value, message):
-    edit_manifest(artifact, lambda m: m.update({field: value}))
+def test_unknown_values_are_named(artifact, section, field, value, message):
+    edit_manifest(artifact, lambda m: (m[section] if section else m).update({field: value}))
     with pytest.raises(ArtifactError, match=message):
         read_manifest(artifact)
 
 
 def test_static_layout_needs_max_length(artifact):
-    edit_manifest(artifact, lambda m: m["kv_cache"].update(layout="static", max_length=None))
-    with pytest.raises(ArtifactError, match="kv_cache.max_length None must be a positive integer"):
+    edit_manifest(artifact, lambda m: m["kv"].update(layout="static", max_length=None))
+    with pytest.raises(ArtifactError, match="kv.max_length None must be a positive integer"):
         read_manifest(artifact)
 
 
@@ -121,41 +133,42 @@ def test_verify_false_skips_the_digest_but_not_the_size(artifact):
     data = bytearray(path.read_bytes())
     data[0] ^= 0x01  # same size, other content
     path.write_bytes(bytes(data))
-    assert read_manifest(artifact, verify=False).task == "text-generation"
+    assert read_manifest(artifact, verify=False).graph.task == "text-generation"
     with pytest.raises(ArtifactError, match="config.json does not match its sha256"):
         read_manifest(artifact)
 
 
 def test_graph_onnxruntime_cannot_load_is_a_load_error(artifact):
+    manifest = read_manifest(artifact)
     (artifact / "model.onnx").write_bytes(b"not a protobuf")
-    data = json.loads((artifact / "manifest.json").read_text())
-    data.pop("files")
-    write_manifest(artifact, data)  # a consistent manifest over a broken graph
+    write_manifest(artifact, manifest)  # a consistent manifest over a broken graph
     with pytest.raises(ArtifactError, match="model.onnx cannot be loaded by onnxruntime"):
         load(artifact)
 
 
 def test_write_manifest_lists_every_file_and_reads_back(tmp_path):
     """What the exporter writes is what the runtime accepts: nested files, sizes, streamed digests."""
+    from runtime.manifest import Manifest
+    from runtime.spec import ArtifactOptions, ModelSpec, resolve
+
     big = tmp_path / "model.onnx.data"
     big.write_bytes(os.urandom(3 * 2**20 + 17))  # spans several 1 MiB blocks
     (tmp_path / "engines").mkdir()
     (tmp_path / "engines" / "a.plan").write_bytes(b"plan")
     (tmp_path / "model.onnx").write_bytes(b"graph")
-    layers = 2
-    pairs = [(i, t) for i in range(layers) for t in ("key", "value")]
-    written = write_manifest(tmp_path, {
-        "task": "text-generation", "target": "onnx", "family": "gemma3_text", "config": {}, "dtype": "float32",
-        "io": {"inputs": ["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{i}.{t}" for i, t in pairs)],
-               "outputs": ["logits", *(f"present.{i}.{t}" for i, t in pairs)]},
-        "kv_cache": {"layout": "dynamic", "num_layers": layers, "num_kv_heads": 1, "head_dim": 4},
-    })
-    assert written["schema_version"] == SCHEMA_VERSION and written["kind"] == "gemma-deploy-artifact"
-    assert sorted(written["files"]) == ["engines/a.plan", "model.onnx", "model.onnx.data"]
-    assert written["files"]["model.onnx.data"] == {"sha256": hashlib.sha256(big.read_bytes()).hexdigest(),
-                                                   "size": big.stat().st_size}
+    model = ModelSpec(family="gemma3_text", hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=4, vocab_size=16, max_position_embeddings=64, sliding_window=8,
+                      layer_types=("sliding_attention", "full_attention"))
+    spec = resolve(ArtifactOptions(), model)
+    written = write_manifest(tmp_path, Manifest(**vars(spec), source="test"))
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["schema_version"] == SCHEMA_VERSION and data["kind"] == "gemma-deploy-artifact"
+    assert sorted(written.files) == ["engines/a.plan", "model.onnx", "model.onnx.data"]
+    assert data["files"]["model.onnx.data"] == {"sha256": hashlib.sha256(big.read_bytes()).hexdigest(),
+                                                "size": big.stat().st_size}
     assert file_digest(big) == hashlib.sha256(big.read_bytes()).hexdigest()
     manifest = read_manifest(tmp_path)
-    assert manifest.kv.num_layers == layers and manifest.kv.layout == "dynamic" and manifest.logits == "all"
-    assert manifest.present_names == [f"present.{i}.{t}" for i, t in pairs]
+    assert manifest == written  # every section reads back as it was written
+    assert manifest.kv.num_layers == 2 and manifest.kv.sliding_window_layers == (0,)
+    assert manifest.kv.present_names == [f"present.{i}.{t}" for i in range(2) for t in ("key", "value")]
     assert not list(tmp_path.glob(".*.tmp"))

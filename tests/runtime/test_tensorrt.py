@@ -4,8 +4,8 @@ The engine itself runs in tests/exporter/test_trt_gpu.py (marked gpu)."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-import json
 import shutil
 import types
 
@@ -14,8 +14,10 @@ from click.testing import CliRunner
 
 import runtime.trt_device as trt_device
 from runtime import load
-from runtime.cli import EXIT_NO_TENSORRT, main
-from runtime.manifest import MANIFEST_NAME, write_manifest
+from runtime.cli import main
+from runtime.exit_codes import NO_TENSORRT
+from runtime.manifest import Engine, read_manifest, write_manifest
+from runtime.spec import BuildLimits, TrtSpec
 from runtime.trt_device import (DeviceInfo, EngineMismatch, TensorRTUnavailable, check_cuda, current_device,
                                 engine_file_name, select_engine)
 
@@ -23,9 +25,10 @@ L4 = DeviceInfo("NVIDIA L4", "8.9")
 A100 = DeviceInfo("NVIDIA A100-SXM4-80GB", "8.0")
 
 
-def _entry(device: DeviceInfo, version: str) -> dict:
-    return {"file": f"engines/{engine_file_name(device, version)}", "gpu": device.name,
-            "compute_capability": device.compute_capability, "tensorrt_version": version}
+def _entry(device: DeviceInfo, version: str) -> Engine:
+    return Engine(file=f"engines/{engine_file_name(device, version)}", gpu=device.name,
+                  compute_capability=device.compute_capability, tensorrt_version=version, profiles=("prefill",),
+                  build_seconds=1.0)
 
 
 def test_engine_file_name_names_gpu_capability_and_version():
@@ -60,13 +63,11 @@ def artifact_with_engine(tiny_artifacts, tmp_path):
     """A copy of a tiny artifact whose manifest lists an engine (built elsewhere)."""
     folder = tmp_path / "with-engine"
     shutil.copytree(tiny_artifacts["dynamic"], folder)
-    data = json.loads((folder / MANIFEST_NAME).read_text())
     entry = _entry(L4, "10.13.3.9")
     (folder / "engines").mkdir()
-    (folder / entry["file"]).write_bytes(b"not a real engine")
-    data["trt"] = {"plan": {"limits": {"max_batch_size": 1, "max_input_len": 16, "max_length": 64}},
-                   "engines": [entry]}
-    write_manifest(folder, {k: v for k, v in data.items() if k not in ("schema_version", "kind", "files")})
+    (folder / entry.file).write_bytes(b"not a real engine")
+    manifest = read_manifest(folder)
+    write_manifest(folder, dataclasses.replace(manifest, trt=TrtSpec(BuildLimits(1, 16, 64), 3), engines=(entry,)))
     return folder
 
 
@@ -79,7 +80,7 @@ def test_an_artifact_with_an_engine_never_falls_back_to_onnxruntime(artifact_wit
 
 def test_gemma_run_tensorrt_backend_without_tensorrt_exits_3(tiny_artifacts):
     result = CliRunner().invoke(main, ["generate", str(tiny_artifacts["dynamic"]), "hello", "--backend", "tensorrt"])
-    assert result.exit_code == EXIT_NO_TENSORRT, result.output
+    assert result.exit_code == NO_TENSORRT, result.output
     assert "pip install 'gemma-deploy[trt]'" in result.output and "--backend onnxruntime" in result.output
 
 

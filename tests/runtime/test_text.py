@@ -160,13 +160,12 @@ def test_backend_all_logits_and_trim(model):
 def test_generation_config_supplies_defaults(tiny_text_artifacts, tmp_path):
     import shutil
 
-    from runtime.manifest import write_manifest
+    from runtime.manifest import read_manifest, write_manifest
 
     folder = tmp_path / "artifact"
     shutil.copytree(tiny_text_artifacts["dynamic"], folder)
+    manifest = read_manifest(folder)
     (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": 5, "temperature": 0.7}))
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest.pop("files")
     write_manifest(folder, manifest)
     model = runtime.load(folder)
     ids = np.array([[2, 30, 31]])

@@ -107,3 +107,19 @@ def test_an_incomplete_character_ends_as_in_the_full_decode(tokenizer):
 def test_empty_prompt_in_a_batch_is_refused(tokenizer):
     with pytest.raises(ValueError, match="prompt 1 has no tokens"):
         tokenizer.encode_batch(["hi", ""], add_special_tokens=False)
+
+
+def test_decode_stream_still_differs_on_invalid_byte_runs(tokenizer):
+    """Why StreamDecoder is ours and not tokenizers' DecodeStream: on a byte run that is not UTF-8 DecodeStream
+    emits its ASCII bytes, where the full decode gives U+FFFD for each byte. When this fails, DecodeStream agrees
+    with the full decode: switch StreamDecoder to it."""
+    from tokenizers.decoders import DecodeStream
+
+    ids = [tokenizer.token_id(f"<0x{b:02X}>") for b in (0x56, 0x80, 0x6D)]  # 'V', a stray continuation byte, 'm'
+    full = tokenizer.decode(ids)
+    stream = DecodeStream(skip_special_tokens=True)
+    theirs = "".join(stream.step(tokenizer.tokenizer, i) or "" for i in ids)
+    decoder = tokenizer.stream_decoder()
+    ours = "".join([decoder.push(i) for i in ids] + [decoder.flush()])
+    assert ours == full == "\ufffd" * 3
+    assert theirs != full
