@@ -74,7 +74,6 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
             from .fusions import fuse_for_ort
 
             fusions = fuse_for_ort(onnx_path)
-            spec = _in_place_attention(spec, fusions)
         quantized, dequantized = None, {}
         if quant:
             from .quantize import quantize_graph
@@ -127,14 +126,6 @@ def build_trt_engine(folder: Path, progress: bool = True) -> Manifest:
     from .trt.build import build_artifact_engine
 
     return build_artifact_engine(folder, progress)
-
-
-def _in_place_attention(spec: ArtifactSpec, fusions: dict[str, int]) -> ArtifactSpec:
-    """GroupQueryAttention in every layer writes the static buffers in place: past and present may be one buffer."""
-    kv = spec.kv
-    if kv is None or kv.layout != "static" or fusions.get("group_query_attention") != kv.num_layers:
-        return spec
-    return dataclasses.replace(spec, kv=dataclasses.replace(kv, shares_buffers=True))
 
 
 def _sections(spec: ArtifactSpec) -> dict:

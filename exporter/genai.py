@@ -61,7 +61,7 @@ def genai_config(spec: ArtifactSpec, generation: GenerationSpec, filename: str =
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": kv.shares_buffers,
+            "past_present_share_buffer": kv.layout == "static",
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,

@@ -26,11 +26,10 @@ def load_for_export(ckpt: Checkpoint, spec: ArtifactSpec, progress: bool = True)
 
 
 def reference_model(ckpt: Checkpoint, spec: ArtifactSpec, dequantized: dict | None = None):
-    """The float32 PyTorch reference in the graph's KV layout; with the quantized weights' dequantized values when
-    the graph has them, so that parity measures the graph, not the quantization error (that one is an accuracy
-    figure: scripts/bench_accuracy.py)."""
-    layout = spec.kv.layout if spec.kv else "dynamic"
-    model, _ = load_model(ckpt, spec.graph.task, kv_layout=layout, progress=False)
+    """The float32 PyTorch reference (its dynamic KV layout: a left-padded batch, as transformers runs it); with the
+    quantized weights' dequantized values when the graph has them, so that parity measures the graph, not the
+    quantization error (that one is an accuracy figure: scripts/bench_accuracy.py)."""
+    model, _ = load_model(ckpt, spec.graph.task, progress=False)
     if dequantized:
         from .quantize import load_dequantized
 

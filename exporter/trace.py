@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.gemma import GemmaForCausalLM, decoder_of
+from models.gemma import TENSOR_SCATTER_OPSET, GemmaForCausalLM, decoder_of
 from runtime.spec import ELEMENT_TYPE, ArtifactSpec
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ def trace(model: nn.Module, spec: ArtifactSpec, path: Path) -> Path:
     layout = spec.kv.layout if spec.kv else "no"
     log.info("tracing %s (%d layers, %s KV cache) with torch.onnx", spec.model.family, spec.model.num_hidden_layers,
              layout)
+    static = spec.kv is not None and spec.kv.layout == "static"
     with torch.no_grad():
         program = torch.onnx.export(
             graph,
@@ -158,6 +159,7 @@ def trace(model: nn.Module, spec: ArtifactSpec, path: Path) -> Path:
             input_names=list(spec.graph.inputs),
             output_names=list(spec.graph.outputs),
             dynamic_shapes=dynamic_shapes(spec),
+            opset_version=TENSOR_SCATTER_OPSET if static else None,  # the static layout writes with TensorScatter
             dynamo=True,
             optimize=True,
             verbose=False,

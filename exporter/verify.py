@@ -78,15 +78,15 @@ def encode_prompts(tokenizer_dir: Path | None, prompts, vocab_size: int, seed: i
 
 
 def reference_steps(model, spec: ArtifactSpec, ids: np.ndarray, mask: np.ndarray, new_tokens: int):
-    """Greedy decode with the PyTorch module (built in the graph's KV layout); returns (tokens [B, N], logits
-    per step)."""
+    """Greedy decode with the PyTorch module (the dynamic layout: a left-padded batch, as transformers runs it);
+    returns (tokens [B, N], logits per step)."""
     import torch
 
     from models.gemma import empty_past
 
     config, kv = model.config, spec.kv
     B = ids.shape[0]
-    past = empty_past(config, B, kv.max_length or 0) if kv else None
+    past = empty_past(config, B) if kv else None
     steps, tokens = [], []
     with torch.no_grad():
         step_ids, step_mask = torch.from_numpy(ids), torch.from_numpy(mask)
@@ -105,45 +105,79 @@ def reference_steps(model, spec: ArtifactSpec, ids: np.ndarray, mask: np.ndarray
     return np.stack(tokens, axis=1) if tokens else np.zeros((B, 0), np.int64), steps
 
 
+class _Session:
+    """The graph on ONNX Runtime (CPU) as a backend-like object: `forward(ids, mask, positions, rows)` over a KV
+    cache held in numpy (plain session.run: what the runtime's IO binding must agree with)."""
+
+    def __init__(self, onnx_path: Path, spec: ArtifactSpec, batch: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # TensorScatter warns that plain run() copies the cache: it does, here
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.kv = kv = spec.kv
+        self.past = {}
+        if kv is not None:
+            shape = (batch, kv.num_kv_heads, kv.max_length if kv.layout == "static" else 0, kv.head_dim)
+            self.past = {name: np.zeros(shape, dtype=KV_NUMPY[kv.dtype]) for name in kv.past_names}
+
+    def forward(self, ids, mask, pos, rows: slice):
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                 **{name: value[rows] for name, value in self.past.items()}}
+        outputs = self.session.run(None, feeds)
+        for name, present in zip(self.past, outputs[1:]):
+            if self.kv.layout == "static":
+                self.past[name][rows] = present
+            else:
+                self.past[name] = present
+        return outputs[0].astype(np.float32)
+
+
+def candidate_steps(run, spec: ArtifactSpec, ids: np.ndarray, mask: np.ndarray, tokens: np.ndarray):
+    """The graph's logits per step, fed the reference's tokens through `run(ids, mask, positions, rows)`: as one
+    left-padded batch in the dynamic layout; in the static one, each row's prompt alone at slot 0 (its logits laid
+    out as the left-padded batch's), then the rows decoded together, each after its own length."""
+    B, W = ids.shape
+    if spec.kv is None or spec.kv.layout == "dynamic":
+        steps, step_ids, step_mask = [], ids, mask
+        for step in range(tokens.shape[1] + 1):
+            steps.append(run(step_ids, step_mask, positions(step_mask)[:, -step_ids.shape[1]:], slice(0, B)))
+            if step == tokens.shape[1]:
+                break
+            step_ids = tokens[:, step : step + 1]
+            step_mask = np.concatenate([step_mask, np.ones((B, 1), np.int64)], axis=1)
+        return steps
+    lengths = mask.sum(-1)
+    first = None
+    for row, n in enumerate(lengths):
+        logits = run(ids[row:row + 1, W - n:], np.ones((1, n), np.int64), np.arange(n)[None], slice(row, row + 1))
+        if first is None:
+            first = np.zeros((B, W if logits.shape[1] > 1 else 1, logits.shape[-1]), np.float32)
+        first[row, first.shape[1] - logits.shape[1]:] = logits[0]
+    steps = [first]
+    for step in range(tokens.shape[1]):
+        lengths = lengths + 1
+        step_mask = (np.arange(lengths.max())[None] < lengths[:, None]).astype(np.int64)
+        steps.append(run(tokens[:, step:step + 1], step_mask, (lengths - 1)[:, None], slice(0, B)))
+    return steps
+
+
 def onnx_steps(onnx_path: Path, spec: ArtifactSpec, ids: np.ndarray, mask: np.ndarray, tokens: np.ndarray):
     """The graph on ONNX Runtime (CPU), fed the reference's tokens; logits per step."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    B, kv = ids.shape[0], spec.kv
-    past = {}
-    if kv is not None:
-        shape = (B, kv.num_kv_heads, kv.max_length if kv.layout == "static" else 0, kv.head_dim)
-        past = {name: np.zeros(shape, dtype=KV_NUMPY[kv.dtype]) for name in kv.past_names}
-    steps = []
-    step_ids, step_mask = ids, mask
-    for step in range(tokens.shape[1] + 1):
-        feeds = {
-            "input_ids": step_ids,
-            "attention_mask": step_mask,
-            "position_ids": positions(step_mask)[:, -step_ids.shape[1] :],
-            **past,
-        }
-        outputs = session.run(None, feeds)
-        steps.append(outputs[0].astype(np.float32))
-        if step == tokens.shape[1]:
-            break
-        past = dict(zip(kv.past_names, outputs[1:]))
-        step_ids = tokens[:, step : step + 1]
-        step_mask = np.concatenate([step_mask, np.ones((B, 1), np.int64)], axis=1)
-    return steps
+    return candidate_steps(_Session(onnx_path, spec, ids.shape[0]).forward, spec, ids, mask, tokens)
 
 
 def backend_steps(backend, spec: ArtifactSpec, ids: np.ndarray, mask: np.ndarray, tokens: np.ndarray):
     """The graph through a runtime backend (its KV cache, bindings, profiles), fed the reference's tokens."""
     all_logits = spec.graph.logits == "all"
     backend.reset(ids.shape[0], ids.shape[1] + tokens.shape[1] + 1)
-    logits = backend.forward(ids, mask, positions(mask), all_logits=all_logits)
-    steps = [logits if all_logits else logits[:, None]]
-    for step in range(tokens.shape[1]):
-        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
-        steps.append(backend.forward(tokens[:, step:step + 1], mask, positions(mask)[:, -1:])[:, None])
-    return steps
+
+    def run(step_ids, step_mask, pos, rows):
+        logits = backend.forward(step_ids, step_mask, pos, all_logits=all_logits and step_ids.shape[1] > 1,
+                                 rows=rows)
+        return logits if logits.ndim == 3 else logits[:, None]
+
+    return candidate_steps(run, spec, ids, mask, tokens)
 
 
 def compare(
@@ -241,6 +275,9 @@ def verify(
         from .divergence import locate
 
         kv = spec.kv
+        if kv.layout == "static":  # a row of its own: the first prompt alone at slot 0
+            n = int(mask[0].sum())
+            ids, mask = ids[:1, ids.shape[1] - n:], np.ones((1, n), np.int64)
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask),
                  **{name: np.zeros((ids.shape[0], kv.num_kv_heads, kv.max_length or 0, kv.head_dim),
                                    KV_NUMPY[dtype]) for name in kv.past_names}}

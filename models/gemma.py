@@ -6,9 +6,13 @@ ONNX graph takes and gives is what this function takes and gives.
 
 Precision and the KV layout are given at construction, as mlx-lm's and gpt-fast's models take their args:
 `GemmaForCausalLM(config, Precision(...), kv_layout="static")`. Two cache layouts:
-- dynamic: past holds the T_past tokens seen so far; present = concat(past, new).
-- static: past is a buffer of `max_length` slots; the new entries are written at slots
-  T_past..T_past+S-1 (T_past = attention_mask.shape[1] - S) and present is the whole updated buffer.
+- dynamic: past holds the T_past tokens seen so far; present = concat(past, new). Rows of a batch share their
+  slots: shorter prompts are left-padded, and attention_mask [B, T_past + S] marks the real tokens.
+- static: past is a buffer of `max_length` slots per row, and every row has its own length: its tokens sit at
+  slots 0..n-1, and attention_mask [B, T] marks them (T: the longest row's length after this step). A row's S new
+  entries go to its own slots n-S..n-1 (n = the row's mask sum), written in place (ONNX's TensorScatter);
+  present is the whole updated buffer, and attention reads its first T slots. That is what continuous batching
+  needs: rows that joined at different times decode together.
 """
 
 from __future__ import annotations
@@ -97,7 +101,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, precision.residual)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, precision.residual)
 
-    def forward(self, x, cos, sin, mask, past: KV, static_slots: torch.Tensor | None) -> tuple[torch.Tensor, KV]:
+    def forward(self, x, cos, sin, mask, past: KV, write_at: torch.Tensor | None) -> tuple[torch.Tensor, KV]:
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
         k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
@@ -111,11 +115,12 @@ class Attention(nn.Module):
         k = (k * cos + rotate_half(k) * sin).to(dtype)  # the cache's dtype
 
         past_k, past_v = past
-        if static_slots is None:
+        if write_at is None:
             k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)  # [B, Hkv, T, D]
-        else:
-            k, v = past_k.index_copy(2, static_slots, k), past_v.index_copy(2, static_slots, v)  # [B, Hkv, L, D]
-        present = (k, v)
+            present = (k, v)
+        else:  # each row's new entries at its own slots; attention reads the slots in use
+            present = (write_kv(past_k, k, write_at), write_kv(past_v, v, write_at))  # [B, Hkv, L, D]
+            k, v = present[0][:, :, : mask.shape[-1]], present[1][:, :, : mask.shape[-1]]  # [B, Hkv, T, D]
 
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(B, self.num_kv_heads, groups * S, self.head_dim)  # [B, Hkv, G*S, D]: heads share their kv
@@ -158,8 +163,8 @@ class DecoderLayer(nn.Module):
         else:  # Gemma 1's post_attention_layernorm is the MLP's input norm
             self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
 
-    def forward(self, x, cos, sin, mask, past, static_slots):
-        h, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, static_slots)
+    def forward(self, x, cos, sin, mask, past, write_at):
+        h, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, write_at)
         if not self.sandwich_norms:
             x = x + h
             return x + self.mlp(self.post_attention_layernorm(x)), present
@@ -167,25 +172,44 @@ class DecoderLayer(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), present
 
 
+def write_kv(cache: torch.Tensor, new: torch.Tensor, write_at: torch.Tensor) -> torch.Tensor:
+    """cache [B, H, L, D] with new [B, H, S, D] written at slots write_at[b]..write_at[b]+S-1 of each row b.
+
+    Traced as ONNX's TensorScatter (opset 24), which ONNX Runtime runs in place when past and present are bound
+    to one buffer, and TensorRT imports as its KV cache update (addKVCacheUpdate, 10.15+)."""
+    if torch.onnx.is_in_onnx_export():
+        return torch.onnx.ops.symbolic("TensorScatter", (cache, new, write_at), {"axis": 2, "mode": "linear"},
+                                       dtype=cache.dtype, shape=cache.shape, version=TENSOR_SCATTER_OPSET)
+    B, H, S, D = new.shape
+    slots = write_at[:, None] + torch.arange(S, device=new.device)  # [B, S]
+    return cache.scatter(2, slots[:, None, :, None].expand(B, H, S, D), new)
+
+
+TENSOR_SCATTER_OPSET = 24
+
+
 def attention_masks(
-    attention_mask: torch.Tensor, seq_len: int, kv_len: int, sliding_window: int | None
+    attention_mask: torch.Tensor, seq_len: int, kv_len: int, sliding_window: int | None, static: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Boolean masks [B, 1, S, kv_len] for full and sliding layers.
 
-    Cache slot indices decide causality and the window, as transformers' masking_utils does: query i sits
-    at slot T - S + i, where T = attention_mask.shape[1] counts the slots in use (pads included).
+    Cache slot indices decide causality and the window, as transformers' masking_utils does. Dynamic layout:
+    query i sits at slot T - S + i, where T = attention_mask.shape[1] counts the slots in use (pads included).
+    Static layout: every row has its own length n (its mask's sum), and its query i sits at slot n - S + i.
     """
-    total = attention_mask.shape[1]
-    if kv_len != total:  # static layout: slots past T are empty
-        attention_mask = F.pad(attention_mask, (0, kv_len - total))
     kv_idx = torch.arange(kv_len, device=attention_mask.device)  # [T]
-    q_idx = torch.arange(seq_len, device=attention_mask.device) + (total - seq_len)  # [S]
-    causal = kv_idx[None, :] <= q_idx[:, None]  # [S, T]
-    full = causal[None, None] & attention_mask.bool()[:, None, None, :]  # [B, 1, S, T]
+    if static:  # per row: [B, S] query slots, [B, S, T] masks
+        q_idx = attention_mask.sum(-1, keepdim=True) - seq_len + torch.arange(seq_len, device=kv_idx.device)
+        full = ((kv_idx[None, None, :] <= q_idx[:, :, None]) & attention_mask.bool()[:, None, :])[:, None]
+        kv_idx, q_idx = kv_idx[None, None, :], q_idx[:, :, None]
+    else:  # shared by the rows: [S] query slots, [S, T] masks
+        q_idx = torch.arange(seq_len, device=attention_mask.device) + (attention_mask.shape[1] - seq_len)
+        full = (kv_idx[None, :] <= q_idx[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
+        kv_idx, q_idx = kv_idx[None, :], q_idx[:, None]
     if sliding_window is None:
         return full, None
-    window = kv_idx[None, :] > q_idx[:, None] - sliding_window  # [S, T]
-    return full, full & window[None, None]
+    window = kv_idx > q_idx - sliding_window
+    return full, full & (window[:, None] if static else window[None, None])  # [B, 1, S, T]
 
 
 class GemmaModel(nn.Module):
@@ -202,7 +226,7 @@ class GemmaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, precision) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, precision.vocab_table)
         self.layer_types = list(config.layer_types)
-        for layer_type in set(self.layer_types):
+        for layer_type in dict.fromkeys(self.layer_types):  # in order: a set would change the trace with the hash seed
             self.register_buffer(f"inv_freq_{layer_type}", rope_inv_freq(config, layer_type), persistent=False)
 
     def forward(self, input_ids, position_ids, attention_mask, past: list[KV]) -> tuple[torch.Tensor, list[KV]]:
@@ -215,18 +239,17 @@ class GemmaModel(nn.Module):
         else:  # float16 graphs keep the residual stream in float32: Gemma's passes 65504 and would turn to inf
             x = x.to(residual) * math.sqrt(self.config.hidden_size)  # neither the product nor the scale rounded
 
-        kv_len = past[0][0].shape[2] + S
-        static_slots = None
-        if self.kv_layout == "static":  # buffers of max_length slots; write the new entries at slots T-S..T-1
-            kv_len = past[0][0].shape[2]
-            static_slots = torch.arange(S, device=input_ids.device) + (attention_mask.shape[1] - S)
-        full_mask, sliding_mask = attention_masks(attention_mask, S, kv_len, self.config.sliding_window)
-        ropes = {t: rotary(position_ids, getattr(self, f"inv_freq_{t}"), residual) for t in set(self.layer_types)}
+        static = self.kv_layout == "static"
+        kv_len = attention_mask.shape[1] if static else past[0][0].shape[2] + S
+        write_at = attention_mask.sum(-1) - S if static else None  # [B]: each row's first new slot
+        full_mask, sliding_mask = attention_masks(attention_mask, S, kv_len, self.config.sliding_window, static)
+        ropes = {t: rotary(position_ids, getattr(self, f"inv_freq_{t}"), residual)
+                 for t in dict.fromkeys(self.layer_types)}
 
         present = []
         for layer, layer_type, layer_past in zip(self.layers, self.layer_types, past):
             mask = sliding_mask if layer_type == "sliding_attention" else full_mask
-            x, kv = layer(x, *ropes[layer_type], mask, layer_past, static_slots)
+            x, kv = layer(x, *ropes[layer_type], mask, layer_past, write_at)
             present.append(kv)
         return self.norm(x), present
 

@@ -203,7 +203,7 @@ def _finish(module: nn.Module) -> None:
     decoder = decoder_of(module)
     if hasattr(module, "lm_head") and module.config.tie_word_embeddings:
         module.lm_head.weight = decoder.embed_tokens.weight
-    for layer_type in set(decoder.layer_types):
+    for layer_type in dict.fromkeys(decoder.layer_types):
         decoder.register_buffer(f"inv_freq_{layer_type}", rope_inv_freq(decoder.config, layer_type), persistent=False)
     module.eval()
 

@@ -27,6 +27,12 @@ def _sampling_options(f):
         click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
         click.option("--seed", type=int, default=None, help="Makes sampling repeatable."),
         click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable)."),
+    ]
+    return _apply(options, _backend_options(f))
+
+
+def _backend_options(f):
+    options = [
         click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
                      help="auto: the TensorRT engine when the artifact has one, else ONNX Runtime."),
         click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
@@ -34,6 +40,10 @@ def _sampling_options(f):
         click.option("--allow-cpu-fallback", is_flag=True, help="Run on the CPU if the provider is not usable."),
         click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads."),
     ]
+    return _apply(options, f)
+
+
+def _apply(options, f):
     for option in reversed(options):
         f = option(f)
     return f
@@ -165,10 +175,7 @@ def chat(artifact, system, **kw):
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--runs", type=int, default=5, show_default=True)
 @click.option("--warmup", type=int, default=1, show_default=True)
-@click.option("--threads", type=int, default=None)
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
-@click.option("--allow-cpu-fallback", is_flag=True)
+@_backend_options
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also draw decode tokens/s against context length to this PNG (needs matplotlib).")
@@ -195,5 +202,47 @@ def bench(artifact, prompt_length, new_tokens, batch_size, runs, warmup, threads
         if plot is not None:
             report["context_sweep"] = context_sweep(model, plot, new_tokens=16)
         click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+    _guard(run)
+
+
+def _serve_default(name: str):
+    from .serving.options import ServeOptions
+
+    return ServeOptions.__dataclass_fields__[name].default
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch-size", type=click.IntRange(1), default=None, show_default=str(_serve_default("max_batch_size")),
+              help="Requests decoded together (rows of the KV buffers).")
+@click.option("--max-queue", type=click.IntRange(1), default=None, show_default=str(_serve_default("max_queue")),
+              help="Requests waiting for a row; one more gets 429.")
+@click.option("--prefill-chunk", type=click.IntRange(1), default=None, show_default=str(_serve_default("prefill_chunk")),
+              help="Prompt tokens prefilled a step: the running requests wait for one chunk at most.")
+@click.option("--api-key", default=None, help="Require Authorization: Bearer KEY on /v1/ (also GEMMA_DEPLOY_API_KEY).")
+@click.option("--model-name", default=None, help="The model's name in the API [default: the artifact folder's name].")
+@click.option("--grace", type=float, default=30.0, show_default=True,
+              help="Seconds the requests under way get to finish after SIGTERM.")
+@_backend_options
+def serve(artifact, host, port, max_batch_size, max_queue, prefill_chunk, api_key, model_name, grace, backend,
+          provider, allow_cpu_fallback, threads):
+    """Serve ARTIFACT (static KV layout) with the OpenAI API and continuous batching, until SIGTERM."""
+
+    def run():
+        try:
+            from .serving import serve as serve_app
+            from .serving.options import ServeOptions
+        except ImportError as e:
+            raise ValueError(f"gemma-run serve needs the serve extra: pip install 'gemma-deploy[serve]' ({e})") from None
+        from .manifest import read_manifest
+
+        read_manifest(artifact, verify=False)  # a bad folder fails now, with its reason, not in the server's log
+        given = dict(max_batch_size=max_batch_size, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                     api_key=api_key, model_name=model_name, backend=backend, provider=provider, threads=threads,
+                     allow_cpu_fallback=allow_cpu_fallback)
+        serve_app(artifact, host, port, ServeOptions(**{k: v for k, v in given.items() if v is not None}), grace)
 
     _guard(run)

@@ -11,6 +11,11 @@ without concatenating anything.
     generate_step(backend, ids, mask, sampler, n)   tokens [B] per step
     generate_tokens(...)                            new tokens [B, n]: eos per row, padding, stop callbacks
     stream(...)                                     text pieces of one row, stop strings held back
+
+Static KV layout: every row has its own length, so rows are prefilled on their own (`prefill_rows`, in chunks
+of at most the backend's `max_chunk`) and decoded together (`decode_rows`): the two steps the serving
+scheduler (runtime/serving/scheduler.py) interleaves as requests come and go. A left-padded batch given to
+generate_step is taken apart into its rows (rows of one length prefill together).
 """
 
 from __future__ import annotations
@@ -98,6 +103,43 @@ def decode_step(backend: Backend, token: np.ndarray, buffers: LoopBuffers) -> np
     return logits
 
 
+def prefill_rows(backend: Backend, rows: slice, ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
+    """Static layout: feed `ids` [n, S] to the n rows of `rows`, each after what its cache holds (rows of one
+    length), in chunks of at most the backend's max_chunk; logits [n, V] of the last token ([n, S, V] with
+    all_logits)."""
+    chunk = backend.max_chunk or ids.shape[1]
+    pieces = []
+    for start in range(0, ids.shape[1], chunk):
+        piece = ids[:, start:start + chunk].astype(np.int64)
+        done = backend.lengths[rows]
+        mask = (np.arange(int(done.max()) + piece.shape[1])[None] < (done + piece.shape[1])[:, None])
+        pos = done[:, None] + np.arange(piece.shape[1])[None]
+        pieces.append(backend.forward(piece, mask.astype(np.int64), pos, all_logits, rows=rows))
+    return np.concatenate(pieces, axis=1) if all_logits else pieces[-1]
+
+
+def prefill_batch(backend: Backend, input_ids: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Static layout: the real tokens of a left-padded batch (`new` marks them), each row after what its cache
+    holds; rows next to each other with as many new tokens and as long a cache go in one run. Logits [B, V]."""
+    counts, logits, row = new.sum(1), [], 0
+    while row < len(counts):
+        end = row + 1
+        while end < len(counts) and counts[end] == counts[row] and backend.lengths[end] == backend.lengths[row]:
+            end += 1
+        group = np.stack([input_ids[r][new[r]] for r in range(row, end)])
+        logits.append(prefill_rows(backend, slice(row, end), group))
+        row = end
+    return np.concatenate(logits)
+
+
+def decode_rows(backend: Backend, tokens: np.ndarray, rows: slice) -> np.ndarray:
+    """Static layout: one new token for each row of `rows` (tokens [n]), each after its own length; logits
+    [n, V]. Rows without a request in them decode too (their token writes a slot that is overwritten later)."""
+    lengths = backend.lengths[rows] + 1
+    mask = (np.arange(int(lengths.max()))[None, :] < lengths[:, None]).astype(np.int64)  # [n, T], left-aligned
+    return backend.forward(tokens.astype(np.int64)[:, None], mask, (lengths - 1)[:, None], rows=rows)
+
+
 def generate_step(
     backend: Backend,
     input_ids: np.ndarray,
@@ -110,7 +152,7 @@ def generate_step(
     """Yield the next token of every row [B], `max_new_tokens` times (the caller may stop earlier).
 
     Without `continue_cache` the backend's cache is reset for this batch and attention_mask is
-    [B, S] like input_ids. With it the cache is kept (a chat's earlier turns) and attention_mask
+    [B, S] like input_ids (left-padded). With it the cache is kept (a chat's earlier turns) and attention_mask
     covers the cache and the new tokens, [B, past_length + S]. `use_history` passes the tokens so far
     to the sampler (repetition penalty)."""
     B, S = input_ids.shape
@@ -120,13 +162,21 @@ def generate_step(
     if not continue_cache:
         backend.reset(B, S + max_new_tokens)
     buffers = LoopBuffers.allocate(attention_mask, input_ids, max_new_tokens)
-    logits = prefill(backend, input_ids, buffers)
+    if backend.static:  # rows of their own, the pads left out
+        logits = prefill_batch(backend, input_ids, attention_mask[:, past:].astype(bool))
+    else:
+        logits = prefill(backend, input_ids, buffers)
     for step in range(max_new_tokens):
         history = buffers.tokens[:, past : buffers.length] if use_history else None
         token = sampler(logits, history)
         yield token
         if step + 1 < max_new_tokens:  # the last token is not fed: nothing would read its logits
-            logits = decode_step(backend, token, buffers)
+            if backend.static:
+                buffers.tokens[:, buffers.length] = token
+                buffers.length += 1
+                logits = decode_rows(backend, token, slice(0, B))
+            else:
+                logits = decode_step(backend, token, buffers)
 
 
 def generate_tokens(
@@ -165,6 +215,51 @@ def generate_tokens(
     return out[:, :n]
 
 
+class TextStream:
+    """One completion's text as its tokens come: `push(token)` returns the piece that is final now ("" while a
+    character is incomplete or the text may still grow into a stop string), `finish()` the rest. The pieces
+    concatenate to the decoded completion, cut before the first stop string; `stopped` is set once a stop string
+    or an end token ended it."""
+
+    def __init__(self, tokenizer, eos_token_ids, stop_strings=()):
+        self.decoder = tokenizer.stream_decoder()
+        self.eos = set(eos_token_ids)
+        self.stop_strings = list(stop_strings)
+        self.text, self.emitted = "", 0
+        self.stopped = False
+        self.end_token = False  # it was an end token (not a stop string) that ended the completion
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        if token in self.eos:
+            self.stopped = self.end_token = True
+            return ""
+        piece = self.decoder.push(token)
+        if not piece:
+            return ""
+        cut = stop_index(self.text + piece, self.stop_strings, start=len(self.text))
+        self.text += piece
+        if cut is not None:
+            self.stopped = True
+            return self._emit(cut)
+        return self._emit(len(self.text) - partial_stop(self.text, self.stop_strings))
+
+    def finish(self) -> str:
+        """What is still held back, once no token will come (nothing after a stop string)."""
+        if self.stopped and not self.end_token:
+            return ""
+        self.text += self.decoder.flush()
+        cut = stop_index(self.text, self.stop_strings)
+        return self._emit(len(self.text) if cut is None else cut)
+
+    def _emit(self, end: int) -> str:
+        if end <= self.emitted:
+            return ""
+        piece, self.emitted = self.text[self.emitted:end], end
+        return piece
+
+
 def stream(
     backend: Backend,
     tokenizer,
@@ -183,37 +278,23 @@ def stream(
     back until it cannot. The generated token ids (end token included) are appended to `tokens`."""
     if input_ids.shape[0] != 1:
         raise ValueError(f"stream takes one prompt, got a batch of {input_ids.shape[0]}")
-    decoder = tokenizer.stream_decoder()
-    eos = set(eos_token_ids)
-    text, emitted = "", 0
+    text = TextStream(tokenizer, eos_token_ids, stop_strings)
     steps = generate_step(backend, input_ids, attention_mask, sampler, max_new_tokens, use_history, continue_cache)
     try:
         for token in steps:
             token = int(token[0])
             if tokens is not None:
                 tokens.append(token)
-            if token in eos:
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
                 break
-            piece = decoder.push(token)
-            if not piece:
-                continue
-            cut = stop_index(text + piece, stop_strings, start=len(text))
-            text += piece
-            if cut is not None:
-                if cut > emitted:
-                    yield text[emitted:cut]
-                return
-            ready = len(text) - partial_stop(text, stop_strings)
-            if ready > emitted:
-                yield text[emitted:ready]
-                emitted = ready
     finally:
         steps.close()
-    text += decoder.flush()
-    cut = stop_index(text, stop_strings)
-    end = len(text) if cut is None else cut
-    if end > emitted:
-        yield text[emitted:end]
+    piece = text.finish()
+    if piece:
+        yield piece
 
 
 def stop_index(text: str, stop_strings, start: int = 0) -> int | None:

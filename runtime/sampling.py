@@ -79,6 +79,16 @@ def logsumexp(logits: np.ndarray) -> np.ndarray:
     return top + np.log(np.exp(logits - top).sum(axis=-1, keepdims=True, dtype=np.float64))
 
 
+def log_softmax_top(logits: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """The log-probability of `token` under softmax(logits [V]) and the k most likely tokens with theirs, most
+    likely first (what OpenAI's `logprobs` reports)."""
+    row = logits.astype(np.float32)[None]
+    total = float(logsumexp(row)[0, 0])
+    top = top_indices(row, k)[0] if k else np.zeros(0, np.int64)
+    top = top[np.argsort(-row[0, top], kind="stable")]
+    return float(row[0, token]) - total, tuple((int(t), float(row[0, t]) - total) for t in top)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)

@@ -99,14 +99,13 @@ class KVSpec:
     """How the graph takes and gives its past keys and values, [batch, num_kv_heads, slots, head_dim] per layer."""
 
     layout: str = field(metadata=choices(KV_LAYOUTS))
-    max_length: int | None  # static: the slots of every buffer
+    max_length: int | None  # static: the slots of every row's buffer, written in place
     num_layers: int
     num_kv_heads: int
     head_dim: int
     dtype: str = field(metadata=choices(DTYPES))
     sliding_window: int | None
     sliding_window_layers: tuple[int, ...]
-    shares_buffers: bool = False  # past and present may be one buffer (an attention that writes in place)
 
     @property
     def past_names(self) -> list[str]:

@@ -1,9 +1,10 @@
 """Our artifacts against onnxruntime-genai on the same CPU, in one run: prefill ms and decode tokens/s.
 
     python scripts/bench_speed.py artifacts/int4 artifacts/fp32 --genai ~/.cache/gemma-deploy/gemma3-270m/genai-int4 \\
-        [--prompt-length 128] [--new-tokens 64] [--runs 5] [--json]
+        [--prompt-length 128] [--new-tokens 64] [--batch-size 1] [--runs 5] [--json]
 
-Greedy, batch 1, the same random prompt ids for everyone; every graph is loaded first and warmed up once,
+Greedy, the same random prompt ids for everyone (--batch-size rows of them: decode tokens/s counts every row's;
+the static KV layout prefills its rows one after the other, so prefill ms is their sum); every graph is loaded first and warmed up once,
 then the runs go round-robin (one of each in turn), median of --runs per graph. Ours run
 through the runtime (runtime.bench.time_generation); onnxruntime-genai through its generator: prefill is
 the time of append_tokens(prompt) plus the first token, decode the time per following token. Ratios are
@@ -73,13 +74,16 @@ def main() -> int:
     parser.add_argument("--genai", type=Path, action="append", default=[])
     parser.add_argument("--prompt-length", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=1, help="rows decoded together (our artifacts only)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
-    ids = rng.integers(1000, 200_000, size=(1, args.prompt_length), dtype=np.int64)
-    ids[0, 0] = 2  # <bos>
+    ids = rng.integers(1000, 200_000, size=(args.batch_size, args.prompt_length), dtype=np.int64)
+    ids[:, 0] = 2  # <bos>
+    if args.genai and args.batch_size != 1:
+        raise SystemExit("--genai runs batch 1 only")
     runners = {f"onnxruntime-genai:{folder.name}": genai_generation(folder, ids, args.new_tokens) for folder in args.genai}
     runners |= {folder.name: ours_generation(folder, ids, args.new_tokens) for folder in args.artifacts}
     rows = [{"graph": name, **medians} for name, medians in interleaved_medians(runners, args.runs).items()]
@@ -88,9 +92,10 @@ def main() -> int:
         row["decode_ratio"] = round(row["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
         row["prefill_ratio"] = round(base["prefill_ms"] / row["prefill_ms"], 3)  # > 1: faster than the base
     if args.json:
-        print(json.dumps({"prompt_length": args.prompt_length, "new_tokens": args.new_tokens, "rows": rows}, indent=2))
+        print(json.dumps({"prompt_length": args.prompt_length, "new_tokens": args.new_tokens,
+                          "batch_size": args.batch_size, "rows": rows}, indent=2))
         return 0
-    print(f"prompt {args.prompt_length} tokens, {args.new_tokens} new, batch 1, median of {args.runs}; "
+    print(f"prompt {args.prompt_length} tokens, {args.new_tokens} new, batch {args.batch_size}, median of {args.runs}; "
           f"ratios against {base['graph']}")
     print(f"{'graph':36s} {'prefill ms':>10s} {'x':>6s} {'decode tok/s':>12s} {'x':>6s}")
     for r in rows:

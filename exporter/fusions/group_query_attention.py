@@ -1,32 +1,31 @@
 """Gemma's attention (models/gemma.py, traced and through onnxscript's fusions) to ONNX Runtime's
-GroupQueryAttention, with the mask as an additive attention_bias.
+GroupQueryAttention, with the mask as an additive attention_bias: static KV layout only.
 
 What the trace of the static KV layout holds, per layer (q and k already rotated by RotaryEmbedding):
 
-    past_k ─Transpose─ScatterND(slots, k [S,B,Hkv,D])─Transpose─► present_k      (index_copy into the buffer)
-    q ─Reshape [B,Hkv,G*S,D]─FusedMatMul(present_k, transB)─Mul(scale)─[Div─Tanh─Mul: softcap]
-      ─Reshape [B,H,S,T]─Where(Not(mask), min)─Softmax─Reshape─MatMul(present_v)─Reshape─Transpose─Reshape─► out
+    past_k ─TensorScatter(k [B,Hkv,S,D], write_at)─► present_k ─Slice(:T)─┐       (each row's own slots)
+    q ─Reshape [B,Hkv,G*S,D]─FusedMatMul(·, transB)─Mul(scale)─[Div─Tanh─Mul: softcap]
+      ─Reshape [B,H,S,T]─Where(Not(mask), min)─Softmax─Reshape─MatMul(present_v[:T])─Reshape─Transpose─Reshape─► out
 
 becomes
 
     GroupQueryAttention(q, k, v [B,S,H*D], past_k, past_v, seqlens_k, total_sequence_length,
-                        attention_bias = Where(mask, 0, min)[..., :T])  ─► out, present_k, present_v
+                        attention_bias = Where(mask, 0, min))  ─► out, present_k, present_v
 
 Choices, and why:
 - The mask goes in as attention_bias (ONNX Runtime >= 1.22) and local_window_size stays -1. The bias is
-  the graph's own mask: left padding (GroupQueryAttention alone assumes right padding) and Gemma 2/3's
-  sliding window come out exactly as transformers computes them, and the window does not depend on
-  ONNX Runtime's version (its local_window_size counted one key more before 1.24, PR #25927).
-- Every row's seqlens_k is T - 1 (T = attention_mask's length, pads included), so the kernel's causal
-  limit and its write position are the cache slots the mask speaks of: slots T-S..T-1.
+  the graph's own mask: causality per row and Gemma 2/3's sliding window come out exactly as transformers
+  computes them, and the window does not depend on ONNX Runtime's version (its local_window_size counted one
+  key more before 1.24, PR #25927).
+- seqlens_k is each row's length - 1 (the mask's row sums, minus one), so the kernel writes a row's new entries
+  at that row's own slots, the ones TensorScatter wrote: rows of different lengths decode together. The
+  total_sequence_length is the mask's width, the longest row.
 - Rotary stays outside (do_rotary 0): RotaryEmbedding already ran, with the real positions.
-- Static layout only: past is a buffer of max_length slots and the kernel writes the new rows in place;
-  the runtime binds one buffer as both past and present (manifest kv_cache.shares_buffers), which is how
-  the kernel detects sharing (same pointer). In the dynamic layout the kernel allocates, zero-fills and
-  fills a new present every step: measured on the real 270M, decode fell to 0.90x of the unfused graph at
-  a 128-token prompt and 0.86x at 2,048 (prefill rose 1.41x), so that layout keeps its own attention.
-- Prefill of more than one token over a non-empty cache takes batch 1 only (the kernel's limit): the
-  runtime prefills a batch at once and extends a chat cache one conversation at a time.
+- Static layout only: the kernel writes the buffer in place when past and present are one buffer, which the
+  runtime binds. In the dynamic layout the kernel allocates, zero-fills and fills a new present every step
+  (slower than the unfused graph: docs/fusions.md), so that layout keeps its own attention.
+- Prefill of more than one token over a non-empty cache takes batch 1 only (the kernel's limit): the runtime
+  prefills a row at a time.
 """
 
 from __future__ import annotations
@@ -49,17 +48,16 @@ class GroupQueryAttentionFusion(pattern.RewriteRuleClassBase):
     def __init__(self):
         super().__init__("GemmaGroupQueryAttention", remove_nodes=False)
 
-    def _present(self, op, past, new):
-        # index_copy into the buffer, traced as ScatterND on the slot axis; new: [S, B, Hkv, D]
-        return op.Transpose(op.ScatterND(op.Transpose(past, perm=[2, 0, 1, 3]), pattern.ANY_VALUE, new),
-                            perm=[1, 2, 0, 3])
-
-    def pattern(self, op, q, key, value, past_key, past_value, scale, softcap, mask, fill):
-        present_key, present_value = self._present(op, past_key, key), self._present(op, past_value, value)
+    def pattern(self, op, q, key, value, past_key, past_value, write_at, scale, softcap, mask, fill):
+        present_key = op.TensorScatter(past_key, key, write_at, _outputs=["present_key"])
+        present_value = op.TensorScatter(past_value, value, write_at, _outputs=["present_value"])
+        first_slots = [pattern.ANY_VALUE] * 4  # starts, ends, axes, steps: slots 0..T-1
+        key_read = op.Slice(present_key, *first_slots)  # [B, Hkv, T, D]
+        value_read = op.Slice(present_value, *first_slots)
         q_grouped = op.Reshape(q, pattern.ANY_VALUE)  # [B, Hkv, G*S, D]
         scores = pattern.OrValue([
-            op.FusedMatMul(q_grouped, present_key, transB=1, _domain="com.microsoft", _outputs=["qk"]),
-            op.MatMul(q_grouped, op.Transpose(present_key, perm=[0, 1, 3, 2])),
+            op.FusedMatMul(q_grouped, key_read, transB=1, _domain="com.microsoft", _outputs=["qk"]),
+            op.MatMul(q_grouped, op.Transpose(key_read, perm=[0, 1, 3, 2])),
         ])
         scores = op.Mul(scores, scale)
         capped = op.Mul(op.Tanh(op.Div(scores, softcap)), softcap)  # Gemma 2
@@ -70,13 +68,16 @@ class GroupQueryAttentionFusion(pattern.RewriteRuleClassBase):
             op.Softmax(masked, axis=-1),
             op.Cast(op.Softmax(op.Cast(masked, to=ir.DataType.FLOAT), axis=-1)),  # float16 graphs
         ])
-        out = op.MatMul(op.Reshape(probs, pattern.ANY_VALUE), present_value)  # [B, Hkv, G*S, D]
+        out = op.MatMul(op.Reshape(probs, pattern.ANY_VALUE), value_read)  # [B, Hkv, G*S, D]
         out = op.Transpose(op.Reshape(out, pattern.ANY_VALUE), perm=[0, 2, 1, 3])  # [B, S, H, D]
         out = op.Reshape(out, pattern.ANY_VALUE, _outputs=["attention"])  # [B, S, H*D]
         return out, present_key, present_value
 
-    def check(self, context, q, past_key, past_value, scale, mask, fill, softcap=None, qk=None, **_):
+    def check(self, context, q, past_key, past_value, scale, mask, fill, present_key, softcap=None, qk=None, **_):
         result = pattern.MatchResult()
+        scatter = present_key.producer()
+        if scatter.attributes.get_int("axis", -2) not in (2, -2) or scatter.attributes.get_string("mode", "linear") != "linear":
+            return result.fail("the cache is not written along its slot axis, linearly", present_key)
         for past in (past_key, past_value):
             if not past.is_graph_input():
                 return result.fail("the KV cache is not a graph input", past)
@@ -113,23 +114,20 @@ class GroupQueryAttentionFusion(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, q, key, value, past_key, past_value, mask, fill, **_):
         to_bsd = op.Constant(value_ints=[0, 0, -1])
-        key = op.Reshape(op.Transpose(key, perm=[1, 0, 2, 3]), to_bsd)  # [S, B, Hkv, D] -> [B, S, Hkv*D]
-        value = op.Reshape(op.Transpose(value, perm=[1, 0, 2, 3]), to_bsd)
+        key = op.Reshape(op.Transpose(key, perm=[0, 2, 1, 3]), to_bsd)  # [B, Hkv, S, D] -> [B, S, Hkv*D]
+        value = op.Reshape(op.Transpose(value, perm=[0, 2, 1, 3]), to_bsd)
         query = op.Reshape(op.Transpose(q, perm=[0, 2, 1, 3]), to_bsd)
 
-        attention_mask = self._attention_mask
-        total = op.Shape(attention_mask, start=1, end=2)  # [1]: T, the slots in use
-        batch = op.Shape(attention_mask, start=0, end=1)  # [1]
-        total_i32 = op.Cast(op.Squeeze(total), to=ir.DataType.INT32)  # a scalar, as the kernel takes it
-        one = op.Constant(value=ir.tensor(1, dtype=ir.DataType.INT32))
-        seqlens_k = op.Expand(op.Sub(total_i32, one), batch)  # [B]: T - 1 on every row, pads included
+        attention_mask = self._attention_mask  # [B, T]: each row's slots in use, left-aligned
+        lengths = op.ReduceSum(attention_mask, op.Constant(value_ints=[1]), keepdims=0)  # [B]
+        one = op.Constant(value=ir.tensor(1, dtype=ir.DataType.INT64))
+        seqlens_k = op.Cast(op.Sub(lengths, one), to=ir.DataType.INT32)  # [B]: each row's length - 1
+        total = op.Cast(op.Squeeze(op.Shape(attention_mask, start=1, end=2)), to=ir.DataType.INT32)  # a scalar
         zero = op.Constant(value=ir.tensor(np.zeros((), fill.dtype.numpy())))
-        bias = op.Where(mask, zero, fill)  # [B, 1, S, kv_len]
-        # the mask spans the whole buffer; the kernel wants the T slots in use
-        bias = op.Slice(bias, op.Constant(value_ints=[0]), total, op.Constant(value_ints=[3]))
+        bias = op.Where(mask, zero, fill)  # [B, 1, S, T]
         num_heads, kv_heads = self._heads
         return op.GroupQueryAttention(
-            query, key, value, past_key, past_value, seqlens_k, total_i32, None, None, None, bias,  # no cos/sin/positions
+            query, key, value, past_key, past_value, seqlens_k, total, None, None, None, bias,  # no cos/sin/positions
             num_heads=num_heads, kv_num_heads=kv_heads, scale=self._scale, softcap=self._softcap,
             local_window_size=-1, do_rotary=0,
             _domain="com.microsoft", _outputs=3,

@@ -14,7 +14,8 @@ the network at the profile's corners.
     decode    new 1,                past 0..max_length - 1,               total 1..max_length
 
 Byte counts: the KV cache at max batch and max length (and the device buffers the runtime allocates
-for it: two sets, swapped each step, unless past and present share one), the logits buffer, and the
+for it: one set written in place in the static layout, two swapped each step in the dynamic one), the logits
+buffer, and the
 graph's weights by precision, read from its initializers without loading their data.
 """
 
@@ -147,7 +148,7 @@ def make_plan(graph_path: str | Path | None, spec: ArtifactSpec, estimated_weigh
     static = kv is not None and kv.layout == "static"
     slots = BuildLimits(limits.max_batch_size, 1, kv.max_length) if static else limits
     kv_bytes = kv_cache_bytes(kv, slots) if kv is not None else 0
-    buffer_sets = 1 if kv is not None and kv.shares_buffers else 2
+    buffer_sets = 1 if static else 2  # the static layout writes in place; the dynamic one swaps two sets
     logit_rows = limits.max_input_len if spec.graph.logits == "all" else 1
     return TrtPlan(
         profiles=make_profiles(graph_inputs(graph) if graph else spec_inputs(spec), limits, kv is not None),

@@ -2,27 +2,25 @@
 
 A backend owns its session and the KV cache; the loop never sees the cache. For one batch:
 
-    backend.reset(batch_size, max_length)          forget the cache, size the buffers
-    logits = backend.forward(ids, mask, positions)   prefill: ids [B, S], mask [B, S]
-    logits = backend.forward(tok, mask, positions)   each decode step: tok [B, 1], mask [B, past + 1]
-    ...
+    backend.reset(batch_size, max_length)                      forget the cache, size the buffers
+    logits = backend.forward(ids, mask, positions)             the new tokens [B, S] over what the cache holds
+    logits = backend.forward(ids, mask, positions, rows=...)   static layout: rows [start, start + n) only
 
-`forward` feeds the graph the cache as past, keeps its present as the next past (without a copy
-where the execution provider allows), and returns the last position's logits [B, vocab] float32.
-The attention mask covers the cache and the new tokens, [B, past_length + S] (1 real, 0 pad); the
-positions are the new tokens' [B, S]. With `all_logits=True` it returns [B, S, vocab] (the graph
-must be exported with `logits: all`): parity tools compare every position.
-
-`trim(length)` keeps the first `length` cache slots and forgets the rest: a chat whose next prompt
-shares only a prefix with what the cache holds re-feeds from there.
+`forward` feeds the graph the cache as past, keeps its present as the next past (without a copy where the
+execution provider allows), and returns the last position's logits [n, vocab] float32, or every position's
+[n, S, vocab] with `all_logits=True` (the graph must be exported with `logits: all`).
 
 KV layouts (manifest kv.layout):
-  dynamic  past [B, Hkv, past, D] -> present [B, Hkv, past + S, D]; the cache grows each step.
-  static   buffers of max_length slots; the graph writes the new entries at past..past+S-1 and
-           returns the whole buffer. Past and present are two buffers swapped each step, or one
-           bound as both when the manifest says `shares_buffers` (an in-place fused attention).
+  dynamic  past [B, Hkv, past, D] -> present [B, Hkv, past + S, D]: the cache grows each step, and the rows of a
+           batch share its slots. Shorter prompts are left-padded; the mask [B, past + S] marks real tokens
+           (1) and pads (0).
+  static   one buffer of max_length slots per row, written in place (past and present bound to the same
+           memory). Every row has its own length: its tokens sit at slots 0..n-1, the mask [n, T] has n ones
+           for it (T: the longest row after this step), and its S new tokens go to slots n-S..n-1. A step may
+           run any contiguous range of rows: one row's prefill while the others wait, or the decode of all
+           of them (continuous batching: runtime/serving/).
 
-The bookkeeping every backend shares (the cache's length, what reset and trim accept) is here.
+The bookkeeping every backend shares is here: each row's length (`lengths`), and what reset and trim accept.
 """
 
 from __future__ import annotations
@@ -46,18 +44,24 @@ class Backend(ABC):
         self.max_length: int | None = kv.max_length if kv and kv.layout == "static" else None
         #: the most rows a batch may have (None: as many as memory allows)
         self.max_batch_size: int | None = None
-        self.shares_buffers = bool(kv and kv.shares_buffers)
+        #: the most new tokens one forward takes (None: any): a longer prefill is fed in chunks (runtime/generate.py)
+        self.max_chunk: int | None = None
         self.past_names, self.present_names = (kv.past_names, kv.present_names) if kv else ([], [])
         self.logits_all = manifest.graph.logits == "all"
         self.batch_size = 0
-        self._past_length = 0
+        #: tokens each row's cache holds (the dynamic layout's rows share one length, pads included)
+        self.lengths = np.zeros(0, np.int64)
         #: seconds spent inside the engine's run() since the last reset: the loop's overhead is the rest
         self.run_seconds = 0.0
 
     @property
+    def static(self) -> bool:
+        return self.kv_layout == "static"
+
+    @property
     def past_length(self) -> int:
-        """Cache slots in use (pads included): the next attention mask is [B, past_length + S]."""
-        return self._past_length
+        """Cache slots in use by the first row (every row, in the dynamic layout)."""
+        return int(self.lengths[0]) if len(self.lengths) else 0
 
     def reset(self, batch_size: int, max_length: int) -> None:
         """Forget the cache; prepare for `batch_size` rows that will reach `max_length` tokens in all."""
@@ -69,32 +73,50 @@ class Backend(ABC):
                 f"{max_length} tokens (prompt + max_new_tokens) do not fit the KV cache of {self.max_length}; "
                 "shorten the prompt or max_new_tokens, or export with a larger --max-length"
             )
-        self.batch_size, self._past_length, self.run_seconds = batch_size, 0, 0.0
+        self.batch_size, self.run_seconds = batch_size, 0.0
+        self.lengths = np.zeros(batch_size, np.int64)
         self._reset(batch_size)
 
-    def trim(self, length: int) -> None:
-        """Keep the first `length` cache slots (0 <= length <= past_length), forget the rest."""
-        if not 0 <= length <= self._past_length:
-            raise ValueError(f"cannot trim the cache to {length} slots; it holds {self._past_length}")
-        if length < self._past_length:
+    def trim(self, length: int, row: int = 0) -> None:
+        """Keep the first `length` cache slots of `row` (every row, in the dynamic layout), forget the rest."""
+        if not 0 <= length <= self.lengths[row]:
+            raise ValueError(f"cannot trim the cache to {length} slots; it holds {int(self.lengths[row])}")
+        if length < self.lengths[row]:
             self._trim(length)
-        self._past_length = length
+        if self.static:
+            self.lengths[row] = length
+        else:
+            self.lengths[:] = length
 
-    def check_logits(self, all_logits: bool) -> None:
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                all_logits: bool = False, rows: slice | None = None) -> np.ndarray:
+        """Run the new tokens [n, S] over the cache; the cache then holds them too. Returns logits [n, vocab] of
+        the last position, or [n, S, vocab] with `all_logits`."""
         if all_logits and not self.logits_all:
             raise ValueError("all_logits needs an artifact exported with --logits all; this one returns the last "
                              "position only")
+        rows = rows or slice(0, input_ids.shape[0])
+        if rows.stop - rows.start != input_ids.shape[0] or rows.stop > self.batch_size:
+            raise ValueError(f"rows {rows.start}..{rows.stop - 1} do not match a batch of {input_ids.shape[0]} of "
+                             f"the {self.batch_size} the cache holds")
+        if not self.static and (rows.start, rows.stop) != (0, self.batch_size):
+            raise ValueError("the dynamic KV layout runs the whole batch at once; export with --kv-cache static "
+                             "for rows of their own")
+        logits = self._run(input_ids, attention_mask, position_ids, rows, all_logits)
+        if self.static:
+            self.lengths[rows] = attention_mask.sum(-1)
+        else:
+            self.lengths[:] = attention_mask.shape[1]
+        return logits
 
     @abstractmethod
     def _reset(self, batch_size: int) -> None:
         """Size the cache for `batch_size` rows (the checks are done)."""
 
     def _trim(self, length: int) -> None:
-        """Drop the slots from `length` on. The static layout needs nothing: slots past the mask are ignored, then
-        overwritten."""
+        """Drop the slots from `length` on. The static layout needs nothing: slots past a row's length are
+        masked, then overwritten."""
 
     @abstractmethod
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                all_logits: bool = False) -> np.ndarray:
-        """Run the new tokens [B, S] over the cache; the cache then holds them too.
-        Returns logits [B, vocab] of the last position, or [B, S, vocab] with `all_logits`."""
+    def _run(self, input_ids, attention_mask, position_ids, rows: slice, all_logits: bool) -> np.ndarray:
+        """One run of the graph over `rows` of the cache."""

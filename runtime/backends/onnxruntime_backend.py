@@ -2,11 +2,10 @@
 
 dynamic layout: the present outputs are allocated by ONNX Runtime on the provider's device and bound
   as the next step's past as they are: no copy through numpy.
-static layout: buffers of max_length slots allocated once per batch. Past and present are two sets
-  swapped every step, each with its own IOBinding prepared at reset (binding one buffer as both the
-  input and the output of an operator that does not promise in-place updates is undefined in ONNX
-  Runtime); one set bound as both when the manifest says `shares_buffers`. Per step only the ids,
-  mask, positions and logits are bound: nothing is allocated but the logits.
+static layout: one buffer [batch, kv_heads, max_length, head_dim] per cache tensor, allocated at reset. A step
+  over rows [start, start + n) binds the same memory, at that row's offset, as the past input and the present
+  output: the graph's TensorScatter (or the fused GroupQueryAttention) writes the new entries in place, and
+  nothing is allocated but the logits. One IOBinding per row range, made once and reused.
 
 Providers: "cpu", "cuda", "tensorrt" (onnxruntime-gpu). A provider that cannot run here is an error
 (ProviderError), never a silent CPU fallback, unless allow_cpu_fallback=True, which logs a warning.
@@ -98,33 +97,38 @@ class OnnxRuntimeBackend(Backend):
     # -- the cache -----------------------------------------------------------------------------------
 
     def _reset(self, batch_size: int) -> None:
-        if self.kv_layout == "static":
-            self._reset_static(batch_size)
+        if self.static:
+            # Allocated zeroed for the largest batch so far, then reused: the slots a step reads past a row's length
+            # are masked (a zero weight), and what earlier rows left there is finite, where never-written memory
+            # might hold NaN (and NaN times zero is NaN).
+            if batch_size > getattr(self, "_allocated", 0):
+                shape = (batch_size, self.kv_heads, self.max_length, self.head_dim)
+                self._buffers = [self._kv_value(shape) for _ in self.past_names]
+                self._row_bytes = self.kv_heads * self.max_length * self.head_dim * self.kv_dtype.itemsize
+                self._bindings: dict[tuple[int, int], object] = {}
+                self._allocated = batch_size
         else:
             self._past = [self._kv_value((batch_size, self.kv_heads, 0, self.head_dim))] * len(self.past_names)
 
     def _kv_value(self, shape):
         return self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), self.device, 0)
 
-    def _reset_static(self, batch_size: int) -> None:
-        """Zeroed buffers (unused slots are masked, but NaN garbage times a zero weight is NaN) and one
-        IOBinding per direction with the cache bound."""
-        shape = (batch_size, self.kv_heads, self.max_length, self.head_dim)
-        sets = 1 if self.shares_buffers else 2
-        self._buffers = [[self._kv_value(shape) for _ in self.past_names] for _ in range(sets)]
-        self._bindings = []
-        for i in range(sets):
+    def _static_binding(self, rows: slice):
+        """The IOBinding of rows [start, stop): past and present bound to the same memory, at the rows' offset."""
+        key = (rows.start, rows.stop)
+        if key not in self._bindings:
             binding = self.session.io_binding()
             binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
-            for name, value in zip(self.past_names, self._buffers[i]):
-                binding.bind_ortvalue_input(name, value)
-            for name, value in zip(self.present_names, self._buffers[(i + 1) % sets]):
-                binding.bind_ortvalue_output(name, value)
-            self._bindings.append(binding)
-        self._current = 0  # the set that holds the cache
+            shape = [rows.stop - rows.start, self.kv_heads, self.max_length, self.head_dim]
+            for past, present, buffer in zip(self.past_names, self.present_names, self._buffers):
+                pointer = buffer.data_ptr() + rows.start * self._row_bytes
+                binding.bind_input(past, self.device, 0, self.kv_dtype, shape, pointer)
+                binding.bind_output(present, self.device, 0, self.kv_dtype, shape, pointer)
+            self._bindings[key] = binding
+        return self._bindings[key]
 
     def _trim(self, length: int) -> None:
-        if self.kv_layout == "dynamic":  # one copy per trim (a chat turn), not per step
+        if not self.static:  # one copy per trim (a chat turn), not per step
             self._past = [
                 self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :length]), self.device, 0)
                 for v in self._past
@@ -132,11 +136,9 @@ class OnnxRuntimeBackend(Backend):
 
     # -- a step --------------------------------------------------------------------------------------
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                all_logits: bool = False) -> np.ndarray:
-        self.check_logits(all_logits)
-        if self.kv_layout == "static":
-            binding = self._bindings[self._current]
+    def _run(self, input_ids, attention_mask, position_ids, rows: slice, all_logits: bool) -> np.ndarray:
+        if self.static:
+            binding = self._static_binding(rows)
             binding.bind_output("logits", "cpu")  # rebinding a name replaces it in place
         else:
             binding = self._binding
@@ -156,11 +158,8 @@ class OnnxRuntimeBackend(Backend):
         self.run_seconds += time.perf_counter() - start
 
         outputs = binding.get_outputs()
-        if self.kv_layout == "static":
-            self._current = (self._current + 1) % len(self._buffers)
-        else:
+        if not self.static:
             self._past = outputs[1:]
-        self._past_length = attention_mask.shape[1]
         logits = outputs[0].numpy()  # a view of ONNX Runtime's buffer: copy what we keep
         return np.array(logits) if all_logits else np.array(logits[:, -1])
 

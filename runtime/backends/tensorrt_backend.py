@@ -6,11 +6,15 @@ in place from step to step, one CUDA stream.
     profiles one execution context per optimization profile (0: prefill, 1: decode; exporter/trt/plan.py);
             each call takes the first profile whose [min, max] box holds its shapes: a prompt longer
             than --max-input-len is fed in chunks
-    buffers  input ids, mask and positions at their maximum sizes; the logits; two sets of KV buffers of
-            [max_batch, kv_heads, max_length, head_dim] (one when past and present share it).
-            dynamic layout: past [B, H, P, D] is read from one set and present [B, H, P + S, D] written to
-            the other, both contiguous, so the next step binds the other set as its past: the sets swap,
-            nothing is copied. static layout: [B, H, L, D] in both, swapped the same way.
+    buffers  input ids, mask and positions at their maximum sizes; the logits; KV buffers of
+            [max_batch, kv_heads, max_length, head_dim].
+            dynamic layout: two sets. past [B, H, P, D] is read from one set and present [B, H, P + S, D]
+            written to the other, both contiguous, so the next step binds the other set as its past: the sets
+            swap, nothing is copied.
+            static layout: one set. The graph's TensorScatter is TensorRT's KV cache update layer
+            (onnx-tensorrt imports it with addKVCacheUpdate, TensorRT 10.15+), which updates the cache in place:
+            past and present are bound to the same address, the first row's of the range a step runs
+            (rows [start, start + n) of a [max_batch, ...] buffer are contiguous).
 
 Per step: set the input shapes, copy ids, mask and positions to the device, bind addresses, enqueue
 (execute_async_v3), copy back the last position's logits, synchronize. The calls are TensorRT 10's
@@ -90,13 +94,18 @@ class TensorRTBackend(Backend):
         self.vocab_size = manifest.model.vocab_size
         self.max_rows = limits.max_input_len if self.logits_all else 1
 
+        self.max_chunk = limits.max_input_len  # the prefill profile's most new tokens: longer prompts in chunks
+
         self._buffers: list[int] = []
         B, L = self.max_batch_size, self.max_length
         self.inputs = {name: self._malloc(B * L * 8) for name in INPUTS}
         self.logits = self._malloc(B * self.max_rows * self.vocab_size * 4)
-        self.kv_bytes = B * self.kv_heads * L * self.head_dim * self.kv_itemsize
-        sets = 1 if self.shares_buffers else 2
+        self.row_bytes = self.kv_heads * L * self.head_dim * self.kv_itemsize
+        self.kv_bytes = B * self.row_bytes
+        sets = 1 if self.static else 2
         self.kv = [[self._malloc(self.kv_bytes) for _ in self.past_names] for _ in range(sets)]
+        for pointer in (p for buffers in self.kv for p in buffers):
+            check_cuda(cudart.cudaMemsetAsync(pointer, 0, self.kv_bytes, self.stream), "cudaMemsetAsync")
         self._current = 0
         log.info("TensorRT engine %s on %s: %d profiles, %.2f GiB of KV buffers", entry.file, device.name,
                  len(self.contexts), sets * len(self.past_names) * self.kv_bytes / 2**30)
@@ -115,39 +124,41 @@ class TensorRTBackend(Backend):
     # -- the cache -----------------------------------------------------------------------------------
 
     def _reset(self, batch_size: int) -> None:
-        if self.kv_layout == "static":  # unused slots are masked, but NaN garbage times a zero weight is NaN
-            for buffers in self.kv:
-                for pointer in buffers:
-                    check_cuda(self.cudart.cudaMemsetAsync(pointer, 0, self.kv_bytes, self.stream), "cudaMemsetAsync")
+        """Nothing to do: the buffers are allocated for the engine's largest batch and zeroed once (slots read past a
+        row's length are masked, and what earlier rows left there is finite, where fresh memory might be NaN)."""
 
     def _trim(self, length: int) -> None:
-        if self.kv_layout == "dynamic" and length > 0 and len(self.kv) == 2:
+        if not self.static and length > 0:
             # [B, H, P, D] -> [B, H, length, D]: B * H rows of length * D items, into the other set.
-            row = self.head_dim * self.kv_itemsize
+            row, past = self.head_dim * self.kv_itemsize, int(self.lengths[0])
             kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
             for src, dst in zip(self.kv[self._current], self.kv[1 - self._current]):
-                check_cuda(self.cudart.cudaMemcpy2DAsync(dst, length * row, src, self._past_length * row, length * row,
+                check_cuda(self.cudart.cudaMemcpy2DAsync(dst, length * row, src, past * row, length * row,
                                                          self.batch_size * self.kv_heads, kind, self.stream),
                            "cudaMemcpy2DAsync")
             self._current = 1 - self._current
 
     # -- a step --------------------------------------------------------------------------------------
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                all_logits: bool = False) -> np.ndarray:
-        self.check_logits(all_logits)
+    def _run(self, input_ids, attention_mask, position_ids, rows: slice, all_logits: bool) -> np.ndarray:
+        """Static layout: one profile run (the loop feeds at most max_chunk tokens). Dynamic: the new tokens in
+        as many chunks as the profiles need, the mask growing with the cache."""
         B, S = input_ids.shape
-        pieces, start = [], 0
+        if self.static:
+            index, size = self._profile_for(B, S, attention_mask.shape[1], 0)
+            if size < S:
+                raise ValueError(f"{S} new tokens exceed this engine's --max-input-len {size}; feed them in chunks")
+            return self._enqueue(index, input_ids, attention_mask, position_ids, rows, 0, all_logits)
+        pieces, start, past = [], 0, int(self.lengths[0])
         while start < S:
-            index, size = self._profile_for(B, S - start)
-            past = self._past_length
-            mask = attention_mask[:, : past + size]
-            pieces.append(self._run(index, input_ids[:, start:start + size], mask,
-                                    position_ids[:, start:start + size], all_logits))
-            start += size
+            index, size = self._profile_for(B, S - start, None, past)
+            pieces.append(self._enqueue(index, input_ids[:, start:start + size], attention_mask[:, : past + size],
+                                        position_ids[:, start:start + size], rows, past, all_logits))
+            start, past = start + size, past + size
+            self._current = 1 - self._current  # the present just written is the next past
         return np.concatenate(pieces, axis=1) if all_logits else pieces[-1]
 
-    def _profile_for(self, batch: int, remaining: int) -> tuple[int, int]:
+    def _profile_for(self, batch: int, remaining: int, total: int | None, past: int) -> tuple[int, int]:
         """The first profile that takes `batch` rows and some of the remaining tokens over the cache, and
         how many tokens it takes (as many as its box allows)."""
         order = list(range(len(self.contexts)))
@@ -156,12 +167,12 @@ class TensorRTBackend(Backend):
         for index in order:
             low, _, high = self.engine.get_tensor_profile_shape("input_ids", index)
             size = min(remaining, high[1])
-            shapes = self._shapes(batch, size)
+            shapes = self._shapes(batch, size, total if total is not None else past + size, past)
             if all(self._within(name, shape, index) for name, shape in shapes.items()):
                 return index, size
         raise ValueError(
             f"no optimization profile of this engine takes {remaining} new tokens for {batch} rows over a cache of "
-            f"{self._past_length} (limits: {self.max_batch_size} rows, {self.max_length} tokens); export and build "
+            f"{past} (limits: {self.max_batch_size} rows, {self.max_length} tokens); export and build "
             "again with larger --max-batch-size / --max-input-len / --max-length"
         )
 
@@ -169,17 +180,16 @@ class TensorRTBackend(Backend):
         low, _, high = self.engine.get_tensor_profile_shape(name, index)
         return all(lo <= s <= hi for s, lo, hi in zip(shape, low, high))
 
-    def _shapes(self, batch: int, size: int) -> dict[str, tuple[int, ...]]:
-        past = self._past_length
-        slots = self.max_length if self.kv_layout == "static" else past
+    def _shapes(self, batch: int, size: int, total: int, past: int) -> dict[str, tuple[int, ...]]:
+        slots = self.max_length if self.static else past
         kv = (batch, self.kv_heads, slots, self.head_dim)
-        return {"input_ids": (batch, size), "attention_mask": (batch, past + size), "position_ids": (batch, size),
+        return {"input_ids": (batch, size), "attention_mask": (batch, total), "position_ids": (batch, size),
                 **{name: kv for name in self.past_names}}
 
-    def _run(self, index: int, ids, mask, positions, all_logits: bool) -> np.ndarray:
+    def _enqueue(self, index: int, ids, mask, positions, rows: slice, past: int, all_logits: bool) -> np.ndarray:
         cudart, context = self.cudart, self.contexts[index]
         B, S = ids.shape
-        for name, shape in self._shapes(B, S).items():
+        for name, shape in self._shapes(B, S, mask.shape[1], past).items():
             if not context.set_input_shape(name, shape):
                 raise RuntimeError(f"TensorRT refused the shape {shape} of {name} in optimization profile {index} "
                                    "(its log above says why)")
@@ -189,8 +199,11 @@ class TensorRTBackend(Backend):
         for name, value in host.items():
             check_cuda(cudart.cudaMemcpyAsync(self.inputs[name], value.ctypes.data, value.nbytes, to_device,
                                               self.stream), "cudaMemcpyAsync")
-        past_set = self.kv[self._current]
-        present_set = self.kv[(self._current + 1) % len(self.kv)]
+        if self.static:  # in place: past and present at the first row's offset
+            offset = rows.start * self.row_bytes
+            past_set = present_set = [pointer + offset for pointer in self.kv[0]]
+        else:
+            past_set, present_set = self.kv[self._current], self.kv[1 - self._current]
         addresses = {**self.inputs, **dict(zip(self.past_names, past_set)),
                      **dict(zip(self.present_names, present_set)), "logits": self.logits}
         for name, pointer in addresses.items():
@@ -201,12 +214,9 @@ class TensorRTBackend(Backend):
         start = time.perf_counter()
         if not context.execute_async_v3(self.stream_handle):
             raise RuntimeError("TensorRT execute_async_v3 failed (its log above says why)")
-        rows = context.get_tensor_shape("logits")[1]
-        logits = self._logits_to_host(B, rows, all_logits)
+        rows_out = context.get_tensor_shape("logits")[1]
+        logits = self._logits_to_host(B, rows_out, all_logits)
         self.run_seconds += time.perf_counter() - start
-
-        self._current = (self._current + 1) % len(self.kv)
-        self._past_length += S
         return logits
 
     def _logits_to_host(self, batch: int, rows: int, all_logits: bool) -> np.ndarray:

@@ -14,17 +14,41 @@ FP32_TOL = 1e-4
 
 
 def run_steps(model, config, ids, mask, decode_ids, static_length=None):
-    """Prefill `ids`, then feed `decode_ids` one column at a time; logits of every step [B, S, V]."""
-    B = ids.shape[0]
-    past = empty_past(config, B, static_length or 0)
-    outputs = []
+    """Prefill `ids`, then feed `decode_ids` one column at a time; logits of every step [B, S, V].
+
+    Dynamic layout: the left-padded batch as it is. Static layout (`static_length` slots a row): each row's prompt
+    alone at slot 0 of its own buffer, its logits laid out as the left-padded batch's, then the rows decoded
+    together, each after its own length."""
+    B, W = ids.shape
+    if static_length is None:
+        past = empty_past(config, B)
+        outputs = []
+        with torch.no_grad():
+            logits, past = model(ids, position_ids_from_mask(mask), mask, past)
+            outputs.append(logits)
+            for t in range(decode_ids.shape[1]):
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
+                position_ids = position_ids_from_mask(mask)[:, -1:]
+                logits, past = model(decode_ids[:, t : t + 1], position_ids, mask, past)
+                outputs.append(logits)
+        return outputs
+    past = empty_past(config, B, static_length)
+    lengths = mask.sum(-1)
+    first = torch.zeros(B, W, config.vocab_size)
     with torch.no_grad():
-        logits, past = model(ids, position_ids_from_mask(mask), mask, past)
-        outputs.append(logits)
+        for row in range(B):
+            n = int(lengths[row])
+            row_past = [(k[row:row + 1], v[row:row + 1]) for k, v in past]
+            logits, present = model(ids[row:row + 1, W - n:], torch.arange(n)[None], torch.ones(1, n, dtype=torch.long),
+                                    row_past)
+            for (k, v), (pk, pv) in zip(past, present):
+                k[row], v[row] = pk[0], pv[0]
+            first[row, W - n:] = logits[0]
+        outputs = [first]
         for t in range(decode_ids.shape[1]):
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
-            position_ids = position_ids_from_mask(mask)[:, -1:]
-            logits, past = model(decode_ids[:, t : t + 1], position_ids, mask, past)
+            lengths = lengths + 1
+            step_mask = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).long()
+            logits, past = model(decode_ids[:, t : t + 1], (lengths - 1)[:, None], step_mask, past)
             outputs.append(logits)
     return outputs
 
