@@ -79,7 +79,8 @@ def gptq_model(model: nn.Module, ids: torch.Tensor, block_size: int, progress: b
     # runs the whole stack once; the hidden states it computes on the way are not used.
     mask = torch.ones_like(ids)
     positions = torch.arange(ids.shape[1]).expand_as(ids)
-    past = empty_past(model.config, ids.shape[0], dtype=decoder.precision.dtype)
+    slots = ids.shape[1] if decoder.kv_layout == "static" else 0  # a static model writes into buffers of its own
+    past = empty_past(model.config, ids.shape[0], slots, dtype=decoder.precision.dtype)
     try:
         with torch.no_grad():
             model(ids, positions, mask, past)

@@ -178,7 +178,8 @@ def write_kv(cache: torch.Tensor, new: torch.Tensor, write_at: torch.Tensor) -> 
     Traced as ONNX's TensorScatter (opset 24), which ONNX Runtime runs in place when past and present are bound
     to one buffer, and TensorRT imports as its KV cache update (addKVCacheUpdate, 10.15+)."""
     if torch.onnx.is_in_onnx_export():
-        return torch.onnx.ops.symbolic("TensorScatter", (cache, new, write_at), {"axis": 2, "mode": "linear"},
+        # axis -2 (the slots of [B, H, L, D]) spelled as TensorRT's importer asks, mode linear as it takes
+        return torch.onnx.ops.symbolic("TensorScatter", (cache, new, write_at), {"axis": -2, "mode": "linear"},
                                        dtype=cache.dtype, shape=cache.shape, version=TENSOR_SCATTER_OPSET)
     B, H, S, D = new.shape
     slots = write_at[:, None] + torch.arange(S, device=new.device)  # [B, S]

@@ -238,11 +238,16 @@ def serve(artifact, host, port, max_batch_size, max_queue, prefill_chunk, api_ke
         except ImportError as e:
             raise ValueError(f"gemma-run serve needs the serve extra: pip install 'gemma-deploy[serve]' ({e})") from None
         from .manifest import read_manifest
+        from .serving.scheduler import check_servable
 
-        read_manifest(artifact, verify=False)  # a bad folder fails now, with its reason, not in the server's log
+        check_servable(read_manifest(artifact, verify=False))  # refused now, with its reason, not in a server log
         given = dict(max_batch_size=max_batch_size, max_queue=max_queue, prefill_chunk=prefill_chunk,
                      api_key=api_key, model_name=model_name, backend=backend, provider=provider, threads=threads,
                      allow_cpu_fallback=allow_cpu_fallback)
         serve_app(artifact, host, port, ServeOptions(**{k: v for k, v in given.items() if v is not None}), grace)
 
     _guard(run)
+
+
+if __name__ == "__main__":  # python -m runtime.cli (the tests start servers this way)
+    main()

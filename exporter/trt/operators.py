@@ -6,7 +6,7 @@
     check.table()                                 # for the log
 
 The table is onnx_trt_operators.txt beside this module: the operator support matrix of onnx-tensorrt,
-TensorRT's ONNX parser (https://github.com/onnx/onnx-tensorrt/blob/10.1-GA/docs/operators.md; the file's
+TensorRT's ONNX parser (onnx-tensorrt's docs/operators.md of TensorRT 11.1; the file's
 header gives the commit, the TensorRT version it documents and the date it was copied).
 
 An operator is unsupported when

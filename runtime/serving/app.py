@@ -233,7 +233,7 @@ async def _serve(state: State, request: Request, body, ids: list[int], max_token
         raise APIError(400, f"prompt: token ids must be in 0..{model.manifest.model.vocab_size - 1}", param="prompt")
     events = _Events()
     try:
-        job = scheduler.submit(ids, body.generation_options(max_tokens), events, logprobs)
+        job = scheduler.submit(ids, body.generation_options(max_tokens), events, logprobs, body.ignore_eos)
     except QueueFull as e:
         raise APIError(429, f"{e}; retry after {RETRY_AFTER_SECONDS} s", type="rate_limit_error",
                        code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None

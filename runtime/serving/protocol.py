@@ -3,7 +3,7 @@
 A field out of range, of the wrong type or missing is a 400 with OpenAI's error body naming it
 (`{"error": {"message", "type", "param", "code"}}`); a field OpenAI has and we do not do (n > 1, echo, suffix,
 logit_bias, the penalties, tools) is refused by name rather than ignored. Extensions beside OpenAI's fields, as
-vLLM takes them: top_k, min_p, repetition_penalty.
+vLLM takes them: top_k, min_p, repetition_penalty, ignore_eos.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class _Sampling(BaseModel):
     top_k: int = Field(0, ge=-1)  # extension; 0 or -1: off
     min_p: float = Field(0.0, ge=0.0, lt=1.0)  # extension
     repetition_penalty: float = Field(1.0, gt=0.0)  # extension
+    ignore_eos: bool = False  # extension (vLLM's): go on past the end token, to max_tokens (benchmarks)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict | None = None

@@ -10,8 +10,10 @@
 A step of the loop:
     1. rows whose request ended or was cancelled are freed;
     2. waiting requests take the free rows (lowest first, so the rows in use stay packed at the front);
-    3. one row that is still prefilling feeds one chunk of its prompt (at most `prefill_chunk` tokens), so the
-       decoding rows wait for one chunk at most; its last chunk gives its first token;
+    3. the request that waited longest feeds one chunk of its prompt (at most `prefill_chunk` tokens), with its
+       prefilling neighbours in the buffers when they have as much left (one run, each row at its own position):
+       while rows decode, the run holds one chunk's worth of tokens, so they wait for one chunk at most; when
+       none does, every ready row prefills at once; a row's last chunk gives its first token;
     4. every row from 0 to the last decoding one decodes one token (runtime.generate.decode_rows: each row
        after its own length; a row in between that is free or prefilling decodes a dummy token into its next
        slot, which its own next write overwrites, and keeps its length).
@@ -78,6 +80,7 @@ class Request:
     on_event: Callable[[object], None]
     max_new_tokens: int
     logprobs: int | None = None  # top alternatives to report per token (0: only the chosen one's); None: none
+    ignore_eos: bool = False  # go on past end tokens, to max_new_tokens
     id: int = 0
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -100,20 +103,31 @@ class _Row:
     def decoding(self) -> bool:
         return self.prefilled == len(self.request.ids)
 
+    @property
+    def remaining(self) -> int:
+        """Prompt tokens still to prefill."""
+        return len(self.request.ids) - self.prefilled
+
+
+def check_servable(manifest) -> None:
+    """NotServable, with the export line that fits, for an artifact the scheduler cannot run."""
+    if manifest.kv is None:
+        raise NotServable(f"{manifest.folder} was exported for {manifest.graph.task}; serving needs text-generation")
+    if manifest.kv.layout != "static":
+        raise NotServable(
+            f"{manifest.folder} has the dynamic KV layout, whose rows share one length; serving needs the static "
+            f"layout, where each row has its own: gemma-export --model {manifest.source or 'SOURCE'} --output DIR "
+            "--target ort --kv-cache static --max-length 4096 --logits last"
+        )
+    if not manifest.path("tokenizer.json").is_file():
+        raise NotServable(f"{manifest.folder} has no tokenizer.json; serving takes text (export with --tokenizer DIR)")
+
 
 class Scheduler:
     def __init__(self, model, max_batch_size: int = 8, max_queue: int = 64,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, metrics=None):
+        check_servable(model.manifest)
         backend = model.backend
-        if not backend.static:
-            source = model.manifest.source or "SOURCE"
-            raise NotServable(
-                f"{model.manifest.folder} has the dynamic KV layout, whose rows share one length; serving needs the "
-                f"static layout, where each row has its own: gemma-export --model {source} --output DIR "
-                f"--target ort --kv-cache static --max-length 4096 --logits last"
-            )
-        if model.tokenizer is None:
-            raise NotServable(f"{model.manifest.folder} has no tokenizer.json; serving takes text")
         for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
                             ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -143,13 +157,14 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    def submit(self, ids: list[int], options, on_event, logprobs: int | None = None) -> Request:
+    def submit(self, ids: list[int], options, on_event, logprobs: int | None = None,
+               ignore_eos: bool = False) -> Request:
         """Queue a request; ValueError (the options, a prompt over the context) or QueueFull, at once."""
         options.check()
         if not ids:
             raise ValueError("the prompt has no tokens")
         max_new = fit_new_tokens(len(ids), options.max_new_tokens, self.context_length, static=True)
-        request = Request(list(ids), options, on_event, max_new, logprobs, next(self._ids))
+        request = Request(list(ids), options, on_event, max_new, logprobs, ignore_eos, next(self._ids))
         with self._wake:
             if not self.alive:
                 raise RuntimeError("the scheduler is not running")
@@ -226,19 +241,21 @@ class Scheduler:
             request = self.waiting.popleft()
             index = self.rows.index(None)
             options = request.options
+            eos = () if request.ignore_eos else self.model.eos_token_ids
             self.rows[index] = _Row(request, index, options.sampler(),
-                                    TextStream(self.model.tokenizer, self.model.eos_token_ids, options.stop_strings))
+                                    TextStream(self.model.tokenizer, eos, options.stop_strings))
             self.backend.lengths[index] = 0  # the row's earlier request is forgotten: its slots are overwritten
 
     def _step(self) -> None:
-        prefilling = [row for row in self.rows if row is not None and not row.decoding]
-        if prefilling:  # one chunk of the request that waited longest
-            row = min(prefilling, key=lambda r: r.request.submitted)
-            chunk = np.array(row.request.ids[row.prefilled: row.prefilled + self.prefill_chunk], np.int64)
-            logits = prefill_rows(self.backend, slice(row.index, row.index + 1), chunk[None])
-            row.prefilled += len(chunk)
-            if row.decoding:
-                self._sample(row, logits[0])
+        group = self._prefill_group()
+        if group:
+            size = min(self.prefill_chunk, group[0].remaining)
+            chunk = np.array([row.request.ids[row.prefilled: row.prefilled + size] for row in group], np.int64)
+            logits = prefill_rows(self.backend, slice(group[0].index, group[-1].index + 1), chunk)
+            for row, row_logits in zip(group, logits):
+                row.prefilled += size
+                if row.decoding:
+                    self._sample(row, row_logits)
         decoding = [row for row in self.rows if row is not None and row.decoding and row.generated]
         if not decoding:
             return
@@ -254,6 +271,31 @@ class Scheduler:
                 self.backend.lengths[index] = kept[index]
         for row in decoding:
             self._sample(row, logits[row.index])
+
+    def _prefill_group(self) -> list[_Row]:
+        """The rows that prefill this step: the request that waited longest, and its neighbours in the buffers
+        that are prefilling too, with as many tokens left at least, each taking a chunk of the same size (their
+        own positions: runtime.generate.prefill_rows). While rows are decoding, the group holds one chunk's worth
+        of tokens (they wait for one chunk at most); when none is, as many rows as are ready (nobody waits)."""
+        prefilling = [row for row in self.rows if row is not None and not row.decoding]
+        if not prefilling:
+            return []
+        oldest = min(prefilling, key=lambda r: r.request.submitted)
+        size = min(self.prefill_chunk, oldest.remaining)
+        decoding = any(row is not None and row.decoding for row in self.rows)
+        budget = max(1, self.prefill_chunk // size) if decoding else len(self.rows)
+
+        def joins(index: int) -> bool:
+            row = self.rows[index] if 0 <= index < len(self.rows) else None
+            return row is not None and not row.decoding and row.remaining >= size
+
+        first = last = oldest.index
+        while last - first + 1 < budget and (joins(first - 1) or joins(last + 1)):
+            if joins(last + 1):
+                last += 1
+            else:
+                first -= 1
+        return self.rows[first:last + 1]
 
     def _sample(self, row: _Row, logits: np.ndarray) -> None:
         """The row's next token from the logits of its last one: emit its text, or end the request."""
@@ -295,5 +337,5 @@ class Scheduler:
             self.metrics.rows(self.running, self.queued)
 
 
-__all__ = ["Scheduler", "Request", "Piece", "Finished", "Failed", "QueueFull", "NotServable", "ContextLengthError",
+__all__ = ["Scheduler", "check_servable", "Request", "Piece", "Finished", "Failed", "QueueFull", "NotServable", "ContextLengthError",
            "DEFAULT_PREFILL_CHUNK"]

@@ -473,3 +473,11 @@ def test_fp16_real_model_stays_finite_over_a_1000_token_prompt(tmp_path, real_mo
     logits = model.backend.forward(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], all_logits=True)[0]
     assert np.isfinite(logits).all()
     assert np.abs(logits).max() < 1e3
+
+
+def test_gptq_calibrates_a_static_layout_model(tmp_path):
+    """GPTQ runs the model it quantizes: built in the static layout, it gets buffers of its own to write into."""
+    manifest = export("random:tiny-gemma2", tmp_path / "a",
+                      ExportOptions(quant="int4", accuracy_level=1, kv_cache="static", max_length=48, progress=False))
+    assert manifest.quant.method == "gptq" and manifest.kv.layout == "static"
+    assert manifest.parity.passed and manifest.parity.max_abs_diff <= 1e-4

@@ -56,7 +56,14 @@ def test_table_names_its_source():
     assert source["source"].startswith("https://github.com/onnx/onnx-tensorrt/blob/")
     assert source["source"].endswith("/docs/operators.md")
     assert re.match(r"[0-9a-f]{40} \(\d{4}-\d\d-\d\d", source["commit"])
-    assert source["tensorrt"].startswith("10.") and source["copied"] == "2026-11-24"
+    assert source["tensorrt"].startswith("11.1") and source["opsets"] == "9-24" and source["copied"] == "2026-12-01"
+
+
+def test_the_static_layouts_operators_are_in_the_table():
+    """TensorScatter (each row's KV write, in place) is TensorRT's since 10.15: the static graph is parsed whole."""
+    table = load_table()
+    assert table["TensorScatter"].supported and "`axis` must be -2" in table["TensorScatter"].restrictions
+    assert table["Attention"].supported and "`softcap`" in table["Attention"].restrictions  # why it is not used
 
 
 def test_a_malformed_table_is_refused_with_its_line(tmp_path):
@@ -131,12 +138,12 @@ def test_a_local_function_is_checked_by_its_body():
 
 
 def test_a_newer_opset_is_noted_not_refused():
-    """Our int4 TensorRT graphs are opset 21 (blocked DequantizeLinear); the table documents 9..20."""
+    """A graph of an opset newer than the table documents (9..24) is checked, with a note."""
     model = _supported_model()
-    model.opset_import[0].version = 21
+    model.opset_import[0].version = 25
     check = check_graph(model)
-    assert check.ok and check.opset == 21
-    assert len(check.notes) == 1 and "opset 21" in check.notes[0] and "opset 21" in check.table()
+    assert check.ok and check.opset == 25
+    assert len(check.notes) == 1 and "opset 25" in check.notes[0] and "opset 25" in check.table()
 
 
 # -- files ----------------------------------------------------------------------------------------------
