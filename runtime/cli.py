@@ -81,7 +81,7 @@ def _guard(run):
         return run()
     except TensorRTUnavailable as e:
         _fail(f"{e}; or run the ONNX graph with --backend onnxruntime", exit_codes.NO_TENSORRT)
-    except (ArtifactError, ValueError, FileNotFoundError, ProviderError, EngineMismatch) as e:
+    except (ArtifactError, ValueError, FileNotFoundError, FileExistsError, ProviderError, EngineMismatch) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, exit_codes.USAGE)
     except KeyboardInterrupt:
         _fail("interrupted", exit_codes.FAILED)
@@ -245,6 +245,32 @@ def serve(artifact, host, port, max_batch_size, max_queue, prefill_chunk, api_ke
                      api_key=api_key, model_name=model_name, backend=backend, provider=provider, threads=threads,
                      allow_cpu_fallback=allow_cpu_fallback)
         serve_app(artifact, host, port, ServeOptions(**{k: v for k, v in given.items() if v is not None}), grace)
+
+    _guard(run)
+
+
+@main.command("triton-repo")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="The model repository to write.")
+@click.option("--name", default="gemma", show_default=True, help="The model's name in Triton.")
+@click.option("--instances", type=click.IntRange(1), default=1, show_default=True,
+              help="Model instances (stub processes), each with its own copy of the model.")
+@click.option("--max-batch-size", type=click.IntRange(1), default=None, show_default=str(_serve_default("max_batch_size")),
+              help="Requests each instance decodes together.")
+@click.option("--max-queue", type=click.IntRange(1), default=None, show_default=str(_serve_default("max_queue")))
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
+              help="auto: TensorRT on a GPU instance when the artifact has an engine, else ONNX Runtime on the CPU.")
+def triton_repo(artifact, output, name, instances, max_batch_size, max_queue, backend):
+    """Write a Triton Inference Server model repository serving ARTIFACT (Python backend, decoupled, the generate
+    extension's text_input/text_output)."""
+
+    def run():
+        from .deploy.triton import write_repository
+
+        folder = write_repository(artifact, output, name, instances,
+                                  max_batch_size or _serve_default("max_batch_size"),
+                                  max_queue or _serve_default("max_queue"), backend)
+        click.echo(f"wrote {folder}: tritonserver --model-repository {output}")
 
     _guard(run)
 
