@@ -226,9 +226,16 @@ def _serve_default(name: str):
 @click.option("--model-name", default=None, help="The model's name in the API [default: the artifact folder's name].")
 @click.option("--grace", type=float, default=30.0, show_default=True,
               help="Seconds the requests under way get to finish after SIGTERM.")
+@click.option("--ray", "on_ray", is_flag=True, help="Deploy on Ray Serve (pip install 'gemma-deploy[ray]').")
+@click.option("--replicas", type=click.IntRange(1), default=None, help="--ray: replicas of the server [default: 1].")
+@click.option("--autoscale", default=None, metavar="MIN:MAX", help="--ray: replicas between MIN and MAX, on load.")
+@click.option("--ray-address", default=None,
+              help="--ray: an existing cluster (auto, or host:port) [default: a local one for this command].")
+@click.option("--cpus-per-replica", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
+@click.option("--gpus-per-replica", type=click.FloatRange(0), default=0.0, show_default=True)
 @_backend_options
-def serve(artifact, host, port, max_batch_size, max_queue, prefill_chunk, api_key, model_name, grace, backend,
-          provider, allow_cpu_fallback, threads):
+def serve(artifact, host, port, max_batch_size, max_queue, prefill_chunk, api_key, model_name, grace, on_ray, replicas,
+          autoscale, ray_address, cpus_per_replica, gpus_per_replica, backend, provider, allow_cpu_fallback, threads):
     """Serve ARTIFACT (static KV layout) with the OpenAI API and continuous batching, until SIGTERM."""
 
     def run():
@@ -244,9 +251,27 @@ def serve(artifact, host, port, max_batch_size, max_queue, prefill_chunk, api_ke
         given = dict(max_batch_size=max_batch_size, max_queue=max_queue, prefill_chunk=prefill_chunk,
                      api_key=api_key, model_name=model_name, backend=backend, provider=provider, threads=threads,
                      allow_cpu_fallback=allow_cpu_fallback)
-        serve_app(artifact, host, port, ServeOptions(**{k: v for k, v in given.items() if v is not None}), grace)
+        options = ServeOptions(**{k: v for k, v in given.items() if v is not None})
+        ray_only = {"--replicas": replicas, "--autoscale": autoscale, "--ray-address": ray_address}
+        if not on_ray:
+            if any(v is not None for v in ray_only.values()):
+                raise ValueError(f"{', '.join(k for k, v in ray_only.items() if v is not None)} go with --ray")
+            return serve_app(artifact, host, port, options, grace)
+        from .deploy.ray_serve import serve_on_ray
+
+        serve_on_ray(artifact, host, port, options, replicas, _min_max(autoscale), ray_address, cpus_per_replica,
+                     gpus_per_replica)
 
     _guard(run)
+
+
+def _min_max(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    low, sep, high = text.partition(":")
+    if not sep or not low.isdigit() or not high.isdigit():
+        raise ValueError(f"--autoscale {text!r} must be MIN:MAX, e.g. 1:4")
+    return int(low), int(high)
 
 
 @main.command("triton-repo")

@@ -11,6 +11,6 @@ stamp=.venv/.gemma-deploy-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
-    .venv/bin/python -m pip install --quiet -e ".[export,serve,test]"
+    .venv/bin/python -m pip install --quiet -e ".[export,serve,ray,test]"
     touch "$stamp"
 fi

@@ -66,17 +66,23 @@ class Server:
         except AssertionError as e:
             raise AssertionError(f"{e}\n{self.tail()}") from None
 
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM to the group, then SIGKILL after `timeout`; the exit code."""
+    def stop(self, timeout: float = 20.0, group: bool = True) -> int:
+        """SIGTERM to the group (or to the server alone, which then stops its children itself), then SIGKILL to
+        the group after `timeout`; the exit code."""
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
+                if group:
+                    os.killpg(self.process.pid, signal.SIGTERM)
+                else:
+                    self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
+                pass
+        with contextlib.suppress(ProcessLookupError):  # whatever of the group is left
+            os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process.poll() is None:
+            self.process.wait(10)
         self.output.close()
         return self.process.returncode
 
