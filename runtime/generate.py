@@ -122,9 +122,11 @@ def prefill_batch(backend: Backend, input_ids: np.ndarray, new: np.ndarray) -> n
     """Static layout: the real tokens of a left-padded batch (`new` marks them), each row after what its cache
     holds; rows next to each other with as many new tokens and as long a cache go in one run. Logits [B, V]."""
     counts, logits, row = new.sum(1), [], 0
+    alone = not backend.rows_prefill_over_cache and backend.lengths.any()
     while row < len(counts):
         end = row + 1
-        while end < len(counts) and counts[end] == counts[row] and backend.lengths[end] == backend.lengths[row]:
+        while (end < len(counts) and not alone and counts[end] == counts[row]
+               and backend.lengths[end] == backend.lengths[row]):
             end += 1
         group = np.stack([input_ids[r][new[r]] for r in range(row, end)])
         logits.append(prefill_rows(backend, slice(row, end), group))

@@ -49,6 +49,8 @@ async def one_client(client, url: str, model: str, prompt: list[int], new_tokens
             if not line.startswith("data: {"):
                 continue
             event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"{url}: {event['error']['message']}")
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
             elif event["choices"] and event["choices"][0]["finish_reason"] is None:

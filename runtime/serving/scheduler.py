@@ -54,7 +54,8 @@ class NotServable(ValueError):
 
 @dataclass(frozen=True)
 class Piece:
-    """Text the completion gained, the tokens that made it, and (when asked) their log-probabilities."""
+    """Text the completion gained, the tokens that made it since the last piece, and (when asked) their
+    log-probabilities."""
 
     text: str
     tokens: tuple[int, ...]
@@ -97,6 +98,8 @@ class _Row:
     text: TextStream
     prefilled: int = 0
     generated: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # tokens whose text is held back (a character, a stop string)
+    pending_logprobs: list = field(default_factory=list)
     last_token_at: float = 0.0
 
     @property
@@ -247,9 +250,8 @@ class Scheduler:
             self.backend.lengths[index] = 0  # the row's earlier request is forgotten: its slots are overwritten
 
     def _step(self) -> None:
-        group = self._prefill_group()
+        group, size = self._prefill_group()
         if group:
-            size = min(self.prefill_chunk, group[0].remaining)
             chunk = np.array([row.request.ids[row.prefilled: row.prefilled + size] for row in group], np.int64)
             logits = prefill_rows(self.backend, slice(group[0].index, group[-1].index + 1), chunk)
             for row, row_logits in zip(group, logits):
@@ -272,22 +274,25 @@ class Scheduler:
         for row in decoding:
             self._sample(row, logits[row.index])
 
-    def _prefill_group(self) -> list[_Row]:
+    def _prefill_group(self) -> tuple[list[_Row], int]:
         """The rows that prefill this step: the request that waited longest, and its neighbours in the buffers
         that are prefilling too, with as many tokens left at least, each taking a chunk of the same size (their
         own positions: runtime.generate.prefill_rows). While rows are decoding, the group holds one chunk's worth
         of tokens (they wait for one chunk at most); when none is, as many rows as are ready (nobody waits)."""
         prefilling = [row for row in self.rows if row is not None and not row.decoding]
         if not prefilling:
-            return []
+            return [], 0
         oldest = min(prefilling, key=lambda r: r.request.submitted)
         size = min(self.prefill_chunk, oldest.remaining)
         decoding = any(row is not None and row.decoding for row in self.rows)
         budget = max(1, self.prefill_chunk // size) if decoding else len(self.rows)
 
+        over_cache = self.backend.rows_prefill_over_cache
+
         def joins(index: int) -> bool:
             row = self.rows[index] if 0 <= index < len(self.rows) else None
-            return row is not None and not row.decoding and row.remaining >= size
+            return (row is not None and not row.decoding and row.remaining >= size
+                    and (over_cache or row.prefilled == 0 == oldest.prefilled))
 
         first = last = oldest.index
         while last - first + 1 < budget and (joins(first - 1) or joins(last + 1)):
@@ -295,7 +300,7 @@ class Scheduler:
                 last += 1
             else:
                 first -= 1
-        return self.rows[first:last + 1]
+        return self.rows[first:last + 1], size
 
     def _sample(self, row: _Row, logits: np.ndarray) -> None:
         """The row's next token from the logits of its last one: emit its text, or end the request."""
@@ -310,13 +315,17 @@ class Scheduler:
         elif self.metrics:
             self.metrics.token_latency(time.perf_counter() - row.last_token_at)
         row.last_token_at = time.perf_counter()
-        logprobs = () if request.logprobs is None else (log_softmax_top(logits, token, request.logprobs),)
+        row.pending.append(token)
+        if request.logprobs is not None:
+            row.pending_logprobs.append(log_softmax_top(logits, token, request.logprobs))
         piece = row.text.push(token)
         done = row.text.stopped or len(row.generated) >= request.max_new_tokens
         if done:
             piece += row.text.finish()
-        if piece or logprobs:
-            request.on_event(Piece(piece, (token,), logprobs))
+        if piece or done:  # the tokens since the last piece go with the text they made
+            request.on_event(Piece(piece, tuple(row.pending), tuple(row.pending_logprobs)))
+            row.pending.clear()
+            row.pending_logprobs.clear()
         if done:
             self._end(request, "stop" if row.text.stopped else "length", len(row.generated))
             self._free(row.index)
