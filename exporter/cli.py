@@ -12,7 +12,7 @@ import click
 
 from runtime import exit_codes
 from runtime.spec import (ACCURACY_LEVELS, BLOCK_SIZES, DTYPES, KV_LAYOUTS, LM_HEAD, LOGITS, QUANT_METHODS, QUANTS,
-                          TARGETS, TASKS, ArtifactOptions)
+                          SLIDING_CACHES, TARGETS, TASKS, ArtifactOptions)
 
 from .api import ParityError, build_trt_engine, export
 from .options import ExportOptions
@@ -62,6 +62,9 @@ def _setup_logging(verbose: bool) -> None:
               help="Comma-separated weight names (e.g. v_proj,down_proj) kept in 8 bits under --quant int4.")
 @click.option("--kv-cache", type=click.Choice(KV_LAYOUTS), default=None, show_default=_default("kv_cache"),
               help="dynamic: past grows each step; static: buffers of --max-length updated in place.")
+@click.option("--sliding-cache", type=click.Choice(SLIDING_CACHES), default=None,
+              help="--kv-cache static: sliding-window layers keep a ring of window + one chunk slots (ring), or "
+                   "--max-length slots as global layers (full) [default: ring where it is smaller].")
 @click.option("--max-length", type=int, default=None,
               help="KV buffer length (static layout); for --target trt the engine's context [default: the model's, "
                    "at most 4096].")
@@ -89,7 +92,7 @@ def _setup_logging(verbose: bool) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--verbose", "-v", is_flag=True)
 def export_command(model, output, target, task, dtype, quant, quant_method, block_size, symmetric, lm_head,
-                   accuracy_level, int8_weights, kv_cache, max_length, max_batch_size, max_input_len,
+                   accuracy_level, int8_weights, kv_cache, sliding_cache, max_length, max_batch_size, max_input_len,
                    optimization_level, build, plan_only, resume_build, logits, tokenizer, verify, overwrite, quiet, verbose):
     """Export a Gemma model to a verified artifact directory (and, for --target trt, build its TensorRT engine).
 
@@ -102,7 +105,8 @@ def export_command(model, output, target, task, dtype, quant, quant_method, bloc
     if model is None or (output is None and not plan_only):
         click.echo("gemma-export: --model and --output are required (or --resume-build DIR)", err=True)
         sys.exit(exit_codes.USAGE)
-    given = dict(target=target, task=task, dtype=dtype, kv_cache=kv_cache, max_length=max_length, logits=logits,
+    given = dict(target=target, task=task, dtype=dtype, kv_cache=kv_cache, sliding_cache=sliding_cache,
+                 max_length=max_length, logits=logits,
                  quant=quant, quant_method=quant_method, block_size=int(block_size) if block_size else None,
                  symmetric=symmetric, lm_head=lm_head, accuracy_level=accuracy_level,
                  int8_weights=tuple(n for n in int8_weights.split(",") if n) or None, max_batch_size=max_batch_size,

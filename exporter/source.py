@@ -20,8 +20,8 @@ def torch_precision(precision: PrecisionSpec) -> Precision:
 
 def load_for_export(ckpt: Checkpoint, spec: ArtifactSpec, progress: bool = True):
     """The model to trace: weights in the spec's dtype (the tied table in its own), wide values where it says."""
-    layout = spec.kv.layout if spec.kv else "dynamic"
-    model, _ = load_model(ckpt, spec.graph.task, torch_precision(spec.precision), layout, progress)
+    layout, ring = (spec.kv.layout, spec.kv.ring_size) if spec.kv else ("dynamic", None)
+    model, _ = load_model(ckpt, spec.graph.task, torch_precision(spec.precision), layout, progress, ring)
     return model
 
 

@@ -7,7 +7,8 @@ Graph I/O (DESIGN.md, the names optimum and onnxruntime-genai use):
     position_ids [B, S]    ─┤            └> present.{i}.key/value [B, Hkv, T or L, D]
     past_key_values.{i}.key/value [B, Hkv, P or L, D]
 
-T = P + S; with the static layout P and T are replaced by L = max_length (buffers updated in place).
+T = P + S; with the static layout P and T are replaced by each layer's slots (buffers updated in place):
+L = max_length, or the ring's R for a sliding-window layer (manifest kv.sliding_cache "ring").
 Before tracing, every Linear is rewritten to hold its weight as [in, out] and the tied embedding as
 [hidden, vocab], one tensor at a time: the graph gets MatMul(x, W) on initializers (the form ONNX
 Runtime's quantizers and fusions expect) with no Transpose for the optimizer to fold into a copy, and
@@ -118,9 +119,9 @@ def sample_inputs(spec: ArtifactSpec) -> tuple[torch.Tensor, ...]:
         return ids, mask, mask.cumsum(-1) - 1
     mask = torch.ones(B, P + S, dtype=torch.long)
     positions = (mask.cumsum(-1) - 1)[:, -S:]
-    length = kv.max_length if kv.layout == "static" else P
     dtype = getattr(torch, ELEMENT_TYPE[kv.dtype])
-    past = [torch.zeros((B, kv.num_kv_heads, length, kv.head_dim), dtype=dtype) for _ in kv.past_names]
+    past = [torch.zeros((B, kv.num_kv_heads, P if slots is None else slots, kv.head_dim), dtype=dtype)
+            for slots in kv.slots_by_name.values()]
     return (ids, mask, positions, *past)
 
 
@@ -177,7 +178,7 @@ def _name_dims(ir_model, spec: ArtifactSpec) -> None:
     import onnx_ir as ir
 
     kv = spec.kv
-    static = kv is not None and kv.layout == "static"
+    slots = dict(zip(kv.present_names, kv.slots_by_name.values())) | kv.slots_by_name if kv else {}
     for value in [*ir_model.graph.inputs, *ir_model.graph.outputs]:
         if value.shape is None:
             continue
@@ -186,9 +187,9 @@ def _name_dims(ir_model, spec: ArtifactSpec) -> None:
         if name == "attention_mask":
             dims[1] = "total_sequence_length"
         elif name.startswith("present."):
-            dims[2] = kv.max_length if static else "total_sequence_length"
+            dims[2] = slots[name] or "total_sequence_length"
         elif name.startswith("past_key_values."):
-            dims[2] = kv.max_length if static else "past_sequence_length"
+            dims[2] = slots[name] or "past_sequence_length"
         elif name in ("logits", "last_hidden_state") and spec.graph.logits == "last" and kv is not None:
             dims[1] = 1
         value.shape = ir.Shape(dims)

@@ -118,8 +118,8 @@ class _Session:
         self.kv = kv = spec.kv
         self.past = {}
         if kv is not None:
-            shape = (batch, kv.num_kv_heads, kv.max_length if kv.layout == "static" else 0, kv.head_dim)
-            self.past = {name: np.zeros(shape, dtype=KV_NUMPY[kv.dtype]) for name in kv.past_names}
+            self.past = {name: np.zeros((batch, kv.num_kv_heads, slots or 0, kv.head_dim), KV_NUMPY[kv.dtype])
+                         for name, slots in kv.slots_by_name.items()}
 
     def forward(self, ids, mask, pos, rows: slice):
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
@@ -135,8 +135,9 @@ class _Session:
 
 def candidate_steps(run, spec: ArtifactSpec, ids: np.ndarray, mask: np.ndarray, tokens: np.ndarray):
     """The graph's logits per step, fed the reference's tokens through `run(ids, mask, positions, rows)`: as one
-    left-padded batch in the dynamic layout; in the static one, each row's prompt alone at slot 0 (its logits laid
-    out as the left-padded batch's), then the rows decoded together, each after its own length."""
+    left-padded batch in the dynamic layout; in the static one, each row's prompt alone at slot 0 (in the chunks
+    a ring takes; its logits laid out as the left-padded batch's), then the rows decoded together, each after its
+    own length."""
     B, W = ids.shape
     if spec.kv is None or spec.kv.layout == "dynamic":
         steps, step_ids, step_mask = [], ids, mask
@@ -150,7 +151,13 @@ def candidate_steps(run, spec: ArtifactSpec, ids: np.ndarray, mask: np.ndarray, 
     lengths = mask.sum(-1)
     first = None
     for row, n in enumerate(lengths):
-        logits = run(ids[row:row + 1, W - n:], np.ones((1, n), np.int64), np.arange(n)[None], slice(row, row + 1))
+        prompt, done, pieces = ids[row:row + 1, W - n:], 0, []
+        while done < n:
+            size = min(n - done, spec.kv.chunk_limit(done) or n)
+            pieces.append(run(prompt[:, done:done + size], np.ones((1, done + size), np.int64),
+                              np.arange(done, done + size)[None], slice(row, row + 1)))
+            done += size
+        logits = np.concatenate(pieces, axis=1) if spec.graph.logits == "all" else pieces[-1]
         if first is None:
             first = np.zeros((B, W if logits.shape[1] > 1 else 1, logits.shape[-1]), np.float32)
         first[row, first.shape[1] - logits.shape[1]:] = logits[0]
@@ -275,12 +282,12 @@ def verify(
         from .divergence import locate
 
         kv = spec.kv
-        if kv.layout == "static":  # a row of its own: the first prompt alone at slot 0
-            n = int(mask[0].sum())
+        if kv.layout == "static":  # a row of its own: the first prompt (as much as a run takes) alone at slot 0
+            n = min(int(mask[0].sum()), kv.chunk_limit(0) or ids.shape[1])
             ids, mask = ids[:1, ids.shape[1] - n:], np.ones((1, n), np.int64)
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask),
-                 **{name: np.zeros((ids.shape[0], kv.num_kv_heads, kv.max_length or 0, kv.head_dim),
-                                   KV_NUMPY[dtype]) for name in kv.past_names}}
+                 **{name: np.zeros((ids.shape[0], kv.num_kv_heads, slots or 0, kv.head_dim), KV_NUMPY[dtype])
+                    for name, slots in kv.slots_by_name.items()}}
         report.divergence = locate(onnx_path, feeds, locate_with, dtype).to_dict()
     log.info(
         "parity %s: max |diff| %.3g (tolerance %.3g), greedy agreement %.0f%% over %d steps",

@@ -13,6 +13,9 @@ Precision and the KV layout are given at construction, as mlx-lm's and gpt-fast'
   entries go to its own slots n-S..n-1 (n = the row's mask sum), written in place (ONNX's TensorScatter);
   present is the whole updated buffer, and attention reads its first T slots. That is what continuous batching
   needs: rows that joined at different times decode together.
+  With `ring_size` R, sliding-window layers keep R slots instead (the window W and one chunk C): token i of a row
+  goes to slot i mod R, and a slot holds the row's latest token there. A run feeds a row at most C new tokens and
+  never past slot R - 1 (the caller chunks: runtime.spec.KVSpec.chunk_limit), so no query loses a key it sees.
 """
 
 from __future__ import annotations
@@ -119,8 +122,8 @@ class Attention(nn.Module):
             k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)  # [B, Hkv, T, D]
             present = (k, v)
         else:  # each row's new entries at its own slots; attention reads the slots in use
-            present = (write_kv(past_k, k, write_at), write_kv(past_v, v, write_at))  # [B, Hkv, L, D]
-            k, v = present[0][:, :, : mask.shape[-1]], present[1][:, :, : mask.shape[-1]]  # [B, Hkv, T, D]
+            present = (write_kv(past_k, k, write_at), write_kv(past_v, v, write_at))  # [B, Hkv, L or R, D]
+            k, v = present[0][:, :, : mask.shape[-1]], present[1][:, :, : mask.shape[-1]]  # [B, Hkv, T or R, D]
 
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(B, self.num_kv_heads, groups * S, self.head_dim)  # [B, Hkv, G*S, D]: heads share their kv
@@ -213,16 +216,36 @@ def attention_masks(
     return full, full & (window[:, None] if static else window[None, None])  # [B, 1, S, T]
 
 
+def ring_mask(lengths: torch.Tensor, seq_len: int, slots: int, ring_size: int, sliding_window: int) -> torch.Tensor:
+    """The mask [B, 1, S, slots] of a sliding-window layer's ring (slots = min(T, ring_size)) for rows of
+    `lengths` tokens after this step, whose last S are the queries.
+
+    Slot j holds the row's latest token p_j = j + R * floor((n - 1 - j) / R) (R the ring size, n the row's length)
+    if j < n; query q sees it when p_j <= q and p_j > q - W, the window's rule on the token's index."""
+    n = lengths[:, None]  # [B, 1]
+    j = torch.arange(slots, device=lengths.device)[None]  # [1, K]
+    held = j + ring_size * torch.div((n - 1 - j).clamp(min=0), ring_size, rounding_mode="floor")  # [B, K]
+    q = (n - seq_len + torch.arange(seq_len, device=lengths.device))[:, :, None]  # [B, S, 1]
+    held = held[:, None, :]
+    return ((j < n)[:, None, :] & (held <= q) & (held > q - sliding_window))[:, None]  # [B, 1, S, K]
+
+
 class GemmaModel(nn.Module):
     """The decoder stack; returns the last hidden state (feature extraction) and the present KV."""
 
-    def __init__(self, config: GemmaConfig, precision: Precision = Precision(), kv_layout: str = "dynamic"):
+    def __init__(self, config: GemmaConfig, precision: Precision = Precision(), kv_layout: str = "dynamic",
+                 ring_size: int | None = None):
         super().__init__()
         if kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout {kv_layout!r} is not supported; supported: {', '.join(KV_LAYOUTS)}")
+        if ring_size is not None and (kv_layout != "static" or config.sliding_window is None
+                                      or ring_size <= config.sliding_window):
+            raise ValueError(f"ring_size {ring_size} needs the static layout and a sliding window shorter than it "
+                             f"(kv_layout {kv_layout!r}, sliding_window {config.sliding_window})")
         self.config = config
         self.precision = precision
         self.kv_layout = kv_layout
+        self.ring_size = ring_size  # static: a sliding-window layer's slots (None: max_length, as global layers)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(DecoderLayer(config, precision) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, precision.vocab_table)
@@ -242,24 +265,33 @@ class GemmaModel(nn.Module):
 
         static = self.kv_layout == "static"
         kv_len = attention_mask.shape[1] if static else past[0][0].shape[2] + S
-        write_at = attention_mask.sum(-1) - S if static else None  # [B]: each row's first new slot
+        lengths = attention_mask.sum(-1)  # [B]
+        write_at = lengths - S if static else None  # [B]: each row's first new slot
         full_mask, sliding_mask = attention_masks(attention_mask, S, kv_len, self.config.sliding_window, static)
+        ring_write = None
+        if self.ring_size is not None:  # sliding layers: their own slots and mask on the ring
+            R = self.ring_size
+            ring_write = torch.remainder(write_at, R)
+            sliding_mask = ring_mask(lengths, S, torch.sym_min(kv_len, R), R, self.config.sliding_window)
         ropes = {t: rotary(position_ids, getattr(self, f"inv_freq_{t}"), residual)
                  for t in dict.fromkeys(self.layer_types)}
 
         present = []
         for layer, layer_type, layer_past in zip(self.layers, self.layer_types, past):
-            mask = sliding_mask if layer_type == "sliding_attention" else full_mask
-            x, kv = layer(x, *ropes[layer_type], mask, layer_past, write_at)
+            sliding = layer_type == "sliding_attention"
+            mask = sliding_mask if sliding else full_mask
+            at = ring_write if sliding and ring_write is not None else write_at
+            x, kv = layer(x, *ropes[layer_type], mask, layer_past, at)
             present.append(kv)
         return self.norm(x), present
 
 
 class GemmaForCausalLM(nn.Module):
-    def __init__(self, config: GemmaConfig, precision: Precision = Precision(), kv_layout: str = "dynamic"):
+    def __init__(self, config: GemmaConfig, precision: Precision = Precision(), kv_layout: str = "dynamic",
+                 ring_size: int | None = None):
         super().__init__()
         self.config = config
-        self.model = GemmaModel(config, precision, kv_layout)
+        self.model = GemmaModel(config, precision, kv_layout, ring_size)
         # Tied to the embedding: built on the meta device so that no [vocab, hidden] copy is ever allocated.
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
         self.lm_head.weight = self.model.embed_tokens.weight
@@ -280,10 +312,11 @@ class GemmaForCausalLM(nn.Module):
 class GemmaForSequenceClassification(nn.Module):
     """A linear score over the hidden state of each row's last non-pad token (transformers' pooling)."""
 
-    def __init__(self, config: GemmaConfig, precision: Precision = Precision(), kv_layout: str = "dynamic"):
+    def __init__(self, config: GemmaConfig, precision: Precision = Precision(), kv_layout: str = "dynamic",
+                 ring_size: int | None = None):
         super().__init__()
         self.config = config
-        self.model = GemmaModel(config, precision, kv_layout)
+        self.model = GemmaModel(config, precision, kv_layout, ring_size)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
 
     def forward(self, input_ids, position_ids, attention_mask, past: list[KV]) -> tuple[torch.Tensor, list[KV]]:
@@ -295,10 +328,11 @@ class GemmaForSequenceClassification(nn.Module):
 
 
 class GemmaForTokenClassification(nn.Module):
-    def __init__(self, config: GemmaConfig, precision: Precision = Precision(), kv_layout: str = "dynamic"):
+    def __init__(self, config: GemmaConfig, precision: Precision = Precision(), kv_layout: str = "dynamic",
+                 ring_size: int | None = None):
         super().__init__()
         self.config = config
-        self.model = GemmaModel(config, precision, kv_layout)
+        self.model = GemmaModel(config, precision, kv_layout, ring_size)
         self.score = nn.Linear(config.hidden_size, config.num_labels)  # with bias, as transformers'
 
     def forward(self, input_ids, position_ids, attention_mask, past: list[KV]) -> tuple[torch.Tensor, list[KV]]:
@@ -318,9 +352,15 @@ def decoder_of(model: nn.Module) -> GemmaModel:
     return model if isinstance(model, GemmaModel) else model.model
 
 
-def empty_past(config: GemmaConfig, batch_size: int, length: int = 0, dtype=torch.float32) -> list[KV]:
-    shape = (batch_size, config.num_key_value_heads, length, config.head_dim)
-    return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(config.num_hidden_layers)]
+def empty_past(config: GemmaConfig, batch_size: int, length: int = 0, dtype=torch.float32,
+               ring_size: int | None = None) -> list[KV]:
+    """Zeroed (key, value) per layer [B, Hkv, length, D]: `ring_size` slots for sliding-window layers if given."""
+    past = []
+    for layer_type in config.layer_types:
+        slots = ring_size if ring_size is not None and layer_type == "sliding_attention" else length
+        shape = (batch_size, config.num_key_value_heads, slots, config.head_dim)
+        past.append((torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)))
+    return past
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

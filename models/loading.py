@@ -145,17 +145,19 @@ def load_model(
     precision: Precision = Precision(),
     kv_layout: str = "dynamic",
     progress: bool = True,
+    ring_size: int | None = None,
 ) -> tuple[nn.Module, Checkpoint]:
-    """Build the module for `task` and fill it with the checkpoint's weights (shapes and names checked): the
-    embedding and lm_head in `precision.vocab_table`, every other weight in `precision.dtype`."""
+    """Build the module for `task` (in `kv_layout`, sliding layers on a ring of `ring_size` slots if given) and fill
+    it with the checkpoint's weights (shapes and names checked): the embedding and lm_head in
+    `precision.vocab_table`, every other weight in `precision.dtype`."""
     if task not in TASK_CLASSES:
         raise ValueError(f"task {task!r} is not supported; supported: {', '.join(TASKS)}")
     ckpt = model if isinstance(model, Checkpoint) else resolve(model)
     if ckpt.random_seed is not None:
-        return random_model(ckpt.config, task, ckpt.random_seed, precision, kv_layout), ckpt
+        return random_model(ckpt.config, task, ckpt.random_seed, precision, kv_layout, ring_size), ckpt
 
     with torch.device("meta"):  # no memory until the real tensors are assigned
-        module = TASK_CLASSES[task](ckpt.config, precision, kv_layout)
+        module = TASK_CLASSES[task](ckpt.config, precision, kv_layout, ring_size)
     expected = {k: v for k, v in module.state_dict().items()}
     prefix = "" if task == "feature-extraction" else "model."
     tied = ckpt.config.tie_word_embeddings and "lm_head.weight" in expected
@@ -210,13 +212,13 @@ def _finish(module: nn.Module) -> None:
 
 def random_model(
     config: GemmaConfig, task: str = "text-generation", seed: int = 0, precision: Precision = Precision(),
-    kv_layout: str = "dynamic",
+    kv_layout: str = "dynamic", ring_size: int | None = None,
 ) -> nn.Module:
     """Random weights, scaled so that greedy decoding does not collapse onto one token (DESIGN.md):
     the default std 0.02 lets the tied embedding echo the input token back. Here the layers dominate the
     residual stream: norms ~N(0, 1), linears ~N(0, 4/fan_in), embedding ~N(0, 0.16/hidden)."""
     torch.manual_seed(seed)
-    module = TASK_CLASSES[task](config, precision, kv_layout)
+    module = TASK_CLASSES[task](config, precision, kv_layout, ring_size)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if name.endswith("norm.weight"):

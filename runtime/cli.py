@@ -274,6 +274,33 @@ def _min_max(text: str | None) -> tuple[int, int] | None:
     return int(low), int(high)
 
 
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("prompts", nargs=-1)
+@click.option("--color/--no-color", default=None, help="Color the diagonal [default: when stdout is a terminal].")
+def mask(artifact, prompts, color):
+    """Print which tokens each token attends to, per layer type (causal, sliding window, padding; the static
+    layout's ring slots), for PROMPTS (or standard input): what the artifact's graph masks."""
+    if not prompts:
+        if sys.stdin is None or sys.stdin.isatty():
+            _fail("no prompt: pass PROMPTS or pipe text on standard input", exit_codes.USAGE)
+        prompts = (sys.stdin.read().rstrip("\n"),)
+    if not all(prompts):
+        _fail("a prompt is empty", exit_codes.USAGE)
+
+    def run():
+        from .manifest import read_manifest
+        from .mask import describe
+        from .tokenizer import Tokenizer
+
+        manifest = read_manifest(artifact, verify=False)
+        tokenizer = Tokenizer.for_artifact(manifest)
+        rows = [[tokenizer.tokenizer.id_to_token(i) for i in tokenizer.encode(p)] for p in prompts]
+        click.echo(describe(manifest, rows, color=sys.stdout.isatty() if color is None else color), nl=False)
+
+    _guard(run)
+
+
 @main.command("triton-repo")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="The model repository to write.")

@@ -13,7 +13,7 @@ without concatenating anything.
     stream(...)                                     text pieces of one row, stop strings held back
 
 Static KV layout: every row has its own length, so rows are prefilled on their own (`prefill_rows`, in chunks
-of at most the backend's `max_chunk`) and decoded together (`decode_rows`): the two steps the serving
+the backend takes: its `chunk_limit`) and decoded together (`decode_rows`): the two steps the serving
 scheduler (runtime/serving/scheduler.py) interleaves as requests come and go. A left-padded batch given to
 generate_step is taken apart into its rows (rows of one length prefill together).
 """
@@ -104,17 +104,23 @@ def decode_step(backend: Backend, token: np.ndarray, buffers: LoopBuffers) -> np
 
 
 def prefill_rows(backend: Backend, rows: slice, ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
-    """Static layout: feed `ids` [n, S] to the n rows of `rows`, each after what its cache holds (rows of one
-    length), in chunks of at most the backend's max_chunk; logits [n, V] of the last token ([n, S, V] with
-    all_logits)."""
-    chunk = backend.max_chunk or ids.shape[1]
-    pieces = []
-    for start in range(0, ids.shape[1], chunk):
-        piece = ids[:, start:start + chunk].astype(np.int64)
+    """Static layout: feed `ids` [n, S] to the n rows of `rows`, each after what its cache holds, in chunks of at
+    most what the backend takes (`chunk_limit`: its max_chunk, a ring's room); logits [n, V] of the last token
+    ([n, S, V] with all_logits)."""
+    pieces, start = [], 0
+    while start < ids.shape[1]:
         done = backend.lengths[rows]
-        mask = (np.arange(int(done.max()) + piece.shape[1])[None] < (done + piece.shape[1])[:, None])
-        pos = done[:, None] + np.arange(piece.shape[1])[None]
+        if len(done) > 1 and done.any() and not backend.rows_prefill_over_cache:  # the kernel takes one row then
+            rest = [prefill_rows(backend, slice(r, r + 1), ids[i:i + 1, start:], all_logits)
+                    for i, r in enumerate(range(rows.start, rows.stop))]
+            pieces.append(np.concatenate(rest))
+            break
+        size = min(ids.shape[1] - start, backend.chunk_limit(done) or ids.shape[1])
+        piece = ids[:, start:start + size].astype(np.int64)
+        mask = (np.arange(int(done.max()) + size)[None] < (done + size)[:, None])
+        pos = done[:, None] + np.arange(size)[None]
         pieces.append(backend.forward(piece, mask.astype(np.int64), pos, all_logits, rows=rows))
+        start += size
     return np.concatenate(pieces, axis=1) if all_logits else pieces[-1]
 
 

@@ -259,6 +259,9 @@ def _check_io(path: Path, manifest: Manifest) -> None:
         return
     if kv.layout == "static" and not (kv.max_length or 0) > 0:
         raise ArtifactError(f"{path}: kv.max_length {kv.max_length!r} must be a positive integer for the static layout")
+    if kv.layout == "static" and (len(kv.slots) != kv.num_layers or not all(0 < n <= kv.max_length for n in kv.slots)):
+        raise ArtifactError(f"{path}: kv.slots {list(kv.slots)} must give each of the {kv.num_layers} layers 1 to "
+                            f"{kv.max_length} slots; the manifest is inconsistent, export the artifact again")
     expected_inputs, expected_outputs = (*DECODER_INPUTS, *kv.past_names), ("logits", *kv.present_names)
     for key, names, expected in (("inputs", graph.inputs, expected_inputs), ("outputs", graph.outputs, expected_outputs)):
         if tuple(names) != expected:

@@ -120,8 +120,7 @@ class GemmaRuntime:
         self.tokenizer = None
         self.chat_template = None
         if (folder / "tokenizer.json").is_file():
-            self.tokenizer = Tokenizer.from_dir(folder, generation.add_bos_token if generation else None,
-                                                self.pad_token_id)
+            self.tokenizer = Tokenizer.for_artifact(manifest)
             config = _read_json(folder / "tokenizer_config.json")
             special = {k: v for k in ("bos_token", "eos_token", "pad_token", "unk_token")
                        if isinstance(v := config.get(k), str)}
@@ -235,6 +234,7 @@ class GemmaRuntime:
         chat's earlier turns) and only the rest is prefilled."""
         options = options or GenerationOptions()
         keep = min(common_prefix(self.cached_tokens, ids), len(ids) - 1) if reuse_cache else 0
+        keep = self.backend.keepable(keep) if keep else 0
         max_new = self._check(options, len(ids))
         if keep:
             self.backend.trim(keep)

@@ -23,6 +23,7 @@ TASKS = ("text-generation", "feature-extraction", "sequence-classification", "to
 TARGETS = ("onnx", "ort", "trt")  # standard ONNX; fused for ONNX Runtime; standard ONNX in TensorRT's forms
 FAMILIES = ("gemma", "gemma2", "gemma3_text")
 KV_LAYOUTS = ("dynamic", "static")  # past grows each step; buffers of max_length slots written in place
+SLIDING_CACHES = ("ring", "full")  # static layout: a sliding-window layer's slots, a ring or max_length of them
 LOGITS = ("all", "last")
 DTYPES = ("fp32", "fp16", "bf16")
 QUANTS = ("int4",)
@@ -96,16 +97,24 @@ class GraphSpec:
 
 @dataclass(frozen=True)
 class KVSpec:
-    """How the graph takes and gives its past keys and values, [batch, num_kv_heads, slots, head_dim] per layer."""
+    """How the graph takes and gives its past keys and values, [batch, num_kv_heads, slots, head_dim] per layer.
+
+    Static layout, `sliding_cache` "ring": a sliding-window layer keeps `ring_size` slots (the window and one chunk)
+    and writes token i of a row at slot i mod ring_size; a global layer keeps max_length. A run may feed a row at
+    most `chunk_limit(length)` new tokens: no more than `ring_chunk`, so that a chunk overwrites nothing its own
+    queries still see, and none past the ring's end (TensorScatter's linear writes do not wrap)."""
 
     layout: str = field(metadata=choices(KV_LAYOUTS))
-    max_length: int | None  # static: the slots of every row's buffer, written in place
+    max_length: int | None  # static: the most tokens a row holds (a global layer's slots)
     num_layers: int
     num_kv_heads: int
     head_dim: int
     dtype: str = field(metadata=choices(DTYPES))
     sliding_window: int | None
     sliding_window_layers: tuple[int, ...]
+    sliding_cache: str | None = field(default=None, metadata=choices(SLIDING_CACHES))  # static layout only
+    ring_chunk: int | None = None  # ring: the most new tokens a run takes
+    slots: tuple[int, ...] = ()  # static: each layer's slots (max_length, or the ring's); dynamic: none, it grows
 
     @property
     def past_names(self) -> list[str]:
@@ -114,6 +123,31 @@ class KVSpec:
     @property
     def present_names(self) -> list[str]:
         return kv_names("present", self.num_layers)
+
+    @property
+    def ring_size(self) -> int | None:
+        """A sliding-window layer's slots on the ring: the window and one chunk (None without a ring)."""
+        return self.sliding_window + self.ring_chunk if self.sliding_cache == "ring" else None
+
+    @property
+    def ring_layers(self) -> tuple[int, ...]:
+        return self.sliding_window_layers if self.sliding_cache == "ring" else ()
+
+    @property
+    def slots_by_name(self) -> dict[str, int | None]:
+        """Slots of each past (and present) tensor, by its past name (None in the dynamic layout: the past grows)."""
+        slots = self.slots or (None,) * self.num_layers
+        return dict(zip(self.past_names, (n for n in slots for _ in ("key", "value"))))
+
+    def bytes_per_row(self) -> int:
+        """Bytes of one row's keys and values in the static layout, every layer (0 in the dynamic one)."""
+        return 2 * sum(self.slots) * self.num_kv_heads * self.head_dim * ITEMSIZE[self.dtype]
+
+    def chunk_limit(self, length: int) -> int | None:
+        """The most new tokens one run may feed a row that holds `length` tokens (None: no limit)."""
+        if self.ring_size is None:
+            return None
+        return min(self.ring_chunk, self.ring_size - length % self.ring_size)
 
 
 @dataclass(frozen=True)
@@ -189,6 +223,7 @@ class ArtifactOptions:
     dtype: str | None = None  # fp16 for --target trt, fp32 otherwise
     kv_cache: str = "dynamic"
     max_length: int | None = None  # static: the KV buffers' slots; trt: the engine's context (the model's, <= 4096)
+    sliding_cache: str | None = None  # static layout: ring where the model has sliding-window layers, else full
     logits: str = "all"
     quant: str | None = None  # int4: weight-only, exporter/quantize.py
     quant_method: str | None = None  # gptq; rtn for --target trt
@@ -203,6 +238,7 @@ class ArtifactOptions:
 
 
 TRT_DEFAULT_CONTEXT, TRT_DEFAULT_INPUT_LEN = 4096, 512
+RING_CHUNK = 512  # the most new tokens a run feeds a ring (a sliding-window layer keeps window + this many slots)
 
 
 def resolve(options: ArtifactOptions, model: ModelSpec) -> ArtifactSpec:
@@ -224,12 +260,7 @@ def resolve(options: ArtifactOptions, model: ModelSpec) -> ArtifactSpec:
     if o.kv_cache == "static" and not o.max_length:
         raise ValueError("--kv-cache static needs --max-length N (the size of the KV buffers)")
 
-    kv = None
-    if text:
-        kv = KVSpec(layout=o.kv_cache, max_length=o.max_length if o.kv_cache == "static" else None,
-                    num_layers=model.num_hidden_layers, num_kv_heads=model.num_key_value_heads,
-                    head_dim=model.head_dim, dtype=dtype, sliding_window=model.sliding_window,
-                    sliding_window_layers=model.sliding_window_layers)
+    kv = _kv(o, model, dtype) if text else None
     first = "last_hidden_state" if o.task == "feature-extraction" else "logits"
     graph = GraphSpec(task=o.task, target=o.target, logits=o.logits,
                       inputs=(*DECODER_INPUTS, *(kv.past_names if kv else ())),
@@ -237,6 +268,29 @@ def resolve(options: ArtifactOptions, model: ModelSpec) -> ArtifactSpec:
     return ArtifactSpec(model=model, graph=graph, kv=kv, precision=_precision(dtype, text),
                         quant=_quant(o) if o.quant is not None else None,
                         trt=_trt(o, model, kv) if o.target == "trt" else None)
+
+
+def _kv(o: ArtifactOptions, model: ModelSpec, dtype: str) -> KVSpec:
+    static = o.kv_cache == "static"
+    if o.sliding_cache is not None:
+        _accept("sliding_cache", o.sliding_cache, SLIDING_CACHES)
+        if not static:
+            raise ValueError("--sliding-cache applies to the static KV layout (its buffers' slots); the dynamic "
+                             "layout's past grows with the sequence: drop it or pass --kv-cache static")
+    kv = KVSpec(layout=o.kv_cache, max_length=o.max_length if static else None, num_layers=model.num_hidden_layers,
+                num_kv_heads=model.num_key_value_heads, head_dim=model.head_dim, dtype=dtype,
+                sliding_window=model.sliding_window, sliding_window_layers=model.sliding_window_layers)
+    if not static:
+        return kv
+    full = dataclasses.replace(kv, slots=(o.max_length,) * model.num_hidden_layers)
+    if not kv.sliding_window_layers:
+        return full  # nothing slides
+    chunk = min(model.sliding_window, RING_CHUNK)
+    ring = model.sliding_window + chunk
+    if (o.sliding_cache or "ring") == "full" or ring >= o.max_length:  # asked for, or a ring no smaller
+        return dataclasses.replace(full, sliding_cache="full")
+    slots = tuple(ring if i in kv.sliding_window_layers else o.max_length for i in range(model.num_hidden_layers))
+    return dataclasses.replace(kv, sliding_cache="ring", ring_chunk=chunk, slots=slots)
 
 
 def _precision(dtype: str, text_generation: bool) -> PrecisionSpec:

@@ -52,6 +52,13 @@ class Tokenizer:
         return cls(_Tokenizer.from_file(str(path)), _token_text(config.get("bos_token", "<bos>")), add_bos_token,
                    pad_token_id)
 
+    @classmethod
+    def for_artifact(cls, manifest) -> "Tokenizer":
+        """The tokenizer an artifact ships, with its manifest's add_bos_token and pad id."""
+        generation = manifest.generation
+        return cls.from_dir(manifest.folder, generation.add_bos_token if generation else None,
+                            generation.pad_token_id if generation else 0)
+
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()

@@ -54,8 +54,9 @@ def tiny_artifacts(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def real_static_artifact(tmp_path_factory, real_model_dir):
-    """The real model in the form gemma-run serve takes: --target ort --kv-cache static --max-length 1024
-    --logits last (verified against PyTorch, rows of their own). GEMMA_DEPLOY_REAL_STATIC_ARTIFACT=DIR reuses one."""
+    """The real model in the form gemma-run serve takes: --target ort --kv-cache static --max-length 8192
+    --logits last (verified against PyTorch, rows of their own; the sliding-window layers on a ring of 1024 slots).
+    GEMMA_DEPLOY_REAL_STATIC_ARTIFACT=DIR reuses one."""
     import os
     from pathlib import Path
 
@@ -64,6 +65,6 @@ def real_static_artifact(tmp_path_factory, real_model_dir):
     if os.environ.get("GEMMA_DEPLOY_REAL_STATIC_ARTIFACT"):
         return Path(os.environ["GEMMA_DEPLOY_REAL_STATIC_ARTIFACT"])
     folder = tmp_path_factory.mktemp("real-static") / "gemma3-270m-static"
-    export("gemma3-270m", folder, ExportOptions(target="ort", kv_cache="static", max_length=1024, logits="last",
+    export("gemma3-270m", folder, ExportOptions(target="ort", kv_cache="static", max_length=8192, logits="last",
                                                 progress=False))
     return folder

@@ -26,6 +26,8 @@ Choices, and why:
   (slower than the unfused graph: docs/fusions.md), so that layout keeps its own attention.
 - Prefill of more than one token over a non-empty cache takes batch 1 only (the kernel's limit): the runtime
   prefills a row at a time.
+- Not on a ring (a sliding-window layer's cache of window + chunk slots, token i at slot i mod R): the kernel
+  writes a row's entries at its length and reads slots 0..length-1, so those layers keep their own attention.
 """
 
 from __future__ import annotations
@@ -73,11 +75,15 @@ class GroupQueryAttentionFusion(pattern.RewriteRuleClassBase):
         out = op.Reshape(out, pattern.ANY_VALUE, _outputs=["attention"])  # [B, S, H*D]
         return out, present_key, present_value
 
-    def check(self, context, q, past_key, past_value, scale, mask, fill, present_key, softcap=None, qk=None, **_):
+    def check(self, context, q, past_key, past_value, write_at, scale, mask, fill, present_key, softcap=None,
+              qk=None, **_):
         result = pattern.MatchResult()
         scatter = present_key.producer()
         if scatter.attributes.get_int("axis", -2) not in (2, -2) or scatter.attributes.get_string("mode", "linear") != "linear":
             return result.fail("the cache is not written along its slot axis, linearly", present_key)
+        if write_at.producer() is not None and write_at.producer().op_type == "Mod":
+            return result.fail("the cache is a ring (its writes wrap around): GroupQueryAttention writes a row's "
+                               "entries at its length", write_at)
         for past in (past_key, past_value):
             if not past.is_graph_input():
                 return result.fail("the KV cache is not a graph input", past)

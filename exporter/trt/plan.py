@@ -13,8 +13,9 @@ the network at the profile's corners.
     prefill   new 1..max_input_len, past 0..max_length - max_input_len, total 1..max_length
     decode    new 1,                past 0..max_length - 1,               total 1..max_length
 
-Byte counts: the KV cache at max batch and max length (and the device buffers the runtime allocates
-for it: one set written in place in the static layout, two swapped each step in the dynamic one), the logits
+Byte counts: the KV cache at max batch and max length, a ring's slots for sliding-window layers on one (and the
+device buffers the runtime allocates for it: one set written in place in the static layout, two swapped each step
+in the dynamic one), the logits
 buffer, and the
 graph's weights by precision, read from its initializers without loading their data.
 """
@@ -54,10 +55,17 @@ def plan_table(spec: ArtifactSpec, plan: TrtPlan) -> str:
     ]
     for profile in plan.profiles:
         lines.append(f"  profile {profile.name}:")
+        shown = set()
         for name, (low, opt, high) in profile.shapes.items():
-            if name.startswith("past_key_values.") and not name.startswith("past_key_values.0.key"):
-                continue  # every layer has the same ranges as layer 0
+            if name.startswith("past_key_values."):
+                if (tuple(low), tuple(high)) in shown or not name.endswith(".key"):
+                    continue  # layers with the same ranges as one already shown (a ring's, or a global layer's)
+                shown.add((tuple(low), tuple(high)))
             lines.append(f"    {name:<24} min {list(low)}  opt {list(opt)}  max {list(high)}")
+    ring = spec.kv.ring_size if spec.kv else None
+    if ring:
+        lines.append(f"  sliding-window layers {list(spec.kv.ring_layers)} on a ring of {ring} slots "
+                     f"(window {spec.kv.sliding_window} + a chunk of {spec.kv.ring_chunk})")
     lines.append(f"  KV cache at max batch and length: {plan.kv_cache_bytes / gib:.3f} GiB "
                  f"(device buffers {plan.kv_buffer_bytes / gib:.3f} GiB); logits buffer "
                  f"{plan.logits_buffer_bytes / gib:.3f} GiB")
@@ -97,9 +105,8 @@ def spec_inputs(spec: ArtifactSpec) -> dict[str, list[str | int]]:
               "position_ids": ["batch_size", "sequence_length"]}
     kv = spec.kv
     if kv is not None:
-        past = kv.max_length if kv.layout == "static" else "past_sequence_length"
-        for name in kv.past_names:
-            inputs[name] = ["batch_size", kv.num_kv_heads, past, kv.head_dim]
+        for name, slots in kv.slots_by_name.items():  # static: each layer's slots (a ring's, or max_length)
+            inputs[name] = ["batch_size", kv.num_kv_heads, slots or "past_sequence_length", kv.head_dim]
     return inputs
 
 
@@ -121,7 +128,10 @@ def make_profiles(inputs: dict[str, list[str | int]], limits: BuildLimits, with_
 
 
 def kv_cache_bytes(kv: KVSpec, limits: BuildLimits) -> int:
-    """Keys and values of every layer, [max_batch, kv_heads, max_length, head_dim] each."""
+    """Keys and values of every layer at the engine's largest batch, [max_batch, kv_heads, slots, head_dim] each:
+    the static layout's slots per layer (a ring's for sliding-window layers on one), else max_length."""
+    if kv.layout == "static":
+        return limits.max_batch_size * kv.bytes_per_row()
     per_token = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * ITEMSIZE[kv.dtype]
     return per_token * limits.max_batch_size * limits.max_length
 
@@ -146,8 +156,7 @@ def make_plan(graph_path: str | Path | None, spec: ArtifactSpec, estimated_weigh
     limits, kv = spec.trt.limits, spec.kv
     graph = onnx.load(str(graph_path), load_external_data=False) if graph_path is not None else None
     static = kv is not None and kv.layout == "static"
-    slots = BuildLimits(limits.max_batch_size, 1, kv.max_length) if static else limits
-    kv_bytes = kv_cache_bytes(kv, slots) if kv is not None else 0
+    kv_bytes = kv_cache_bytes(kv, limits) if kv is not None else 0
     buffer_sets = 1 if static else 2  # the static layout writes in place; the dynamic one swaps two sets
     logit_rows = limits.max_input_len if spec.graph.logits == "all" else 1
     return TrtPlan(

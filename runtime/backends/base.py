@@ -18,7 +18,8 @@ KV layouts (manifest kv.layout):
            memory). Every row has its own length: its tokens sit at slots 0..n-1, the mask [n, T] has n ones
            for it (T: the longest row after this step), and its S new tokens go to slots n-S..n-1. A step may
            run any contiguous range of rows: one row's prefill while the others wait, or the decode of all
-           of them (continuous batching: runtime/serving/).
+           of them (continuous batching: runtime/serving/). Sliding-window layers may keep a ring of fewer
+           slots (manifest kv.slots): a run then feeds a row at most `chunk_limit(length)` tokens.
 
 The bookkeeping every backend shares is here: each row's length (`lengths`), and what reset and trim accept.
 """
@@ -61,6 +62,15 @@ class Backend(ABC):
     def static(self) -> bool:
         return self.kv_layout == "static"
 
+    def chunk_limit(self, lengths) -> int | None:
+        """The most new tokens one forward may feed rows holding `lengths` tokens (an int or an array; None: any):
+        the engine's max_chunk, and a ring's limit (runtime.spec.KVSpec.chunk_limit)."""
+        limits = [self.max_chunk]
+        if self.manifest.kv is not None:
+            limits += [self.manifest.kv.chunk_limit(int(n)) for n in np.atleast_1d(lengths)]
+        limits = [n for n in limits if n is not None]
+        return min(limits) if limits else None
+
     @property
     def past_length(self) -> int:
         """Cache slots in use by the first row (every row, in the dynamic layout)."""
@@ -80,10 +90,21 @@ class Backend(ABC):
         self.lengths = np.zeros(batch_size, np.int64)
         self._reset(batch_size)
 
+    def keepable(self, length: int, row: int = 0) -> int:
+        """The longest prefix of at most `length` tokens that `trim` can keep of `row`: all of it, but on a ring,
+        whose slots hold a row's latest tokens, nothing once the row has gone more than a chunk past it."""
+        kv = self.manifest.kv
+        if kv is not None and kv.ring_size is not None and self.lengths[row] - length > kv.ring_chunk:
+            return 0
+        return length
+
     def trim(self, length: int, row: int = 0) -> None:
         """Keep the first `length` cache slots of `row` (every row, in the dynamic layout), forget the rest."""
         if not 0 <= length <= self.lengths[row]:
             raise ValueError(f"cannot trim the cache to {length} slots; it holds {int(self.lengths[row])}")
+        if self.keepable(length, row) != length:
+            raise ValueError(f"cannot trim the cache to {length} tokens: its ring has overwritten some of them "
+                             f"(it holds {int(self.lengths[row])}); ask keepable() first")
         if length < self.lengths[row]:
             self._trim(length)
         if self.static:

@@ -2,7 +2,8 @@
 
 dynamic layout: the present outputs are allocated by ONNX Runtime on the provider's device and bound
   as the next step's past as they are: no copy through numpy.
-static layout: one buffer [batch, kv_heads, max_length, head_dim] per cache tensor, allocated at reset. A step
+static layout: one buffer [batch, kv_heads, slots, head_dim] per cache tensor (slots: max_length, or a sliding-window
+  layer's ring: manifest kv.slots), allocated at reset. A step
   over rows [start, start + n) binds the same memory, at that row's offset, as the past input and the present
   output: the graph's TensorScatter (or the fused GroupQueryAttention) writes the new entries in place, and
   nothing is allocated but the logits. One IOBinding per row range, made once and reused.
@@ -102,9 +103,8 @@ class OnnxRuntimeBackend(Backend):
             # are masked (a zero weight), and what earlier rows left there is finite, where never-written memory
             # might hold NaN (and NaN times zero is NaN).
             if batch_size > getattr(self, "_allocated", 0):
-                shape = (batch_size, self.kv_heads, self.max_length, self.head_dim)
-                self._buffers = [self._kv_value(shape) for _ in self.past_names]
-                self._row_bytes = self.kv_heads * self.max_length * self.head_dim * self.kv_dtype.itemsize
+                self._slots = list(self.manifest.kv.slots_by_name.values())
+                self._buffers = [self._kv_value((batch_size, self.kv_heads, n, self.head_dim)) for n in self._slots]
                 self._bindings: dict[tuple[int, int], object] = {}
                 self._allocated = batch_size
         else:
@@ -119,9 +119,10 @@ class OnnxRuntimeBackend(Backend):
         if key not in self._bindings:
             binding = self.session.io_binding()
             binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
-            shape = [rows.stop - rows.start, self.kv_heads, self.max_length, self.head_dim]
-            for past, present, buffer in zip(self.past_names, self.present_names, self._buffers):
-                pointer = buffer.data_ptr() + rows.start * self._row_bytes
+            for past, present, buffer, slots in zip(self.past_names, self.present_names, self._buffers, self._slots):
+                shape = [rows.stop - rows.start, self.kv_heads, slots, self.head_dim]
+                row_bytes = self.kv_heads * slots * self.head_dim * self.kv_dtype.itemsize
+                pointer = buffer.data_ptr() + rows.start * row_bytes
                 binding.bind_input(past, self.device, 0, self.kv_dtype, shape, pointer)
                 binding.bind_output(present, self.device, 0, self.kv_dtype, shape, pointer)
             self._bindings[key] = binding

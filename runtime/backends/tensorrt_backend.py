@@ -7,7 +7,7 @@ in place from step to step, one CUDA stream.
             each call takes the first profile whose [min, max] box holds its shapes: a prompt longer
             than --max-input-len is fed in chunks
     buffers  input ids, mask and positions at their maximum sizes; the logits; KV buffers of
-            [max_batch, kv_heads, max_length, head_dim].
+            [max_batch, kv_heads, slots, head_dim] (slots: max_length, or a sliding-window layer's ring).
             dynamic layout: two sets. past [B, H, P, D] is read from one set and present [B, H, P + S, D]
             written to the other, both contiguous, so the next step binds the other set as its past: the sets
             swap, nothing is copied.
@@ -100,15 +100,17 @@ class TensorRTBackend(Backend):
         B, L = self.max_batch_size, self.max_length
         self.inputs = {name: self._malloc(B * L * 8) for name in INPUTS}
         self.logits = self._malloc(B * self.max_rows * self.vocab_size * 4)
-        self.row_bytes = self.kv_heads * L * self.head_dim * self.kv_itemsize
-        self.kv_bytes = B * self.row_bytes
+        #: each cache tensor's slots: the static layout's (max_length, or a ring's), the dynamic one's most
+        self.slots = [n or L for n in kv.slots_by_name.values()]
+        self.row_bytes = [self.kv_heads * n * self.head_dim * self.kv_itemsize for n in self.slots]
         sets = 1 if self.static else 2
-        self.kv = [[self._malloc(self.kv_bytes) for _ in self.past_names] for _ in range(sets)]
-        for pointer in (p for buffers in self.kv for p in buffers):
-            check_cuda(cudart.cudaMemsetAsync(pointer, 0, self.kv_bytes, self.stream), "cudaMemsetAsync")
+        self.kv = [[self._malloc(B * row) for row in self.row_bytes] for _ in range(sets)]
+        for buffers in self.kv:
+            for pointer, row in zip(buffers, self.row_bytes):
+                check_cuda(cudart.cudaMemsetAsync(pointer, 0, B * row, self.stream), "cudaMemsetAsync")
         self._current = 0
         log.info("TensorRT engine %s on %s: %d profiles, %.2f GiB of KV buffers", entry.file, device.name,
-                 len(self.contexts), sets * len(self.past_names) * self.kv_bytes / 2**30)
+                 len(self.contexts), sets * B * sum(self.row_bytes) / 2**30)
 
     def _malloc(self, size: int) -> int:
         pointer = check_cuda(self.cudart.cudaMalloc(max(size, 1)), "cudaMalloc")
@@ -181,10 +183,9 @@ class TensorRTBackend(Backend):
         return all(lo <= s <= hi for s, lo, hi in zip(shape, low, high))
 
     def _shapes(self, batch: int, size: int, total: int, past: int) -> dict[str, tuple[int, ...]]:
-        slots = self.max_length if self.static else past
-        kv = (batch, self.kv_heads, slots, self.head_dim)
         return {"input_ids": (batch, size), "attention_mask": (batch, total), "position_ids": (batch, size),
-                **{name: kv for name in self.past_names}}
+                **{name: (batch, self.kv_heads, slots if self.static else past, self.head_dim)
+                   for name, slots in zip(self.past_names, self.slots)}}
 
     def _enqueue(self, index: int, ids, mask, positions, rows: slice, past: int, all_logits: bool) -> np.ndarray:
         cudart, context = self.cudart, self.contexts[index]
@@ -200,8 +201,7 @@ class TensorRTBackend(Backend):
             check_cuda(cudart.cudaMemcpyAsync(self.inputs[name], value.ctypes.data, value.nbytes, to_device,
                                               self.stream), "cudaMemcpyAsync")
         if self.static:  # in place: past and present at the first row's offset
-            offset = rows.start * self.row_bytes
-            past_set = present_set = [pointer + offset for pointer in self.kv[0]]
+            past_set = present_set = [pointer + rows.start * row for pointer, row in zip(self.kv[0], self.row_bytes)]
         else:
             past_set, present_set = self.kv[self._current], self.kv[1 - self._current]
         addresses = {**self.inputs, **dict(zip(self.past_names, past_set)),

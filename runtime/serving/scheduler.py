@@ -283,7 +283,7 @@ class Scheduler:
         if not prefilling:
             return [], 0
         oldest = min(prefilling, key=lambda r: r.request.submitted)
-        size = min(self.prefill_chunk, oldest.remaining)
+        size = min(self.prefill_chunk, oldest.remaining, self.backend.chunk_limit(oldest.prefilled) or oldest.remaining)
         decoding = any(row is not None and row.decoding for row in self.rows)
         budget = max(1, self.prefill_chunk // size) if decoding else len(self.rows)
 
@@ -292,6 +292,7 @@ class Scheduler:
         def joins(index: int) -> bool:
             row = self.rows[index] if 0 <= index < len(self.rows) else None
             return (row is not None and not row.decoding and row.remaining >= size
+                    and (self.backend.chunk_limit(row.prefilled) or size) >= size  # a ring's room
                     and (over_cache or row.prefilled == 0 == oldest.prefilled))
 
         first = last = oldest.index

@@ -47,8 +47,8 @@ def test_static_layout_attention_shares_its_buffers_and_decodes_as_the_unfused_g
     from runtime import load
 
     config = presets.config(name)
-    fused = export(f"random:{name}", tmp_path / "fused",
-                   ExportOptions(target="ort", kv_cache="static", max_length=48, progress=False))
+    fused = export(f"random:{name}", tmp_path / "fused",  # full: the ring's layers keep their own attention
+                   ExportOptions(target="ort", kv_cache="static", max_length=48, sliding_cache="full", progress=False))
     assert fused.fusions["group_query_attention"] == config.num_hidden_layers
     assert fused.parity.passed and fused.parity.max_abs_diff <= 1e-4
     graph = onnx.load(str(tmp_path / "fused" / "model.onnx"), load_external_data=False).graph

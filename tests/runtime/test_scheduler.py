@@ -1,7 +1,8 @@
 """The serving scheduler in this process, on tiny-gemma3 with the tiny tokenizer: requests that arrive together
 with prompts of different lengths, prefilled in chunks (neighbouring rows together where the graph allows) and
-decoded together, each give what they give alone; on the unfused static graph and on the GroupQueryAttention one
-(whose kernel takes one row when a chunk continues a cache)."""
+decoded together, each give what they give alone; on the unfused static graph, its sliding-window layers on a ring
+of 16 slots (window 8, chunks of at most 8 that do not cross its end), and on the GroupQueryAttention one with
+every layer's cache full (the kernel takes one row when a chunk continues a cache)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def fused(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fused")
     export("random:tiny-gemma3", root / "plain", ExportOptions(target="ort", kv_cache="static", max_length=64,
-                                                                verify=False, progress=False))
+                                                                sliding_cache="full", verify=False, progress=False))
     return add_text_files(root / "plain", root / "text")
 
 
@@ -33,6 +34,7 @@ def model(request, tiny_text_artifacts, fused):
     folder = tiny_text_artifacts["static"] if request.param == "unfused" else fused
     loaded = runtime.load(folder)
     assert ("group_query_attention" in loaded.manifest.fusions) == (request.param == "fused")
+    assert loaded.manifest.kv.sliding_cache == ("full" if request.param == "fused" else "ring")
     return loaded
 
 

@@ -186,8 +186,8 @@ def post(server, path, body, headers=None):
     ({"model": NAME, "prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
     ({"model": NAME, "prompt": "x", "n": 2}, 400, "n", "only n=1"),
     ({"model": NAME, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "up to 4"),
-    ({"model": NAME, "prompt": "word " * 1100}, 400, "prompt", "context holds 1024"),
-    ({"model": NAME, "prompt": "x", "max_tokens": 2000}, 400, "max_tokens", "lower max_tokens to"),
+    ({"model": NAME, "prompt": "word " * 8300}, 400, "prompt", "context holds 8192"),
+    ({"model": NAME, "prompt": "x", "max_tokens": 9000}, 400, "max_tokens", "lower max_tokens to"),
     ({"model": "gpt-4", "prompt": "x"}, 404, "model", "does not exist"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(small_server, body, status, param, words):
