@@ -123,7 +123,7 @@ class Attention(nn.Module):
             present = (k, v)
         else:  # each row's new entries at its own slots; attention reads the slots in use
             present = (write_kv(past_k, k, write_at), write_kv(past_v, v, write_at))  # [B, Hkv, L or R, D]
-            k, v = present[0][:, :, : mask.shape[-1]], present[1][:, :, : mask.shape[-1]]  # [B, Hkv, T or R, D]
+            k, v = present[0][:, :, : mask.shape[-1]], present[1][:, :, : mask.shape[-1]]  # [B, Hkv, T, D]; a ring's R
 
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(B, self.num_kv_heads, groups * S, self.head_dim)  # [B, Hkv, G*S, D]: heads share their kv
@@ -217,7 +217,7 @@ def attention_masks(
 
 
 def ring_mask(lengths: torch.Tensor, seq_len: int, slots: int, ring_size: int, sliding_window: int) -> torch.Tensor:
-    """The mask [B, 1, S, slots] of a sliding-window layer's ring (slots = min(T, ring_size)) for rows of
+    """The mask [B, 1, S, slots] over the first `slots` slots of a sliding-window layer's ring for rows of
     `lengths` tokens after this step, whose last S are the queries.
 
     Slot j holds the row's latest token p_j = j + R * floor((n - 1 - j) / R) (R the ring size, n the row's length)
@@ -272,7 +272,8 @@ class GemmaModel(nn.Module):
         if self.ring_size is not None:  # sliding layers: their own slots and mask on the ring
             R = self.ring_size
             ring_write = torch.remainder(write_at, R)
-            sliding_mask = ring_mask(lengths, S, torch.sym_min(kv_len, R), R, self.config.sliding_window)
+            # Every slot of the ring, written or not (a mask costs less than slicing: ONNX Runtime would copy)
+            sliding_mask = ring_mask(lengths, S, R, R, self.config.sliding_window)
         ropes = {t: rotary(position_ids, getattr(self, f"inv_freq_{t}"), residual)
                  for t in dict.fromkeys(self.layer_types)}
 
