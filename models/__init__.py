@@ -1,6 +1,8 @@
-"""Export-friendly PyTorch Gemma (families gemma, gemma2, gemma3_text) and weight loading."""
+"""Export-friendly PyTorch Gemma (families gemma, gemma2, gemma3_text, gemma4_text) and weight loading."""
 
-from .config import SUPPORTED_MODEL_TYPES, GemmaConfig, Gemma2Config, Gemma3TextConfig, config_from_dict, load_config
+from .config import (
+    SUPPORTED_MODEL_TYPES, GemmaConfig, Gemma2Config, Gemma3TextConfig, Gemma4TextConfig, config_from_dict, load_config,
+)
 from .gemma import (
     GemmaForCausalLM,
     GemmaForSequenceClassification,
@@ -13,7 +15,8 @@ from .gemma import (
 from .loading import TASKS, Checkpoint, load_model, random_model, resolve
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES", "GemmaConfig", "Gemma2Config", "Gemma3TextConfig", "config_from_dict", "load_config",
+    "SUPPORTED_MODEL_TYPES", "GemmaConfig", "Gemma2Config", "Gemma3TextConfig", "Gemma4TextConfig", "config_from_dict",
+    "load_config",
     "GemmaForCausalLM", "GemmaForSequenceClassification", "GemmaForTokenClassification", "GemmaModel",
     "Precision", "empty_past", "position_ids_from_mask",
     "TASKS", "Checkpoint", "load_model", "random_model", "resolve",

@@ -350,16 +350,18 @@ TASK_CLASSES = {
 
 
 def decoder_of(model: nn.Module) -> GemmaModel:
-    return model if isinstance(model, GemmaModel) else model.model
+    return model.model if hasattr(model, "model") else model  # a head's decoder, or the decoder itself
 
 
 def empty_past(config: GemmaConfig, batch_size: int, length: int = 0, dtype=torch.float32,
                ring_size: int | None = None) -> list[KV]:
-    """Zeroed (key, value) per layer [B, Hkv, length, D]: `ring_size` slots for sliding-window layers if given."""
+    """Zeroed (key, value) per storing layer (config.kv_layers: every layer before Gemma 4's shared KV)
+    [B, Hkv, length, D], each with its layer's heads and head_dim: `ring_size` slots for sliding-window layers."""
     past = []
-    for layer_type in config.layer_types:
-        slots = ring_size if ring_size is not None and layer_type == "sliding_attention" else length
-        shape = (batch_size, config.num_key_value_heads, slots, config.head_dim)
+    for layer in config.kv_layers:
+        slots = ring_size if ring_size is not None and config.layer_types[layer] == "sliding_attention" else length
+        heads, head_dim = config.kv_shape(layer)
+        shape = (batch_size, heads, slots, head_dim)
         past.append((torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)))
     return past
 

@@ -21,7 +21,8 @@ from torch import nn
 
 from . import packaged, presets
 from .config import GemmaConfig, config_from_dict, load_config
-from .gemma import TASK_CLASSES, Precision, decoder_of, rope_inv_freq
+from . import gemma, gemma4
+from .gemma import TASK_CLASSES, Precision, decoder_of
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,22 @@ def _safetensors(folder: Path) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]
     return count, tensors()
 
 
+def task_classes(config: GemmaConfig) -> dict[str, type[nn.Module]]:
+    """The module of each task for the config's family (Gemma 4 has its own file and no classification heads)."""
+    return gemma4.TASK_CLASSES if config.model_type == "gemma4_text" else TASK_CLASSES
+
+
+def _task_class(config: GemmaConfig, task: str) -> type[nn.Module]:
+    classes = task_classes(config)
+    if task not in classes:
+        raise ValueError(f"task {task!r} is not supported for {config.model_type}; supported: {', '.join(classes)}")
+    return classes[task]
+
+
+def _unused(config: GemmaConfig, key: str) -> bool:
+    return config.model_type == "gemma4_text" and gemma4.unused_checkpoint_key(config, key)
+
+
 def _normalize(name: str) -> str:
     """Map checkpoint names onto ours (multimodal Gemma 3 keeps the decoder under language_model)."""
     for prefix in ("model.language_model.", "language_model.model.", "language_model."):
@@ -157,7 +174,7 @@ def load_model(
         return random_model(ckpt.config, task, ckpt.random_seed, precision, kv_layout, ring_size), ckpt
 
     with torch.device("meta"):  # no memory until the real tensors are assigned
-        module = TASK_CLASSES[task](ckpt.config, precision, kv_layout, ring_size)
+        module = _task_class(ckpt.config, task)(ckpt.config, precision, kv_layout, ring_size)
     expected = {k: v for k, v in module.state_dict().items()}
     prefix = "" if task == "feature-extraction" else "model."
     tied = ckpt.config.tie_word_embeddings and "lm_head.weight" in expected
@@ -171,6 +188,8 @@ def load_model(
         key = key.removeprefix("model.") if not prefix else key
         if key == "lm_head.weight" and (tied or task != "text-generation"):
             continue  # tied to the embedding (Gemma's checkpoints may still carry a copy)
+        if _unused(ckpt.config, key if prefix else "model." + key):
+            continue  # Gemma 4: K/V weights of KV-shared layers, a multimodal checkpoint's towers
         if key not in expected:
             unexpected.append(key)
             continue
@@ -205,6 +224,7 @@ def _finish(module: nn.Module) -> None:
     decoder = decoder_of(module)
     if hasattr(module, "lm_head") and module.config.tie_word_embeddings:
         module.lm_head.weight = decoder.embed_tokens.weight
+    rope_inv_freq = gemma4.rope_inv_freq if decoder.config.model_type == "gemma4_text" else gemma.rope_inv_freq
     for layer_type in dict.fromkeys(decoder.layer_types):
         decoder.register_buffer(f"inv_freq_{layer_type}", rope_inv_freq(decoder.config, layer_type), persistent=False)
     module.eval()
@@ -216,19 +236,26 @@ def random_model(
 ) -> nn.Module:
     """Random weights, scaled so that greedy decoding does not collapse onto one token (DESIGN.md):
     the default std 0.02 lets the tied embedding echo the input token back. Here the layers dominate the
-    residual stream: norms ~N(0, 1), linears ~N(0, 4/fan_in), embedding ~N(0, 0.16/hidden)."""
+    residual stream: norms ~N(0, 1) (around 1 for Gemma 4's w, not 1 + w), linears and experts ~N(0, 4/fan_in),
+    embedding ~N(0, 0.16/hidden); Gemma 4's router scales and layer scalars near 1."""
     torch.manual_seed(seed)
-    module = TASK_CLASSES[task](config, precision, kv_layout, ring_size)
+    module = _task_class(config, task)(config, precision, kv_layout, ring_size)
+    plain_norms = config.model_type == "gemma4_text"
     with torch.no_grad():
         for name, p in module.named_parameters():
             if name.endswith("norm.weight"):
-                p.normal_(0.0, 1.0)
+                p.normal_(1.0 if plain_norms else 0.0, 1.0)
             elif "embed_tokens" in name:
                 p.normal_(0.0, 0.4 * config.hidden_size**-0.5)
-            elif p.dim() == 2:
-                p.normal_(0.0, 2.0 * p.shape[1] ** -0.5)
+            elif p.dim() >= 2:
+                p.normal_(0.0, 2.0 * p.shape[-1] ** -0.5)
+            elif name.endswith(("router.scale", "per_expert_scale")):
+                p.uniform_(0.5, 1.5)
             else:
                 p.normal_(0.0, 0.02)
+        for name, b in module.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.uniform_(0.5, 1.5)
         table = decoder_of(module).embed_tokens.weight
         for p in module.parameters():  # in place: lm_head stays tied; the RoPE buffers stay float32
             p.data = p.data.to(precision.vocab_table if p is table else precision.dtype)

@@ -1,0 +1,222 @@
+"""models/gemma4.py against transformers' Gemma4ForCausalLM: the tiny configs (every trait), and the real presets'
+shapes (configs only, no weights)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models import empty_past, position_ids_from_mask, presets, random_model
+from models.config import Gemma4TextConfig, config_from_dict
+from models.loading import load_model
+from tests.reference import left_padded_batch, transformers_reference
+
+FP32_TOL = 1e-4  # as test_parity.py
+TINY4 = ["tiny-gemma4", "tiny-gemma4-moe"]
+
+
+def run_steps(model, config, ids, mask, decode_ids, static_length=None, ring=None):
+    """Prefill then one token a step, logits of every step. Dynamic: the left-padded batch as it is. Static: each
+    row's prompt alone from slot 0 of its own buffer (in chunks that keep within the ring, if any), its logits laid
+    out as the left-padded batch's, then the rows decoded together, each after its own length."""
+    B, W = ids.shape
+    outputs = []
+    with torch.no_grad():
+        if static_length is None:
+            past = empty_past(config, B)
+            logits, past = model(ids, position_ids_from_mask(mask), mask, past)
+            outputs.append(logits)
+            for t in range(decode_ids.shape[1]):
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
+                logits, past = model(decode_ids[:, t:t + 1], position_ids_from_mask(mask)[:, -1:], mask, past)
+                outputs.append(logits)
+            return outputs
+        past = empty_past(config, B, static_length, ring_size=ring)
+        lengths = mask.sum(-1)
+        first = torch.zeros(B, W, config.vocab_size)
+        for row in range(B):
+            n, done = int(lengths[row]), 0
+            prompt = ids[row:row + 1, W - n:]
+            while done < n:  # a chunk never wraps the ring nor feeds more than ring - window tokens
+                size = n - done if ring is None else min(n - done, ring - config.sliding_window, ring - done % ring)
+                row_past = [(k[row:row + 1], v[row:row + 1]) for k, v in past]
+                logits, present = model(prompt[:, done:done + size], torch.arange(done, done + size)[None],
+                                        torch.ones(1, done + size, dtype=torch.long), row_past)
+                for (k, v), (pk, pv) in zip(past, present):
+                    k[row], v[row] = pk[0], pv[0]
+                first[row, W - n + done:W - n + done + size] = logits[0]
+                done += size
+        outputs.append(first)
+        for t in range(decode_ids.shape[1]):
+            lengths = lengths + 1
+            step_mask = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).long()
+            logits, past = model(decode_ids[:, t:t + 1], (lengths - 1)[:, None], step_mask, past)
+            outputs.append(logits)
+    return outputs
+
+
+def reference_steps(ref, ids, mask, decode_ids):
+    """transformers with its own cache over the same steps."""
+    outputs = []
+    with torch.no_grad():
+        out = ref(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True)
+        outputs.append(out.logits)
+        cache = out.cache
+        for t in range(decode_ids.shape[1]):
+            mask = torch.cat([mask, torch.ones(ids.shape[0], 1, dtype=mask.dtype)], dim=1)
+            out = ref(input_ids=decode_ids[:, t:t + 1], attention_mask=mask,
+                      position_ids=position_ids_from_mask(mask)[:, -1:], cache=cache, use_cache=True)
+            outputs.append(out.logits)
+            cache = out.cache
+    return outputs
+
+
+def max_diff(ours, theirs, mask):
+    """Largest |difference| over the real (non-pad) positions of every step."""
+    diffs = [(ours[0] - theirs[0])[mask.bool()].abs().max()]
+    diffs += [(a - b).abs().max() for a, b in zip(ours[1:], theirs[1:])]
+    return float(max(diffs))
+
+
+@pytest.mark.parametrize("layout", ["dynamic", "static", "ring"])
+@pytest.mark.parametrize("name", TINY4)
+def test_tiny_gemma4_matches_transformers(name, layout):
+    """Prompts of 12 and 7 tokens, left-padded, then 8 decode steps: 20 tokens, past the window of 8. Ring: the
+    sliding layers keep 16 slots (window and a chunk of 8), global ones all 32."""
+    config = presets.config(name)
+    ring = 2 * config.sliding_window if layout == "ring" else None
+    model = random_model(config, seed=1, kv_layout="dynamic" if layout == "dynamic" else "static", ring_size=ring)
+    ref = transformers_reference(config, model)
+    ids, mask = left_padded_batch(config.vocab_size, [12, 7])
+    decode_ids = torch.randint(3, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(2))
+    ours = run_steps(model, config, ids, mask, decode_ids, static_length=None if layout == "dynamic" else 32,
+                     ring=ring)
+    theirs = reference_steps(ref, ids, mask, decode_ids)
+    worst = max_diff(ours, theirs, mask)
+    print(f"{name} {layout}: max |logit difference| {worst:.2e}")
+    assert worst <= FP32_TOL
+
+
+@pytest.mark.parametrize("name", TINY4)
+def test_greedy_tokens_equal_transformers_generate(name):
+    """24 greedy tokens of a left-padded batch of two, the logits of the last position only (the KV-shared layers
+    then run on it alone, as in generate), equal to transformers' generate; and varied (random weights must not
+    collapse onto one token, or KV bugs hide)."""
+    config = presets.config(name)
+    model = random_model(config, seed=3)
+    ref = transformers_reference(config, model)
+    ids, mask = left_padded_batch(config.vocab_size, [10, 6], seed=4)
+    steps = 24
+    with torch.no_grad():
+        expected = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                                eos_token_id=None, pad_token_id=config.pad_token_id)[:, ids.shape[1]:]
+        past, step, tokens = empty_past(config, 2), ids, []
+        for _ in range(steps):
+            logits, past = model(step, position_ids_from_mask(mask)[:, -step.shape[1]:], mask, past,
+                                 last_logits_only=True)
+            step = logits[:, -1:].argmax(-1)
+            tokens.append(step)
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+    tokens = torch.cat(tokens, dim=1)
+    assert tokens.tolist() == expected.tolist()
+    assert all(len(set(row)) >= 8 for row in tokens.tolist())
+
+
+def test_last_logits_only_skips_positions_in_shared_layers_only():
+    """last_logits_only: the shared layers see the last position alone; logits and present are unchanged."""
+    config = presets.config("tiny-gemma4")
+    model = random_model(config, seed=1)
+    ids, mask = left_padded_batch(config.vocab_size, [12, 7])
+    with torch.no_grad():
+        full, present = model(ids, position_ids_from_mask(mask), mask, empty_past(config, 2))
+        last, present_last = model(ids, position_ids_from_mask(mask), mask, empty_past(config, 2),
+                                   last_logits_only=True)
+    assert last.shape == (2, 1, config.vocab_size)
+    assert float((full[:, -1:] - last).abs().max()) <= 1e-5
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(present, present_last))
+
+
+def test_past_and_present_exist_for_storing_layers_only():
+    config = presets.config("tiny-gemma4")
+    model = random_model(config)
+    decoder = model.model
+    # layers 5-7 (full, sliding, full) read layers 2 and 4, the last storing layers of their type
+    assert decoder.kv_source == [0, 1, 2, 3, 4, 2, 4, 2]
+    assert config.kv_layers == [0, 1, 2, 3, 4]
+    past = empty_past(config, 2)
+    assert [k.shape[1:] for k, _ in past] == [(2, 0, 16), (2, 0, 16), (1, 0, 32), (2, 0, 16), (2, 0, 16)]
+    ids, mask = left_padded_batch(config.vocab_size, [5, 3])
+    with torch.no_grad():
+        _, present = model(ids, position_ids_from_mask(mask), mask, past)
+    assert len(present) == 5 and present[2][0].shape == (2, 1, 5, 32)
+    # shared layers have no K/V weights; global layers with k_eq_v have no v_proj; the double-wide MLP is on
+    # shared layers only
+    names = set(model.state_dict())
+    assert "model.layers.5.self_attn.k_proj.weight" not in names
+    assert "model.layers.2.self_attn.v_proj.weight" not in names
+    assert "model.layers.3.self_attn.v_proj.weight" in names
+    assert model.model.layers[4].mlp.up_proj.out_features == 64
+    assert model.model.layers[5].mlp.up_proj.out_features == 128
+
+
+# Storing layers and KV bytes per token in bf16, windows not counted: with sharing (the model's) and without.
+REAL = {
+    "gemma-4-e2b": (15, 18_432, 43_008),
+    "gemma-4-e4b": (24, 57_344, 100_352),
+    "gemma-4-31b": (60, 901_120, 901_120),
+    "gemma-4-26b-a4b": (30, 225_280, 225_280),
+}
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_real_presets_storing_layers_and_kv_bytes(name):
+    config = presets.config(name)
+    assert isinstance(config, Gemma4TextConfig)
+    storing, shared_bytes, unshared_bytes = REAL[name]
+    assert len(config.kv_layers) == storing
+    assert config.kv_bytes_per_token(2) == shared_bytes
+    assert config.kv_bytes_per_token(2, sharing=False) == unshared_bytes
+    print(f"{name}: {storing} of {config.num_hidden_layers} layers store KV, {shared_bytes} bytes/token "
+          f"({unshared_bytes} without sharing)")
+    full = config.layer_types.index("full_attention")
+    assert config.layer_dims(full)[0] == 512 and config.layer_dims(0)[0] == 256
+    for layer, source in enumerate(config.kv_source):  # a shared layer reads the last storing layer of its type
+        assert config.layer_types[source] == config.layer_types[layer] and source in config.kv_layers
+
+
+def test_multimodal_config_gives_its_text_decoder_and_per_layer_config_is_read():
+    text = {k: v for k, v in presets.PRESETS["tiny-gemma4"].items() if k not in ("global_head_dim", "model_type")}
+    text["num_global_key_value_heads"] = None
+    text["per_layer_config"] = {"02": {"head_dim": 32, "num_key_value_heads": 1},
+                                "05": {"head_dim": 32, "num_key_value_heads": 1},
+                                "07": {"head_dim": 32, "num_key_value_heads": 1}}
+    config = config_from_dict({"model_type": "gemma4", "text_config": {**text, "model_type": "gemma4_text"},
+                               "vision_config": {"hidden_size": 8}, "some_future_key": 1})
+    assert isinstance(config, Gemma4TextConfig)
+    assert [config.layer_dims(i) for i in range(8)] == [presets.config("tiny-gemma4").layer_dims(i) for i in range(8)]
+    with pytest.raises(ValueError, match="no earlier layer of that type"):
+        config_from_dict({**presets.PRESETS["tiny-gemma4"], "num_kv_shared_layers": 6})
+
+
+def test_loads_a_multimodal_safetensors_checkpoint(tmp_path):
+    """The decoder under model.language_model., beside a vision tower and the shared layers' unused K/V weights
+    (which real checkpoints carry): it loads and gives the same logits."""
+    from safetensors.torch import save_file
+
+    config = presets.config("tiny-gemma4")
+    model = random_model(config, seed=5)
+    state = {k.replace("model.", "model.language_model.", 1): v.contiguous()
+             for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state["model.vision_tower.encoder.weight"] = torch.zeros(2, 2)
+    state["model.language_model.layers.6.self_attn.k_proj.weight"] = torch.zeros(32, 64)
+    save_file(state, tmp_path / "model.safetensors")
+    text = {k: v for k, v in config.to_dict().items() if k != "model_type"}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma4", "text_config": text}))
+    loaded, _ = load_model(tmp_path, progress=False)
+    ids, mask = left_padded_batch(config.vocab_size, [6, 4])
+    with torch.no_grad():
+        a, _ = model(ids, position_ids_from_mask(mask), mask, empty_past(config, 2))
+        b, _ = loaded(ids, position_ids_from_mask(mask), mask, empty_past(config, 2))
+    assert torch.equal(a, b)
