@@ -20,7 +20,7 @@ from pathlib import Path
 
 from models.loading import resolve as resolve_checkpoint
 from runtime.manifest import ExportStats, Manifest, write_manifest
-from runtime.spec import ArtifactSpec, ModelSpec, resolve
+from runtime.spec import FAMILIES, ArtifactSpec, ModelSpec, resolve
 
 from .artifact import ArtifactDir, generation_spec, tool_versions, write_tokenizer_files
 from .options import ExportOptions
@@ -46,8 +46,15 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
     options = options or ExportOptions()
     start = time.perf_counter()
     ckpt = resolve_checkpoint(model)
+    if ckpt.config.model_type not in FAMILIES:  # Gemma 4: models/ runs it, its graph and artifact are not built yet
+        raise ValueError(f"{model} is a {ckpt.config.model_type} model, which models/ runs in PyTorch but the exporter "
+                         f"does not export yet; families it exports: {', '.join(FAMILIES)}")
     spec = resolve(options, ModelSpec.from_config(ckpt.config))
     quant, onnx_path = spec.quant, None
+    ggml_types = ckpt.ggml_types() if quant and quant.method == "gguf" else None
+    if quant and quant.method == "gguf" and not ggml_types:
+        raise ValueError(f"--quant-method gguf carries a GGUF's blocks, and {model} has no GGUF: pass a .gguf file "
+                         "or the packaged gemma3-270m, or use --quant-method gptq|rtn|hqq")
     stages = _Stages(["load", "trace and save", "quantize" if quant else None, "verify" if options.verify else None,
                       "manifest"], options.progress)
     with ArtifactDir(output, options.overwrite) as tmp, stages:
@@ -79,7 +86,8 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
             from .quantize import quantize_graph
 
             stages.next()
-            quantized, dequantized = quantize_graph(onnx_path, quant, options.progress, calibrated)
+            quantized, dequantized = quantize_graph(onnx_path, quant, options.progress, calibrated,
+                                                    ggml_types=ggml_types)
         export_rss = _peak_rss()
         (tmp / "config.json").write_text(json.dumps(ckpt.config.to_dict(), indent=2))
         generation = generation_spec(ckpt.config, tmp) if spec.kv else None

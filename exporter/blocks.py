@@ -4,6 +4,8 @@ One weight [K, N] is quantized along K (the input dimension) in blocks of `block
 per block and output, 4 or 8 bits a value. The quantizers are ONNX Runtime's: round-to-nearest is its C++ kernel
 (the one `MatMulNBitsQuantizer` calls), HQQ its `HQQWeightOnlyQuantizer.quantize_internal` (half-quadratic
 optimisation of scale and float zero point, no calibration data); GPTQ (exporter/gptq.py) writes the same blocks.
+llama.cpp's block formats whose values MatMulNBits holds exactly (Q8_0, Q5_0, Q4_0) are ggml's own rules here
+(`ggml_blocks`): on weights that were dequantized from such a block, they give back the very block.
 The graph pass that puts them in the graph is exporter/quantize.py.
 """
 
@@ -91,3 +93,31 @@ def hqq(weight: np.ndarray, block_size: int) -> Blocks:
                                                   group_size=block_size)  # q [N, K_padded] ints
     packed = pack_nibbles(q.numpy()).reshape(N, -1, block_size // 2)
     return Blocks(packed, scales.numpy(), zero.numpy(), 4, block_size, K)
+
+
+# ggml's blocks of 32 with one fp16 scale that MatMulNBits holds exactly: type -> (levels below 0, levels above 0,
+# MatMulNBits bits). Q8_0 is d * q, q in -127..127; Q5_0 and Q4_0 are d * (q - 16) and d * (q - 8) with d taken from
+# the block's largest magnitude, sign included (ggml's quantize_row_q5_0_ref / q4_0_ref).
+GGML_EXACT = {"Q8_0": (127, 127, 8), "Q5_0": (16, 15, 8), "Q4_0": (8, 7, 4)}
+GGML_BLOCK = 32
+
+
+def ggml_blocks(weight: np.ndarray, ggml_type: str) -> Blocks:
+    """A weight [K, N] in one of llama.cpp's GGML_EXACT formats, computed as ggml computes it (blocks of 32 along K,
+    the scale rounded to fp16), in MatMulNBits' layout with its default zero point (2^(bits-1)). On a weight
+    dequantized from that format the blocks are the GGUF's own: dequantize() gives the weight back bit for bit."""
+    below, above, bits = GGML_EXACT[ggml_type]
+    K, N = weight.shape
+    k_blocks = -(-K // GGML_BLOCK)  # a last partial block is padded with zeros, as rtn does (GGUFs have none)
+    w = np.pad(weight.astype(np.float32).T, ((0, 0), (0, k_blocks * GGML_BLOCK - K))).reshape(N, k_blocks, GGML_BLOCK)
+    if ggml_type == "Q8_0":
+        d = np.abs(w).max(-1) / below
+    else:  # the value of largest magnitude, with its sign, maps to -below
+        at = np.abs(w).argmax(-1)
+        d = np.take_along_axis(w, at[..., None], -1)[..., 0] / -below
+    d = d.astype(np.float16).astype(np.float32)
+    inverse = np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
+    q = np.clip(np.rint(w * inverse[..., None]), -below, above)
+    u = (q + 2 ** (bits - 1)).astype(np.uint8)
+    packed = pack_nibbles(u) if bits == 4 else u
+    return Blocks(packed, d, None, bits, GGML_BLOCK, K)

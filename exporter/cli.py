@@ -48,13 +48,15 @@ def _setup_logging(verbose: bool) -> None:
 @click.option("--quant", type=click.Choice(QUANTS), default=None, help="Weight-only quantization of every MatMul.")
 @click.option("--quant-method", type=click.Choice(QUANT_METHODS), default=None,
               help="gptq (default; calibrated on exporter/data/calibration.txt), rtn: round to nearest (default "
-                   "and only choice for --target trt), hqq: half-quadratic scales and float zero points.")
+                   "and only choice for --target trt), hqq: half-quadratic scales and float zero points, gguf: "
+                   "a GGUF source's own blocks (Q8_0, Q5_0, Q4_0 exactly; k-quants to int8).")
 @click.option("--block-size", type=click.Choice([str(b) for b in BLOCK_SIZES]), default=None,
               show_default=str(_default("block_size")))
 @click.option("--symmetric/--zero-points", default=None,
               help="int4 without zero points (default for --target trt) or with (default otherwise).")
 @click.option("--lm-head", type=click.Choice(LM_HEAD), default=None,
-              help="Precision of the tied lm_head/embedding under --quant [default: int8; int4 for trt].")
+              help="Precision of the tied lm_head/embedding under --quant [default: int8 (ggml's Q8_0 blocks); "
+                   "int4 for trt; gguf with --quant-method gguf].")
 @click.option("--accuracy-level", type=click.IntRange(min(ACCURACY_LEVELS), max(ACCURACY_LEVELS)), default=None,
               show_default=str(_default("accuracy_level")),
               help="MatMulNBits compute: 4 quantizes activations to int8 (fastest on CPU), 1 keeps float32.")

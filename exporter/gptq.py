@@ -77,10 +77,12 @@ def gptq_model(model: nn.Module, ids: torch.Tensor, block_size: int, progress: b
     hooks = [layer.register_forward_pre_hook(capture(i)) for i, layer in enumerate(decoder.layers)]
     # Every layer must see its own arguments (sliding or global masks and rotary tables), so the first pass
     # runs the whole stack once; the hidden states it computes on the way are not used.
+    if decoder.ring_size is not None:  # a ring takes at most one chunk a run (W + C slots, C new tokens)
+        ids = ids[:, : decoder.ring_size - model.config.sliding_window]
     mask = torch.ones_like(ids)
     positions = torch.arange(ids.shape[1]).expand_as(ids)
     slots = ids.shape[1] if decoder.kv_layout == "static" else 0  # a static model writes into buffers of its own
-    past = empty_past(model.config, ids.shape[0], slots, dtype=decoder.precision.dtype)
+    past = empty_past(model.config, ids.shape[0], slots, dtype=decoder.precision.dtype, ring_size=decoder.ring_size)
     try:
         with torch.no_grad():
             model(ids, positions, mask, past)

@@ -26,12 +26,11 @@ import numpy as np
 from runtime.manifest import QuantResult
 from runtime.spec import QuantSpec
 
-from .blocks import Blocks, hqq, rtn
+from .blocks import GGML_BLOCK, GGML_EXACT, Blocks, ggml_blocks, hqq, rtn
 from .graph_io import save_copy, save_in_place
 
 log = logging.getLogger(__name__)
 
-INT8_BLOCK_SIZE = 128  # see _block_size
 # which weights to quantize, and to how many bits: select(initializer name, is the tied embedding) -> 4, 8 or None
 Select = Callable[[str, bool], "int | None"]
 
@@ -50,11 +49,13 @@ def weight_bits(quant: QuantSpec) -> Select:
 
 
 def quantize_graph(path: Path, quant: QuantSpec, progress: bool = True, precomputed: dict[str, Blocks] | None = None,
-                   select: Select | None = None) -> tuple[QuantResult, dict[str, np.ndarray]]:
+                   select: Select | None = None, ggml_types: dict[str, str] | None = None,
+                   ) -> tuple[QuantResult, dict[str, np.ndarray]]:
     """Quantize the weights `select` picks (by default the spec's `weight_bits`) in the graph at `path`, in place;
     returns (what was done, {initializer name: dequantized [K, N]}).
 
-    `precomputed` holds weights already quantized by name (GPTQ's, computed on the PyTorch model)."""
+    `precomputed` holds weights already quantized by name (GPTQ's, computed on the PyTorch model); `ggml_types`
+    (method gguf) each Hugging Face weight's type in the GGUF the weights were dequantized from."""
     precomputed = precomputed or {}
     select = select or weight_bits(quant)
     import onnx_ir as ir
@@ -72,17 +73,12 @@ def quantize_graph(path: Path, quant: QuantSpec, progress: bool = True, precompu
 
     for node, value in tqdm(weights, desc="quantize", unit="weight", disable=not progress, leave=False):
         is_tied = tied is not None and value is tied[0]
-        bits = select(value.name, is_tied)
-        if bits is None:
+        weight = value.const_value.numpy()
+        blocks = _blocks(value.name, is_tied, weight, quant, select, precomputed, ggml_types)
+        if blocks is None:
             skipped.append(value.name)
             continue
-        weight = value.const_value.numpy()
-        if value.name in precomputed and bits == 4:
-            blocks = precomputed.pop(value.name)
-        elif quant.method == "hqq" and bits == 4 and not is_tied:
-            blocks = hqq(weight, quant.block_size)
-        else:  # the tied tensor also feeds GatherBlockQuantized, which takes integer zero points only
-            blocks = rtn(weight, bits, _block_size(bits, weight.shape[0], quant), quant.symmetric)
+        bits = blocks.bits
         dequantized[value.name] = blocks.dequantize()
         rewrite.matmul(node, blocks, value)
         if is_tied:
@@ -98,18 +94,52 @@ def quantize_graph(path: Path, quant: QuantSpec, progress: bool = True, precompu
                     "activations on a slow path, about 100x slower on x86 (docs/precision.md); keep level 4 or "
                     "pass --lm-head int4|float", quant.accuracy_level)
     summary = QuantResult(weights=counts, skipped=tuple(skipped))
-    log.info("quantized %d weights to int4 and %d to int8 (%s, block %d, %s)", counts["int4"], counts["int8"],
-             quant.method, quant.block_size, "symmetric" if quant.symmetric else "zero points")
+    recipe = ("the GGUF's blocks" if quant.method == "gguf" else
+              f"{quant.method}, block {quant.block_size}, {'symmetric' if quant.symmetric else 'zero points'}")
+    log.info("quantized %d weights to int4 and %d to int8 (%s)", counts["int4"], counts["int8"], recipe)
     return summary, dequantized
 
 
-def _block_size(bits: int, K: int, quant: QuantSpec) -> int:
-    """int4 weights take --block-size; int8 ones blocks of INT8_BLOCK_SIZE inputs (or --block-size, if larger)
-    when K divides into them: 8 bits need no fine blocks for accuracy, and the float32 scale and zero point of
-    every 32 inputs make 15% of an int8 weight's bytes, which a decode step reads (docs/precision.md)."""
-    if bits == 8 and K % INT8_BLOCK_SIZE == 0:
-        return max(INT8_BLOCK_SIZE, quant.block_size)
-    return quant.block_size
+def _blocks(name: str, tied: bool, weight: np.ndarray, quant: QuantSpec, select: Select,
+            precomputed: dict[str, Blocks], ggml_types: dict[str, str] | None) -> Blocks | None:
+    """One weight's blocks, or None to leave it in float. int8 is ggml's Q8_0 (blocks of 32, a scale each): exact
+    on a table that a GGUF holds in Q8_0, as the packaged model's is."""
+    if quant.method == "gguf":
+        return _carried(weight, _ggml_type(ggml_types, name, tied))
+    bits = select(name, tied)
+    if bits is None:
+        return None
+    if name in precomputed and bits == 4:
+        return precomputed.pop(name)
+    if bits == 8 and quant.format == "matmulnbits":
+        return ggml_blocks(weight, "Q8_0")
+    if quant.method == "hqq" and not tied:
+        return hqq(weight, quant.block_size)
+    # the tied tensor also feeds GatherBlockQuantized, which takes integer zero points only
+    return rtn(weight, bits, quant.block_size, quant.symmetric)
+
+
+def _ggml_type(types: dict[str, str], name: str, tied: bool) -> str:
+    """The GGUF type of a graph weight, by its Hugging Face name (the graph's names are those of the model with
+    its head: `model.` + the checkpoint's); the tied table is lm_head's in the GGUF, or the embedding's."""
+    hf = ["lm_head.weight", "model.embed_tokens.weight"] if tied else [name.removeprefix("model.")]
+    for candidate in hf:
+        if candidate in types:
+            return types[candidate]
+    raise ValueError(f"the GGUF holds no tensor for the graph weight {name!r} (looked for {', '.join(hf)}); "
+                     "export from the GGUF the weights came from")
+
+
+def _carried(weight: np.ndarray, ggml_type: str) -> Blocks | None:
+    """A GGUF tensor's blocks in MatMulNBits: the GGML_EXACT formats as they are; float tensors stay float; the
+    k-quants (Q4_K, Q6_K...: a scale and a minimum per sub-block of a 256 block, which MatMulNBits' integer zero
+    points cannot hold) to 8 bits round-to-nearest in blocks of 32: a Q4_K sub-block spans 15 of its steps, so
+    the error is within 1/34 of a step."""
+    if ggml_type in GGML_EXACT:
+        return ggml_blocks(weight, ggml_type)
+    if ggml_type in ("F32", "F16", "BF16"):
+        return None
+    return rtn(weight, 8, GGML_BLOCK, symmetric=False)
 
 
 def _weight_of(node):

@@ -113,6 +113,14 @@ def _config(reader, path: Path) -> GemmaConfig:
     return config_from_dict(values)
 
 
+def gguf_tensor_types(path: str | Path) -> dict[str, str]:
+    """Each tensor's llama.cpp type name (F32, Q8_0, Q5_0, Q4_K...) by its Hugging Face name."""
+    path = Path(path)
+    reader = _reader(path)
+    model_type = _config(reader, path).model_type
+    return {hf_name(t.name, model_type): t.tensor_type.name for t in reader.tensors}
+
+
 def gguf_tensors(path: str | Path) -> tuple[GemmaConfig, int, Iterator[tuple[str, torch.Tensor]]]:
     """The config, the number of tensors, and an iterator of (Hugging Face name, float32 tensor)."""
     from gguf import GGMLQuantizationType

@@ -38,6 +38,17 @@ class Checkpoint:
     folder: Path | None = None  # holds tokenizer.json, tokenizer_config.json, generation_config.json...
     gguf: Path | None = None
     random_seed: int | None = None  # random weights instead of a file
+    dequantized_from: Path | None = None  # the GGUF whose blocks the float weights hold (the packaged model's)
+
+    def ggml_types(self) -> dict[str, str] | None:
+        """Each weight's llama.cpp type (Q8_0, Q5_0, Q4_K...) by Hugging Face name, when the weights come from a
+        GGUF; None otherwise."""
+        source = self.gguf or self.dequantized_from
+        if source is None:
+            return None
+        from .gguf_file import gguf_tensor_types
+
+        return gguf_tensor_types(source)
 
     def tensors(self) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
         """The number of tensors and an iterator of (Hugging Face name, tensor), read lazily."""
@@ -58,7 +69,7 @@ def resolve(model: str | Path) -> Checkpoint:
         return Checkpoint(source=text, config=config, random_seed=0)
     if text in packaged.NAMES:
         folder = packaged.prepare(text)
-        return Checkpoint(source=text, config=load_config(folder), folder=folder)
+        return Checkpoint(source=text, config=load_config(folder), folder=folder, dequantized_from=packaged.gguf_path())
     path = Path(text).expanduser()
     if path.suffix == ".gguf" or path.is_file():
         if not path.exists():

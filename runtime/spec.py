@@ -27,9 +27,9 @@ SLIDING_CACHES = ("ring", "full")  # static layout: a sliding-window layer's slo
 LOGITS = ("all", "last")
 DTYPES = ("fp32", "fp16", "bf16")
 QUANTS = ("int4",)
-QUANT_METHODS = ("gptq", "rtn", "hqq")
+QUANT_METHODS = ("gptq", "rtn", "hqq", "gguf")  # gguf: a GGUF source's own blocks, carried over
 QUANT_FORMATS = ("matmulnbits", "qdq")  # ONNX Runtime's MatMulNBits; blocked DequantizeLinear (TensorRT)
-LM_HEAD = ("int4", "int8", "float")  # the tied lm_head / embedding under --quant
+LM_HEAD = ("int4", "int8", "float", "gguf")  # the tied lm_head / embedding under --quant (gguf: as the GGUF has it)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 4 quantizes activations to int8, 1 keeps float32
 
@@ -327,6 +327,14 @@ def _quant(o: ArtifactOptions) -> QuantSpec:
                              "pass --lm-head int4 or --lm-head float")
     if method == "gptq" and symmetric:
         raise ValueError("gptq quantizes with zero points: drop --symmetric")
+    if method == "gguf":
+        given = [flag for flag, value in (("--lm-head", o.lm_head not in (None, "gguf")), ("--int8-weights", o.int8_weights),
+                                          ("--symmetric", o.symmetric)) if value]
+        if given:
+            raise ValueError(f"--quant-method gguf takes every tensor's format from the GGUF: drop {', '.join(given)}")
+        lm_head = "gguf"
+    elif lm_head == "gguf":
+        raise ValueError("--lm-head gguf goes with --quant-method gguf (the table as the GGUF holds it)")
     return QuantSpec(method=method, bits=4, block_size=o.block_size, symmetric=symmetric, lm_head=lm_head,
                      format="qdq" if trt else "matmulnbits", accuracy_level=o.accuracy_level,
                      int8_weights=tuple(o.int8_weights))

@@ -109,6 +109,8 @@ def test_unsupported_and_missing_models_exit_2(tmp_path):
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     result = CliRunner().invoke(export_command, ["--model", str(tmp_path / "llama"), "--output", str(tmp_path / "a")])
     assert result.exit_code == 2 and "model_type 'llama' is not supported" in result.output
+    result = CliRunner().invoke(export_command, ["--model", "random:tiny-gemma4", "--output", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "gemma4_text model, which models/ runs in PyTorch" in result.output
     assert not (tmp_path / "a").exists()
 
 

@@ -476,8 +476,83 @@ def test_fp16_real_model_stays_finite_over_a_1000_token_prompt(tmp_path, real_mo
 
 
 def test_gptq_calibrates_a_static_layout_model(tmp_path):
-    """GPTQ runs the model it quantizes: built in the static layout, it gets buffers of its own to write into."""
+    """GPTQ runs the model it quantizes: built in the static layout, it gets buffers of its own to write into, a
+    ring for the sliding layers (and rows of one chunk, the most a ring takes in a run)."""
     manifest = export("random:tiny-gemma2", tmp_path / "a",
                       ExportOptions(quant="int4", accuracy_level=1, kv_cache="static", max_length=48, progress=False))
-    assert manifest.quant.method == "gptq" and manifest.kv.layout == "static"
+    assert manifest.quant.method == "gptq" and manifest.kv.layout == "static" and manifest.kv.sliding_cache == "ring"
     assert manifest.parity.passed and manifest.parity.max_abs_diff <= 1e-4
+
+
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q5_0", "Q4_0"])
+def test_ggml_blocks_give_back_a_gguf_block_bit_for_bit(ggml_type):
+    """Weights dequantized from a llama.cpp block (gguf's own quantizer) come back exactly from ggml_blocks, and
+    ONNX Runtime's MatMulNBits and GatherBlockQuantized decode them as Blocks.dequantize does."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from exporter.blocks import ggml_blocks
+
+    rng = np.random.default_rng(0)
+    K, N = 96, 40
+    kind = getattr(GGMLQuantizationType, ggml_type)
+    stored = dequantize(quantize(rng.standard_normal((N, K)).astype(np.float32), kind), kind).reshape(N, K).T
+    blocks = ggml_blocks(np.ascontiguousarray(stored), ggml_type)
+    assert blocks.zero_points is None and blocks.block_size == 32
+    np.testing.assert_array_equal(blocks.dequantize(), stored)
+    fresh = rng.standard_normal((K, N)).astype(np.float32)  # not on the grid: quantized, within a step
+    error = np.abs(ggml_blocks(fresh, ggml_type).dequantize() - fresh).max()
+    assert 0 < error < {"Q8_0": 0.03, "Q5_0": 0.25, "Q4_0": 0.5}[ggml_type]
+
+    inits = [numpy_helper.from_array(blocks.packed, "B"), numpy_helper.from_array(blocks.scales, "S"),
+             numpy_helper.from_array(np.array([N, -1], np.int64), "rows")]
+    nodes = [
+        helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=K, N=N, bits=blocks.bits,
+                         block_size=32),
+        helper.make_node("Reshape", ["B", "rows"], ["_"]),
+        helper.make_node("GatherBlockQuantized", ["_", "ids", "S"], ["e"], domain="com.microsoft", bits=blocks.bits,
+                         block_size=32, gather_axis=0, quantize_axis=1),
+    ]
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    ids = np.array([0, 7, N - 1])
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, K]),
+              helper.make_tensor_value_info("ids", TensorProto.INT64, [3])]
+    y, e = _run(nodes, inputs, {"x": x, "ids": ids}, inits)
+    np.testing.assert_allclose(y, x @ stored, atol=1e-4)
+    np.testing.assert_array_equal(e, stored[:, ids].T)
+
+
+def test_gguf_method_carries_the_packaged_models_blocks(real_model_dir):
+    """The packaged model's float weights are its GGUF's blocks: the Q8_0 table and the Q5_0 tensors come back
+    bit for bit; the k-quants go to 8 bits, within 1/34 of their own step."""
+    from safetensors.numpy import load_file
+
+    from exporter.quantize import _carried, _ggml_type
+    from models import packaged
+    from models.gguf_file import gguf_tensor_types
+
+    types = gguf_tensor_types(packaged.gguf_path())
+    assert _ggml_type(types, "model.lm_head.weight_t", tied=True) == "Q8_0"
+    weights = load_file(str(real_model_dir / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                 "model.layers.0.self_attn.o_proj.weight"):
+        w = np.ascontiguousarray(weights[name].astype(np.float32).T)  # [K, N] as the graph holds it
+        ggml_type = types[name]
+        blocks = _carried(w, ggml_type)
+        if ggml_type in ("Q8_0", "Q5_0"):
+            np.testing.assert_array_equal(blocks.dequantize(), w)
+        else:
+            # a Q4_K sub-block of 32 spans at most 15 of its steps; 8 bits round within half of 1/255 of it
+            assert ggml_type == "Q4_K" and blocks.bits == 8
+            by_block = w.reshape(-1, 32, w.shape[1])
+            error = np.abs(blocks.dequantize() - w).reshape(by_block.shape).max(1)
+            assert (error <= (by_block.max(1) - by_block.min(1)) / 510 * 1.001).all()
+
+
+def test_gguf_method_needs_a_gguf_and_takes_no_recipe(tmp_path):
+    with pytest.raises(ValueError, match="has no GGUF: pass a .gguf file"):
+        export("random:tiny-gemma3", tmp_path / "a", ExportOptions(quant="int4", quant_method="gguf", progress=False))
+    with pytest.raises(ValueError, match="drop --int8-weights"):
+        export("random:tiny-gemma3", tmp_path / "a", ExportOptions(quant="int4", quant_method="gguf",
+                                                                   int8_weights=("v_proj",), progress=False))
+    assert not (tmp_path / "a").exists()
