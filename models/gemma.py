@@ -230,18 +230,50 @@ def ring_mask(lengths: torch.Tensor, seq_len: int, slots: int, ring_size: int, s
     return ((j < n)[:, None, :] & (held <= q) & (held > q - sliding_window))[:, None]  # [B, 1, S, K]
 
 
+def check_layout(config: GemmaConfig, kv_layout: str, ring_size: int | None) -> None:
+    if kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"kv_layout {kv_layout!r} is not supported; supported: {', '.join(KV_LAYOUTS)}")
+    if ring_size is not None and (kv_layout != "static" or config.sliding_window is None
+                                  or ring_size <= config.sliding_window):
+        raise ValueError(f"ring_size {ring_size} needs the static layout and a sliding window shorter than it "
+                         f"(kv_layout {kv_layout!r}, sliding_window {config.sliding_window})")
+
+
+def scaled_embedding(x: torch.Tensor, hidden_size: int, precision: Precision) -> torch.Tensor:
+    """The embedding times sqrt(hidden_size), in the residual stream's dtype."""
+    if precision.residual == precision.dtype:
+        # sqrt(hidden_size) is cast to the compute dtype first: 55.4256 becomes 55.5 in bf16 (PR #29402).
+        return x.to(precision.dtype) * torch.tensor(math.sqrt(hidden_size), dtype=precision.dtype)
+    # float16 graphs keep the residual stream in float32: Gemma's passes 65504 and would turn to inf
+    return x.to(precision.residual) * math.sqrt(hidden_size)  # neither the product nor the scale rounded
+
+
+def layer_views(decoder: nn.Module, S: int, position_ids, attention_mask, past: list[KV]) -> dict[str, tuple]:
+    """Per layer type, what its layers take besides x and their past: (cos, sin, mask, write_at). A decoder has
+    config, precision, kv_layout, ring_size, layer_types and its inv_freq_<type> buffers."""
+    config, static = decoder.config, decoder.kv_layout == "static"
+    kv_len = attention_mask.shape[1] if static else past[0][0].shape[2] + S
+    lengths = attention_mask.sum(-1)  # [B]
+    write_at = lengths - S if static else None  # [B]: each row's first new slot
+    full_mask, sliding_mask = attention_masks(attention_mask, S, kv_len, config.sliding_window, static)
+    sliding_write = write_at
+    if decoder.ring_size is not None:  # sliding layers: their own slots and mask on the ring
+        R = decoder.ring_size
+        sliding_write = torch.remainder(write_at, R)
+        # Every slot of the ring, written or not (a mask costs less than slicing: ONNX Runtime would copy)
+        sliding_mask = ring_mask(lengths, S, R, R, config.sliding_window)
+    masks = {"full_attention": (full_mask, write_at), "sliding_attention": (sliding_mask, sliding_write)}
+    return {t: (*rotary(position_ids, getattr(decoder, f"inv_freq_{t}"), decoder.precision.residual), *masks[t])
+            for t in dict.fromkeys(decoder.layer_types)}
+
+
 class GemmaModel(nn.Module):
     """The decoder stack; returns the last hidden state (feature extraction) and the present KV."""
 
     def __init__(self, config: GemmaConfig, precision: Precision = Precision(), kv_layout: str = "dynamic",
                  ring_size: int | None = None):
         super().__init__()
-        if kv_layout not in KV_LAYOUTS:
-            raise ValueError(f"kv_layout {kv_layout!r} is not supported; supported: {', '.join(KV_LAYOUTS)}")
-        if ring_size is not None and (kv_layout != "static" or config.sliding_window is None
-                                      or ring_size <= config.sliding_window):
-            raise ValueError(f"ring_size {ring_size} needs the static layout and a sliding window shorter than it "
-                             f"(kv_layout {kv_layout!r}, sliding_window {config.sliding_window})")
+        check_layout(config, kv_layout, ring_size)
         self.config = config
         self.precision = precision
         self.kv_layout = kv_layout
@@ -254,35 +286,12 @@ class GemmaModel(nn.Module):
             self.register_buffer(f"inv_freq_{layer_type}", rope_inv_freq(config, layer_type), persistent=False)
 
     def forward(self, input_ids, position_ids, attention_mask, past: list[KV]) -> tuple[torch.Tensor, list[KV]]:
-        S = input_ids.shape[1]
-        x = self.embed_tokens(input_ids)
-        dtype, residual = self.precision.dtype, self.precision.residual
-        if residual == dtype:
-            # sqrt(hidden_size) is cast to the compute dtype first: 55.4256 becomes 55.5 in bf16 (PR #29402).
-            x = x.to(dtype) * torch.tensor(math.sqrt(self.config.hidden_size), dtype=dtype)
-        else:  # float16 graphs keep the residual stream in float32: Gemma's passes 65504 and would turn to inf
-            x = x.to(residual) * math.sqrt(self.config.hidden_size)  # neither the product nor the scale rounded
-
-        static = self.kv_layout == "static"
-        kv_len = attention_mask.shape[1] if static else past[0][0].shape[2] + S
-        lengths = attention_mask.sum(-1)  # [B]
-        write_at = lengths - S if static else None  # [B]: each row's first new slot
-        full_mask, sliding_mask = attention_masks(attention_mask, S, kv_len, self.config.sliding_window, static)
-        ring_write = None
-        if self.ring_size is not None:  # sliding layers: their own slots and mask on the ring
-            R = self.ring_size
-            ring_write = torch.remainder(write_at, R)
-            # Every slot of the ring, written or not (a mask costs less than slicing: ONNX Runtime would copy)
-            sliding_mask = ring_mask(lengths, S, R, R, self.config.sliding_window)
-        ropes = {t: rotary(position_ids, getattr(self, f"inv_freq_{t}"), residual)
-                 for t in dict.fromkeys(self.layer_types)}
-
+        x = scaled_embedding(self.embed_tokens(input_ids), self.config.hidden_size, self.precision)
+        views = layer_views(self, input_ids.shape[1], position_ids, attention_mask, past)
         present = []
         for layer, layer_type, layer_past in zip(self.layers, self.layer_types, past):
-            sliding = layer_type == "sliding_attention"
-            mask = sliding_mask if sliding else full_mask
-            at = ring_write if sliding and ring_write is not None else write_at
-            x, kv = layer(x, *ropes[layer_type], mask, layer_past, at)
+            cos, sin, mask, write_at = views[layer_type]
+            x, kv = layer(x, cos, sin, mask, layer_past, write_at)
             present.append(kv)
         return self.norm(x), present
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Gemma4TextConfig
-from .gemma import KV, KV_LAYOUTS, MLP, Precision, attention_masks, ring_mask, rotary, rotate_half, write_kv
+from .gemma import KV, MLP, Precision, check_layout, layer_views, rotate_half, scaled_embedding, write_kv
 
 
 class RMSNorm(nn.Module):
@@ -203,12 +203,7 @@ class Gemma4Model(nn.Module):
     def __init__(self, config: Gemma4TextConfig, precision: Precision = Precision(), kv_layout: str = "dynamic",
                  ring_size: int | None = None):
         super().__init__()
-        if kv_layout not in KV_LAYOUTS:
-            raise ValueError(f"kv_layout {kv_layout!r} is not supported; supported: {', '.join(KV_LAYOUTS)}")
-        if ring_size is not None and (kv_layout != "static" or config.sliding_window is None
-                                      or ring_size <= config.sliding_window):
-            raise ValueError(f"ring_size {ring_size} needs the static layout and a sliding window shorter than it "
-                             f"(kv_layout {kv_layout!r}, sliding_window {config.sliding_window})")
+        check_layout(config, kv_layout, ring_size)
         self.config = config
         self.precision = precision
         self.kv_layout = kv_layout
@@ -242,26 +237,9 @@ class Gemma4Model(nn.Module):
         """`last_only`: from the first KV-shared layer on, compute the last position only (they write no cache), as
         transformers does when generate keeps one logit."""
         S = input_ids.shape[1]
-        x = self.embed_tokens(input_ids)
-        dtype, residual = self.precision.dtype, self.precision.residual
-        if residual == dtype:  # sqrt(hidden_size) cast to the compute dtype first, as in gemma.py
-            x = x.to(dtype) * torch.tensor(math.sqrt(self.config.hidden_size), dtype=dtype)
-        else:
-            x = x.to(residual) * math.sqrt(self.config.hidden_size)
+        x = scaled_embedding(self.embed_tokens(input_ids), self.config.hidden_size, self.precision)
         ple = self.per_layer_inputs(input_ids, x) if hasattr(self, "embed_tokens_per_layer") else None
-
-        static = self.kv_layout == "static"
-        kv_len = attention_mask.shape[1] if static else past[0][0].shape[2] + S
-        lengths = attention_mask.sum(-1)  # [B]
-        write_at = lengths - S if static else None  # [B]: each row's first new slot
-        full_mask, sliding_mask = attention_masks(attention_mask, S, kv_len, self.config.sliding_window, static)
-        ring_write = None
-        if self.ring_size is not None:  # sliding layers: their own slots and mask on the ring
-            ring_write = torch.remainder(write_at, self.ring_size)
-            sliding_mask = ring_mask(lengths, S, self.ring_size, self.ring_size, self.config.sliding_window)
-        masks = {"full_attention": full_mask, "sliding_attention": sliding_mask}
-        ropes = {t: rotary(position_ids, getattr(self, f"inv_freq_{t}"), residual)
-                 for t in dict.fromkeys(self.layer_types)}
+        views = layer_views(self, S, position_ids, attention_mask, past)
 
         present: list[KV] = []
         seen: dict[int, KV] = {}  # storing layer -> the keys and values it attended to, for the layers sharing them
@@ -269,13 +247,13 @@ class Gemma4Model(nn.Module):
             if last_only and i == self.config.first_kv_shared_layer and S > 1:
                 x = x[:, -1:]  # [B, 1, H]
                 ple = ple[:, -1:] if ple is not None else None
-                masks = {t: m[:, :, -1:] for t, m in masks.items()}  # [B, 1, 1, T]
-                ropes = {t: (cos[:, :, -1:], sin[:, :, -1:]) for t, (cos, sin) in ropes.items()}  # [B, 1, 1, D]
+                # cos, sin [B, 1, 1, D] and the mask [B, 1, 1, T] of the last position; shared layers write nothing
+                views = {t: (cos[:, :, -1:], sin[:, :, -1:], mask[:, :, -1:], at)
+                         for t, (cos, sin, mask, at) in views.items()}
             source = self.kv_source[i]
             kv = past[self.kv_slot[i]] if source == i else seen[source]
-            at = ring_write if layer_type == "sliding_attention" and ring_write is not None else write_at
-            x, kv, attended = layer(x, ple[:, :, i] if ple is not None else None, *ropes[layer_type],
-                                    masks[layer_type], kv, at)
+            cos, sin, mask, at = views[layer_type]
+            x, kv, attended = layer(x, ple[:, :, i] if ple is not None else None, cos, sin, mask, kv, at)
             if source == i:
                 present.append(kv)
                 seen[i] = attended
