@@ -20,7 +20,7 @@ from pathlib import Path
 
 from models.loading import resolve as resolve_checkpoint
 from runtime.manifest import ExportStats, Manifest, write_manifest
-from runtime.spec import FAMILIES, ArtifactSpec, ModelSpec, resolve
+from runtime.spec import ArtifactSpec, ModelSpec, resolve
 
 from .artifact import ArtifactDir, generation_spec, tool_versions, write_tokenizer_files
 from .options import ExportOptions
@@ -46,9 +46,6 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
     options = options or ExportOptions()
     start = time.perf_counter()
     ckpt = resolve_checkpoint(model)
-    if ckpt.config.model_type not in FAMILIES:  # Gemma 4: models/ runs it, its graph and artifact are not built yet
-        raise ValueError(f"{model} is a {ckpt.config.model_type} model, which models/ runs in PyTorch but the exporter "
-                         f"does not export yet; families it exports: {', '.join(FAMILIES)}")
     spec = resolve(options, ModelSpec.from_config(ckpt.config))
     quant, onnx_path = spec.quant, None
     ggml_types = ckpt.ggml_types() if quant and quant.method == "gguf" else None

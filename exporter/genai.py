@@ -8,6 +8,7 @@ describes them, the dimensions and the search defaults.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from runtime.manifest import GenerationSpec
@@ -15,6 +16,8 @@ from runtime.spec import ArtifactSpec
 
 # onnxruntime-genai's model types (the builder's architecture name without "ForCausalLM", lower-cased).
 GENAI_TYPES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3_text"}
+
+log = logging.getLogger(__name__)
 
 
 def genai_config(spec: ArtifactSpec, generation: GenerationSpec, filename: str = "model.onnx") -> dict:
@@ -70,7 +73,13 @@ def genai_config(spec: ArtifactSpec, generation: GenerationSpec, filename: str =
     }
 
 
-def write_genai_config(folder: Path, spec: ArtifactSpec, generation: GenerationSpec) -> Path:
+def write_genai_config(folder: Path, spec: ArtifactSpec, generation: GenerationSpec) -> Path | None:
+    """genai_config.json in `folder`, or None for a family onnxruntime-genai cannot describe: its config has one
+    head_size and KV head count, and a past for every layer, where Gemma 4 has two of each and KV-shared layers."""
+    if spec.model.family not in GENAI_TYPES:
+        log.info("no genai_config.json: onnxruntime-genai's config cannot describe a %s graph's KV cache",
+                 spec.model.family)
+        return None
     path = folder / "genai_config.json"
     path.write_text(json.dumps(genai_config(spec, generation), indent=4))
     return path

@@ -102,10 +102,10 @@ class GraphModule(nn.Module):
                 input_ids, position_ids, attention_mask, past, last_logits_only=spec.graph.logits == "last"
             )
             return (logits, *[t for kv in present for t in kv])
-        m = spec.model
-        empty = input_ids.new_zeros((input_ids.shape[0], m.num_key_value_heads, 0, m.head_dim),
-                                    dtype=decoder_of(self.model).precision.dtype)
-        out, _ = self.model(input_ids, position_ids, attention_mask, [(empty, empty)] * m.num_hidden_layers)
+        m, dtype = spec.model, decoder_of(self.model).precision.dtype
+        empty = [input_ids.new_zeros((input_ids.shape[0], m.kv_shapes[i][0], 0, m.kv_shapes[i][1]), dtype=dtype)
+                 for i in m.kv_layers]
+        out, _ = self.model(input_ids, position_ids, attention_mask, [(e, e) for e in empty])
         return (out,)
 
 
@@ -120,8 +120,8 @@ def sample_inputs(spec: ArtifactSpec) -> tuple[torch.Tensor, ...]:
     mask = torch.ones(B, P + S, dtype=torch.long)
     positions = (mask.cumsum(-1) - 1)[:, -S:]
     dtype = getattr(torch, ELEMENT_TYPE[kv.dtype])
-    past = [torch.zeros((B, kv.num_kv_heads, P if slots is None else slots, kv.head_dim), dtype=dtype)
-            for slots in kv.slots_by_name.values()]
+    past = [torch.zeros((B, heads, P if slots is None else slots, head_dim), dtype=dtype)
+            for heads, slots, head_dim in kv.shapes_by_name.values()]
     return (ids, mask, positions, *past)
 
 

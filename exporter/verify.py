@@ -105,6 +105,12 @@ def reference_steps(model, spec: ArtifactSpec, ids: np.ndarray, mask: np.ndarray
     return np.stack(tokens, axis=1) if tokens else np.zeros((B, 0), np.int64), steps
 
 
+def zero_past(kv, batch: int) -> dict[str, np.ndarray]:
+    """Zeroed past tensors by name: each entry's slots (an empty past in the dynamic layout)."""
+    return {name: np.zeros((batch, heads, slots or 0, head_dim), KV_NUMPY[kv.dtype])
+            for name, (heads, slots, head_dim) in kv.shapes_by_name.items()}
+
+
 class _Session:
     """The graph on ONNX Runtime (CPU) as a backend-like object: `forward(ids, mask, positions, rows)` over a KV
     cache held in numpy (plain session.run: what the runtime's IO binding must agree with)."""
@@ -118,8 +124,7 @@ class _Session:
         self.kv = kv = spec.kv
         self.past = {}
         if kv is not None:
-            self.past = {name: np.zeros((batch, kv.num_kv_heads, slots or 0, kv.head_dim), KV_NUMPY[kv.dtype])
-                         for name, slots in kv.slots_by_name.items()}
+            self.past = zero_past(kv, batch)
 
     def forward(self, ids, mask, pos, rows: slice):
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
@@ -286,8 +291,7 @@ def verify(
             n = min(int(mask[0].sum()), kv.chunk_limit(0) or ids.shape[1])
             ids, mask = ids[:1, ids.shape[1] - n:], np.ones((1, n), np.int64)
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask),
-                 **{name: np.zeros((ids.shape[0], kv.num_kv_heads, slots or 0, kv.head_dim), KV_NUMPY[dtype])
-                    for name, slots in kv.slots_by_name.items()}}
+                 **zero_past(kv, ids.shape[0])}
         report.divergence = locate(onnx_path, feeds, locate_with, dtype).to_dict()
     log.info(
         "parity %s: max |diff| %.3g (tolerance %.3g), greedy agreement %.0f%% over %d steps",

@@ -285,7 +285,10 @@ class GemmaModel(nn.Module):
         for layer_type in dict.fromkeys(self.layer_types):  # in order: a set would change the trace with the hash seed
             self.register_buffer(f"inv_freq_{layer_type}", rope_inv_freq(config, layer_type), persistent=False)
 
-    def forward(self, input_ids, position_ids, attention_mask, past: list[KV]) -> tuple[torch.Tensor, list[KV]]:
+    def forward(self, input_ids, position_ids, attention_mask, past: list[KV],
+                last_only: bool = False) -> tuple[torch.Tensor, list[KV]]:
+        """`last_only` lets a decoder stop computing the other positions once no layer writes the cache (Gemma 4's
+        KV-shared layers); here every layer writes it, so every position is computed and the head cuts."""
         x = scaled_embedding(self.embed_tokens(input_ids), self.config.hidden_size, self.precision)
         views = layer_views(self, input_ids.shape[1], position_ids, attention_mask, past)
         present = []
@@ -297,11 +300,13 @@ class GemmaModel(nn.Module):
 
 
 class GemmaForCausalLM(nn.Module):
+    decoder_class = GemmaModel  # Gemma 4's head is this one over its own decoder
+
     def __init__(self, config: GemmaConfig, precision: Precision = Precision(), kv_layout: str = "dynamic",
                  ring_size: int | None = None):
         super().__init__()
         self.config = config
-        self.model = GemmaModel(config, precision, kv_layout, ring_size)
+        self.model = self.decoder_class(config, precision, kv_layout, ring_size)
         # Tied to the embedding: built on the meta device so that no [vocab, hidden] copy is ever allocated.
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
         self.lm_head.weight = self.model.embed_tokens.weight
@@ -309,7 +314,7 @@ class GemmaForCausalLM(nn.Module):
     def forward(
         self, input_ids, position_ids, attention_mask, past: list[KV], last_logits_only: bool = False
     ) -> tuple[torch.Tensor, list[KV]]:
-        hidden, present = self.model(input_ids, position_ids, attention_mask, past)
+        hidden, present = self.model(input_ids, position_ids, attention_mask, past, last_only=last_logits_only)
         if last_logits_only:
             hidden = hidden[:, -1:]  # [B, 1, hidden]: the vocabulary is 256k, skip what nobody reads
         logits = self.lm_head(hidden).float()  # [B, S, V]

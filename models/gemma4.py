@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Gemma4TextConfig
-from .gemma import KV, MLP, Precision, check_layout, layer_views, rotate_half, scaled_embedding, write_kv
+from .gemma import KV, MLP, GemmaForCausalLM, Precision, check_layout, layer_views, rotate_half, scaled_embedding, write_kv
 
 
 class RMSNorm(nn.Module):
@@ -260,25 +260,10 @@ class Gemma4Model(nn.Module):
         return self.norm(x), present
 
 
-class Gemma4ForCausalLM(nn.Module):
-    def __init__(self, config: Gemma4TextConfig, precision: Precision = Precision(), kv_layout: str = "dynamic",
-                 ring_size: int | None = None):
-        super().__init__()
-        self.config = config
-        self.model = Gemma4Model(config, precision, kv_layout, ring_size)
-        # Tied to the embedding: built on the meta device so that no [vocab, hidden] copy is ever allocated.
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
-        self.lm_head.weight = self.model.embed_tokens.weight
+class Gemma4ForCausalLM(GemmaForCausalLM):
+    """The tied lm_head and final soft-cap of gemma.py's head, over the Gemma 4 decoder."""
 
-    def forward(self, input_ids, position_ids, attention_mask, past: list[KV], last_logits_only: bool = False):
-        hidden, present = self.model(input_ids, position_ids, attention_mask, past, last_only=last_logits_only)
-        if last_logits_only:
-            hidden = hidden[:, -1:]  # [B, 1, hidden]
-        logits = self.lm_head(hidden).float()  # [B, S, V]
-        if self.config.final_logit_softcapping is not None:
-            cap = self.config.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
-        return logits, present
+    decoder_class = Gemma4Model
 
 
 TASK_CLASSES = {"text-generation": Gemma4ForCausalLM, "feature-extraction": Gemma4Model}

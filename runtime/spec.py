@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 TASKS = ("text-generation", "feature-extraction", "sequence-classification", "token-classification")
 TARGETS = ("onnx", "ort", "trt")  # standard ONNX; fused for ONNX Runtime; standard ONNX in TensorRT's forms
-FAMILIES = ("gemma", "gemma2", "gemma3_text")
+FAMILIES = ("gemma", "gemma2", "gemma3_text", "gemma4_text")
 KV_LAYOUTS = ("dynamic", "static")  # past grows each step; buffers of max_length slots written in place
 SLIDING_CACHES = ("ring", "full")  # static layout: a sliding-window layer's slots, a ring or max_length of them
 LOGITS = ("all", "last")
@@ -38,11 +38,6 @@ ELEMENT_TYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids")
-
-
-def kv_names(prefix: str, num_layers: int) -> list[str]:
-    """Graph names of the KV tensors: kv_names("past_key_values", 2) -> past_key_values.0.key, .0.value, .1.key..."""
-    return [f"{prefix}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
 
 
 def choices(allowed) -> dict:
@@ -67,13 +62,31 @@ class ModelSpec:
     max_position_embeddings: int
     sliding_window: int | None
     layer_types: tuple[str, ...]
+    # Gemma 4: each layer's (num_kv_heads, head_dim), and the layer whose keys and values it attends to (itself, or
+    # for a KV-shared layer the last earlier one of its type). () in manifests before them: every layer as above.
+    kv_shapes: tuple[tuple[int, int], ...] = ()
+    kv_sources: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not self.kv_shapes:
+            object.__setattr__(self, "kv_shapes", ((self.num_key_value_heads, self.head_dim),) * self.num_hidden_layers)
+        if not self.kv_sources:
+            object.__setattr__(self, "kv_sources", tuple(range(self.num_hidden_layers)))
 
     @classmethod
     def from_config(cls, config) -> "ModelSpec":
         """From a models/ config (or anything with the Hugging Face field names)."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "family"]
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("family", "kv_shapes", "kv_sources")]
         values = {name: getattr(config, name) for name in names}
-        return cls(family=config.model_type, **{**values, "layer_types": tuple(config.layer_types)})
+        layers = range(config.num_hidden_layers)
+        sources = tuple(getattr(config, "kv_source", layers))
+        return cls(family=config.model_type, **{**values, "layer_types": tuple(config.layer_types)},
+                   kv_shapes=tuple(tuple(config.kv_shape(sources[i])) for i in layers), kv_sources=sources)
+
+    @property
+    def kv_layers(self) -> tuple[int, ...]:
+        """The layers that store keys and values, in the order of past/present (Gemma 4: not the KV-shared ones)."""
+        return tuple(i for i, source in enumerate(self.kv_sources) if source == i)
 
     @property
     def sliding_window_layers(self) -> tuple[int, ...]:
@@ -97,7 +110,8 @@ class GraphSpec:
 
 @dataclass(frozen=True)
 class KVSpec:
-    """How the graph takes and gives its past keys and values, [batch, num_kv_heads, slots, head_dim] per layer.
+    """How the graph takes and gives its past keys and values, [batch, num_kv_heads, slots, head_dim] per layer that
+    stores them (`layers`: every layer before Gemma 4, whose KV-shared layers read an earlier layer's: model.kv_sources).
 
     Static layout, `sliding_cache` "ring": a sliding-window layer keeps `ring_size` slots (the window and one chunk)
     and writes token i of a row at slot i mod ring_size; a global layer keeps max_length. A run may feed a row at
@@ -106,23 +120,32 @@ class KVSpec:
 
     layout: str = field(metadata=choices(KV_LAYOUTS))
     max_length: int | None  # static: the most tokens a row holds (a global layer's slots)
-    num_layers: int
-    num_kv_heads: int
+    num_layers: int  # entries of past and present: the layers that store keys and values
+    num_kv_heads: int  # the model's; `shapes` has each entry's (Gemma 4's global layers have their own)
     head_dim: int
     dtype: str = field(metadata=choices(DTYPES))
     sliding_window: int | None
     sliding_window_layers: tuple[int, ...]
     sliding_cache: str | None = field(default=None, metadata=choices(SLIDING_CACHES))  # static layout only
     ring_chunk: int | None = None  # ring: the most new tokens a run takes
-    slots: tuple[int, ...] = ()  # static: each layer's slots (max_length, or the ring's); dynamic: none, it grows
+    slots: tuple[int, ...] = ()  # static: each entry's slots (max_length, or the ring's); dynamic: none, it grows
+    layers: tuple[int, ...] = ()  # the model layer of each entry (() in manifests before Gemma 4: entry i, layer i)
+    shapes: tuple[tuple[int, int], ...] = ()  # each entry's (num_kv_heads, head_dim) ((): as above, every entry)
+
+    def __post_init__(self):
+        if not self.layers:
+            object.__setattr__(self, "layers", tuple(range(self.num_layers)))
+        if not self.shapes:
+            object.__setattr__(self, "shapes", ((self.num_kv_heads, self.head_dim),) * self.num_layers)
 
     @property
     def past_names(self) -> list[str]:
-        return kv_names("past_key_values", self.num_layers)
+        """past_key_values.{layer}.key/value: named after the model layer (Gemma 4's shared layers have none)."""
+        return [f"past_key_values.{i}.{kv}" for i in self.layers for kv in ("key", "value")]
 
     @property
     def present_names(self) -> list[str]:
-        return kv_names("present", self.num_layers)
+        return [f"present.{i}.{kv}" for i in self.layers for kv in ("key", "value")]
 
     @property
     def ring_size(self) -> int | None:
@@ -131,17 +154,29 @@ class KVSpec:
 
     @property
     def ring_layers(self) -> tuple[int, ...]:
-        return self.sliding_window_layers if self.sliding_cache == "ring" else ()
+        """The storing layers whose buffers are rings."""
+        return tuple(i for i in self.layers if i in self.sliding_window_layers) if self.sliding_cache == "ring" else ()
 
     @property
     def slots_by_name(self) -> dict[str, int | None]:
         """Slots of each past (and present) tensor, by its past name (None in the dynamic layout: the past grows)."""
+        return {name: shape[1] for name, shape in self.shapes_by_name.items()}
+
+    @property
+    def shapes_by_name(self) -> dict[str, tuple[int, int | None, int]]:
+        """(num_kv_heads, slots, head_dim) of each past (and present) tensor by its past name, the batch left out
+        (slots None in the dynamic layout: the past grows)."""
         slots = self.slots or (None,) * self.num_layers
-        return dict(zip(self.past_names, (n for n in slots for _ in ("key", "value"))))
+        entries = [(heads, n, dim) for (heads, dim), n in zip(self.shapes, slots) for _ in ("key", "value")]
+        return dict(zip(self.past_names, entries))
 
     def bytes_per_row(self) -> int:
-        """Bytes of one row's keys and values in the static layout, every layer (0 in the dynamic one)."""
-        return 2 * sum(self.slots) * self.num_kv_heads * self.head_dim * ITEMSIZE[self.dtype]
+        """Bytes of one row's keys and values in the static layout, every entry (0 in the dynamic one)."""
+        return 2 * sum(n * heads * dim for n, (heads, dim) in zip(self.slots, self.shapes)) * ITEMSIZE[self.dtype]
+
+    def bytes_per_token(self) -> int:
+        """Bytes of keys and values one token adds across the storing layers (windows not counted)."""
+        return 2 * sum(heads * dim for heads, dim in self.shapes) * ITEMSIZE[self.dtype]
 
     def chunk_limit(self, length: int) -> int | None:
         """The most new tokens one run may feed a row that holds `length` tokens (None: no limit)."""
@@ -277,19 +312,21 @@ def _kv(o: ArtifactOptions, model: ModelSpec, dtype: str) -> KVSpec:
         if not static:
             raise ValueError("--sliding-cache applies to the static KV layout (its buffers' slots); the dynamic "
                              "layout's past grows with the sequence: drop it or pass --kv-cache static")
-    kv = KVSpec(layout=o.kv_cache, max_length=o.max_length if static else None, num_layers=model.num_hidden_layers,
+    layers = model.kv_layers
+    kv = KVSpec(layout=o.kv_cache, max_length=o.max_length if static else None, num_layers=len(layers),
                 num_kv_heads=model.num_key_value_heads, head_dim=model.head_dim, dtype=dtype,
-                sliding_window=model.sliding_window, sliding_window_layers=model.sliding_window_layers)
+                sliding_window=model.sliding_window, sliding_window_layers=model.sliding_window_layers,
+                layers=layers, shapes=tuple(model.kv_shapes[i] for i in layers))
     if not static:
         return kv
-    full = dataclasses.replace(kv, slots=(o.max_length,) * model.num_hidden_layers)
+    full = dataclasses.replace(kv, slots=(o.max_length,) * len(layers))
     if not kv.sliding_window_layers:
         return full  # nothing slides
     chunk = min(model.sliding_window, RING_CHUNK)
     ring = model.sliding_window + chunk
     if (o.sliding_cache or "ring") == "full" or ring >= o.max_length:  # asked for, or a ring no smaller
         return dataclasses.replace(full, sliding_cache="full")
-    slots = tuple(ring if i in kv.sliding_window_layers else o.max_length for i in range(model.num_hidden_layers))
+    slots = tuple(ring if i in kv.sliding_window_layers else o.max_length for i in layers)
     return dataclasses.replace(kv, sliding_cache="ring", ring_chunk=chunk, slots=slots)
 
 

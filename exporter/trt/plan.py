@@ -105,8 +105,8 @@ def spec_inputs(spec: ArtifactSpec) -> dict[str, list[str | int]]:
               "position_ids": ["batch_size", "sequence_length"]}
     kv = spec.kv
     if kv is not None:
-        for name, slots in kv.slots_by_name.items():  # static: each layer's slots (a ring's, or max_length)
-            inputs[name] = ["batch_size", kv.num_kv_heads, slots or "past_sequence_length", kv.head_dim]
+        for name, (heads, slots, head_dim) in kv.shapes_by_name.items():  # static: a ring's slots, or max_length
+            inputs[name] = ["batch_size", heads, slots or "past_sequence_length", head_dim]
     return inputs
 
 
@@ -128,12 +128,12 @@ def make_profiles(inputs: dict[str, list[str | int]], limits: BuildLimits, with_
 
 
 def kv_cache_bytes(kv: KVSpec, limits: BuildLimits) -> int:
-    """Keys and values of every layer at the engine's largest batch, [max_batch, kv_heads, slots, head_dim] each:
-    the static layout's slots per layer (a ring's for sliding-window layers on one), else max_length."""
+    """Keys and values of every storing layer (Gemma 4's KV-shared layers hold none) at the engine's largest batch,
+    [max_batch, kv_heads, slots, head_dim] each: the static layout's slots per layer (a ring's for sliding-window
+    layers on one), else max_length."""
     if kv.layout == "static":
         return limits.max_batch_size * kv.bytes_per_row()
-    per_token = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * ITEMSIZE[kv.dtype]
-    return per_token * limits.max_batch_size * limits.max_length
+    return kv.bytes_per_token() * limits.max_batch_size * limits.max_length
 
 
 def weight_bytes(graph: onnx.ModelProto) -> dict[str, int]:

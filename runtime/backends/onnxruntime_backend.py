@@ -54,7 +54,7 @@ class OnnxRuntimeBackend(Backend):
         self.provider = provider if PROVIDERS[provider] in self.session.get_providers() else "cpu"
         self.device = "cpu" if self.provider == "cpu" else "cuda"
         if manifest.kv is not None:
-            self.kv_heads, self.head_dim = manifest.kv.num_kv_heads, manifest.kv.head_dim
+            self.kv_shapes = list(manifest.kv.shapes_by_name.values())  # (heads, slots or None, head_dim) per tensor
             self.kv_dtype = np.dtype(ELEMENT_TYPE[manifest.kv.dtype])
         self._binding = self.session.io_binding()
 
@@ -103,12 +103,11 @@ class OnnxRuntimeBackend(Backend):
             # are masked (a zero weight), and what earlier rows left there is finite, where never-written memory
             # might hold NaN (and NaN times zero is NaN).
             if batch_size > getattr(self, "_allocated", 0):
-                self._slots = list(self.manifest.kv.slots_by_name.values())
-                self._buffers = [self._kv_value((batch_size, self.kv_heads, n, self.head_dim)) for n in self._slots]
+                self._buffers = [self._kv_value((batch_size, *shape)) for shape in self.kv_shapes]
                 self._bindings: dict[tuple[int, int], object] = {}
                 self._allocated = batch_size
         else:
-            self._past = [self._kv_value((batch_size, self.kv_heads, 0, self.head_dim))] * len(self.past_names)
+            self._past = [self._kv_value((batch_size, heads, 0, head_dim)) for heads, _, head_dim in self.kv_shapes]
 
     def _kv_value(self, shape):
         return self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), self.device, 0)
@@ -119,9 +118,10 @@ class OnnxRuntimeBackend(Backend):
         if key not in self._bindings:
             binding = self.session.io_binding()
             binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
-            for past, present, buffer, slots in zip(self.past_names, self.present_names, self._buffers, self._slots):
-                shape = [rows.stop - rows.start, self.kv_heads, slots, self.head_dim]
-                row_bytes = self.kv_heads * slots * self.head_dim * self.kv_dtype.itemsize
+            for past, present, buffer, (heads, slots, head_dim) in zip(self.past_names, self.present_names,
+                                                                        self._buffers, self.kv_shapes):
+                shape = [rows.stop - rows.start, heads, slots, head_dim]
+                row_bytes = heads * slots * head_dim * self.kv_dtype.itemsize
                 pointer = buffer.data_ptr() + rows.start * row_bytes
                 binding.bind_input(past, self.device, 0, self.kv_dtype, shape, pointer)
                 binding.bind_output(present, self.device, 0, self.kv_dtype, shape, pointer)

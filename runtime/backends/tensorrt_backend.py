@@ -89,7 +89,6 @@ class TensorRTBackend(Backend):
 
         self.max_batch_size = limits.max_batch_size
         self.max_length = kv.max_length if kv.layout == "static" else limits.max_length
-        self.kv_heads, self.head_dim = kv.num_kv_heads, kv.head_dim
         self.kv_itemsize = ITEMSIZE[kv.dtype]
         self.vocab_size = manifest.model.vocab_size
         self.max_rows = limits.max_input_len if self.logits_all else 1
@@ -100,9 +99,10 @@ class TensorRTBackend(Backend):
         B, L = self.max_batch_size, self.max_length
         self.inputs = {name: self._malloc(B * L * 8) for name in INPUTS}
         self.logits = self._malloc(B * self.max_rows * self.vocab_size * 4)
-        #: each cache tensor's slots: the static layout's (max_length, or a ring's), the dynamic one's most
-        self.slots = [n or L for n in kv.slots_by_name.values()]
-        self.row_bytes = [self.kv_heads * n * self.head_dim * self.kv_itemsize for n in self.slots]
+        #: each cache tensor's (heads, slots, head_dim): the static layout's slots (max_length, or a ring's), the
+        #: dynamic one's most
+        self.kv_shapes = [(heads, n or L, dim) for heads, n, dim in kv.shapes_by_name.values()]
+        self.row_bytes = [heads * n * dim * self.kv_itemsize for heads, n, dim in self.kv_shapes]
         sets = 1 if self.static else 2
         self.kv = [[self._malloc(B * row) for row in self.row_bytes] for _ in range(sets)]
         for buffers in self.kv:
@@ -132,11 +132,12 @@ class TensorRTBackend(Backend):
     def _trim(self, length: int) -> None:
         if not self.static and length > 0:
             # [B, H, P, D] -> [B, H, length, D]: B * H rows of length * D items, into the other set.
-            row, past = self.head_dim * self.kv_itemsize, int(self.lengths[0])
+            past = int(self.lengths[0])
             kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
-            for src, dst in zip(self.kv[self._current], self.kv[1 - self._current]):
+            for src, dst, (heads, _, dim) in zip(self.kv[self._current], self.kv[1 - self._current], self.kv_shapes):
+                row = dim * self.kv_itemsize
                 check_cuda(self.cudart.cudaMemcpy2DAsync(dst, length * row, src, past * row, length * row,
-                                                         self.batch_size * self.kv_heads, kind, self.stream),
+                                                         self.batch_size * heads, kind, self.stream),
                            "cudaMemcpy2DAsync")
             self._current = 1 - self._current
 
@@ -184,8 +185,8 @@ class TensorRTBackend(Backend):
 
     def _shapes(self, batch: int, size: int, total: int, past: int) -> dict[str, tuple[int, ...]]:
         return {"input_ids": (batch, size), "attention_mask": (batch, total), "position_ids": (batch, size),
-                **{name: (batch, self.kv_heads, slots if self.static else past, self.head_dim)
-                   for name, slots in zip(self.past_names, self.slots)}}
+                **{name: (batch, heads, slots if self.static else past, dim)
+                   for name, (heads, slots, dim) in zip(self.past_names, self.kv_shapes)}}
 
     def _enqueue(self, index: int, ids, mask, positions, rows: slice, past: int, all_logits: bool) -> np.ndarray:
         cudart, context = self.cudart, self.contexts[index]

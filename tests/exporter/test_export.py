@@ -29,7 +29,10 @@ def test_tiny_export_matches_pytorch(tmp_path, name, kv_cache):
     manifest = export(f"random:{name}", tmp_path / "a", options)
     parity = json.loads((tmp_path / "a" / "parity.json").read_text())
     assert parity["passed"] and parity["batch_size"] == 3 and parity["new_tokens"] == 8
-    assert parity["max_abs_diff"] <= 1e-4
+    # Gemma 4 scales q.k by 1.0 on unit-RMS q and k: scores up to head_dim wide, where float32's rounding of them
+    # moves the softmax 10x more than in Gemma 1-3 (models/ against transformers differs as much); verify's float32
+    # tolerance still holds it.
+    assert parity["max_abs_diff"] <= (1e-3 if FAMILY_OF[name] == "gemma4_text" else 1e-4)
     assert parity["greedy_agreement"] == 1.0
     assert manifest.kv.layout == kv_cache
     assert manifest.model.family == FAMILY_OF[name]
@@ -109,8 +112,6 @@ def test_unsupported_and_missing_models_exit_2(tmp_path):
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     result = CliRunner().invoke(export_command, ["--model", str(tmp_path / "llama"), "--output", str(tmp_path / "a")])
     assert result.exit_code == 2 and "model_type 'llama' is not supported" in result.output
-    result = CliRunner().invoke(export_command, ["--model", "random:tiny-gemma4", "--output", str(tmp_path / "a")])
-    assert result.exit_code == 2 and "gemma4_text model, which models/ runs in PyTorch" in result.output
     assert not (tmp_path / "a").exists()
 
 

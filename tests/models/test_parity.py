@@ -6,90 +6,11 @@ import pytest
 import torch
 
 from models import empty_past, position_ids_from_mask, presets, random_model
-from models.gemma import decoder_of, ring_mask
+from models.gemma import ring_mask
 from models.loading import load_model
-from runtime.spec import ArtifactOptions, ModelSpec, resolve
-from tests.families import ALL
-from tests.reference import PROMPTS, left_padded_batch, torch_greedy, transformers_reference
-
-FP32_TOL = 1e-4
-
-
-def run_steps(model, config, ids, mask, decode_ids, static_length=None):
-    """Prefill `ids`, then feed `decode_ids` one column at a time; logits of every step [B, S, V].
-
-    Dynamic layout: the left-padded batch as it is. Static layout (`static_length` slots a row, sliding layers on
-    the model's ring if it has one): each row's prompt alone at slot 0 of its own buffer, in the chunks the ring
-    takes (runtime.spec.KVSpec.chunk_limit), its logits laid out as the left-padded batch's, then the rows decoded
-    together, each after its own length."""
-    B, W = ids.shape
-    if static_length is None:
-        past = empty_past(config, B)
-        outputs = []
-        with torch.no_grad():
-            logits, past = model(ids, position_ids_from_mask(mask), mask, past)
-            outputs.append(logits)
-            for t in range(decode_ids.shape[1]):
-                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
-                position_ids = position_ids_from_mask(mask)[:, -1:]
-                logits, past = model(decode_ids[:, t : t + 1], position_ids, mask, past)
-                outputs.append(logits)
-        return outputs
-    ring = decoder_of(model).ring_size
-    kv = resolve(ArtifactOptions(kv_cache="static", max_length=static_length,
-                                 sliding_cache="ring" if ring else "full"), ModelSpec.from_config(config)).kv
-    assert kv.ring_size == ring
-    past = empty_past(config, B, static_length, ring_size=ring)
-    lengths = mask.sum(-1)
-    first = torch.zeros(B, W, config.vocab_size)
-    with torch.no_grad():
-        for row in range(B):
-            n, done = int(lengths[row]), 0
-            prompt = ids[row:row + 1, W - n:]
-            while done < n:
-                size = min(n - done, kv.chunk_limit(done) or n)
-                row_past = [(k[row:row + 1], v[row:row + 1]) for k, v in past]
-                logits, present = model(prompt[:, done:done + size], torch.arange(done, done + size)[None],
-                                        torch.ones(1, done + size, dtype=torch.long), row_past)
-                for (k, v), (pk, pv) in zip(past, present):
-                    k[row], v[row] = pk[0], pv[0]
-                first[row, W - n + done:W - n + done + size] = logits[0]
-                done += size
-        outputs = [first]
-        for t in range(decode_ids.shape[1]):
-            lengths = lengths + 1
-            step_mask = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).long()
-            logits, past = model(decode_ids[:, t : t + 1], (lengths - 1)[:, None], step_mask, past)
-            outputs.append(logits)
-    return outputs
-
-
-def reference_steps(ref, ids, mask, decode_ids):
-    """transformers with its own DynamicCache over the same steps."""
-    outputs = []
-    with torch.no_grad():
-        out = ref(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True)
-        outputs.append(out.logits)
-        cache = out.past_key_values
-        for t in range(decode_ids.shape[1]):
-            mask = torch.cat([mask, torch.ones(ids.shape[0], 1, dtype=mask.dtype)], dim=1)
-            out = ref(
-                input_ids=decode_ids[:, t : t + 1],
-                attention_mask=mask,
-                position_ids=position_ids_from_mask(mask)[:, -1:],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            outputs.append(out.logits)
-            cache = out.past_key_values
-    return outputs
-
-
-def max_diff(ours, theirs, mask):
-    """Largest |difference| over the real (non-pad) positions of every step."""
-    diffs = [(ours[0] - theirs[0])[mask.bool()].abs().max()]
-    diffs += [(a - b).abs().max() for a, b in zip(ours[1:], theirs[1:])]
-    return float(max(diffs))
+from tests.families import ALL, FP32_TOL
+from tests.reference import (PROMPTS, left_padded_batch, max_diff, reference_steps, run_steps, torch_greedy,
+                             transformers_reference)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
@@ -107,7 +28,7 @@ def test_tiny_family_matches_transformers(name, static):
 
 
 @pytest.mark.parametrize("sliding_cache", ["ring", "full"])
-@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3"])
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3", "tiny-gemma4"])
 def test_sliding_layers_on_a_ring_match_transformers_many_windows_long(name, sliding_cache):
     """Window 8: the ring holds 16 slots (the window and a chunk of 8), so prompts of 45 and 29 tokens prefill in
     chunks that wrap around it, and 30 decode steps wrap it again; global layers keep all 96 slots."""
