@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .blocks import Blocks, pack_nibbles
+from .quantize import quantizable
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,8 @@ def gptq_model(model: nn.Module, ids: torch.Tensor, block_size: int, progress: b
     results = {}
     for index, layer in enumerate(tqdm(decoder.layers, desc="gptq", unit="layer", disable=not progress, leave=False)):
         rest = arguments[index][1:]
-        linears = [m for m in layer.modules()
-                   if isinstance(m, nn.Linear) and not any(part in names[m] for part in int8_weights)]
+        linears = [m for m in layer.modules() if isinstance(m, nn.Linear) and quantizable(m.weight.shape)
+                   and not any(part in names[m] for part in int8_weights)]
         hessians = {m: torch.zeros(m.in_features, m.in_features) for m in linears}
         counts = {m: 0 for m in linears}
 

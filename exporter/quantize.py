@@ -71,6 +71,17 @@ def quantize_graph(path: Path, quant: QuantSpec, progress: bool = True, precompu
     counts = {"int4": 0, "int8": 0}
     from tqdm import tqdm
 
+    for gather, value in _lookup_tables(graph):  # Gemma 4's per-layer embeddings: quantized like the tied table
+        bits = select(value.name, True)
+        if bits is None or quant.method == "gguf":
+            skipped.append(value.name)
+            continue
+        table = value.const_value.numpy()  # [vocab, columns]
+        blocks = _table_blocks(table, bits, quant)
+        dequantized[value.name] = blocks.dequantize()
+        rewrite.table(gather, blocks, value.name, table.dtype)
+        counts[f"int{bits}"] += 1
+        graph.initializers.pop(value.name)
     for node, value in tqdm(weights, desc="quantize", unit="weight", disable=not progress, leave=False):
         is_tied = tied is not None and value is tied[0]
         weight = value.const_value.numpy()
@@ -86,6 +97,8 @@ def quantize_graph(path: Path, quant: QuantSpec, progress: bool = True, precompu
         counts[f"int{bits}"] += 1
         if not value.uses():
             graph.initializers.pop(value.name)
+    if precomputed:  # GPTQ changed weights in PyTorch that the graph does not quantize: its float ones are those
+        raise RuntimeError(f"GPTQ quantized weights the graph has no quantizable MatMul for: {sorted(precomputed)}")
     if tied is not None and quant.lm_head == "float":
         log.info("lm_head and the embedding stay in %s (--lm-head float)", tied[0].dtype)
     save_in_place(model, path)
@@ -142,10 +155,44 @@ def _carried(weight: np.ndarray, ggml_type: str) -> Blocks | None:
     return rtn(weight, 8, GGML_BLOCK, symmetric=False)
 
 
+def quantizable(shape) -> bool:
+    """Whether a weight of this shape is quantized: a matrix, not a small folded constant (RoPE's inv_freq) nor a
+    projection narrower than 16 (a tiny config's)."""
+    return len(shape) == 2 and min(shape) >= 16
+
+
+def _table_blocks(table: np.ndarray, bits: int, quant: QuantSpec, rows: int = 16384) -> Blocks:
+    """A lookup table [vocab, columns] as blocks along its columns (each row one output of the [columns, vocab]
+    weight the quantizers take), `rows` rows at a time: no transposed copy of the whole table is made."""
+    parts = []
+    for start in range(0, table.shape[0], rows):
+        weight = np.ascontiguousarray(table[start:start + rows].T)  # [columns, rows]
+        if bits == 8 and quant.format == "matmulnbits":
+            parts.append(ggml_blocks(weight, "Q8_0"))
+        else:
+            parts.append(rtn(weight, bits, quant.block_size, quant.symmetric))
+    first = parts[0]
+    zero_points = None if first.zero_points is None else np.concatenate([b.zero_points for b in parts])
+    return Blocks(np.concatenate([b.packed for b in parts]), np.concatenate([b.scales for b in parts]), zero_points,
+                  first.bits, first.block_size, first.K)
+
+
+def _lookup_tables(graph) -> list:
+    """(Gather(axis 0), its [vocab, columns] initializer) for every table the graph only looks rows up in (Gemma 4's
+    per-layer embeddings; the tied table is looked up on axis 1 and multiplied by, and is not one of them)."""
+    tables = []
+    for value in graph.initializers.values():
+        uses = list(value.uses())
+        if (len(uses) == 1 and uses[0][0].op_type == "Gather" and uses[0][1] == 0 and value.const_value is not None
+                and uses[0][0].attributes.get_int("axis", 0) == 0 and quantizable(value.shape)):
+            tables.append((uses[0][0], value))
+    return tables
+
+
 def _weight_of(node):
-    """The constant [K, N] weight a MatMul multiplies by, not a small folded constant (RoPE's inv_freq)."""
+    """The constant [K, N] weight a MatMul multiplies by, if it is quantizable."""
     value = node.inputs[1]
-    if value is None or value.const_value is None or len(value.shape) != 2 or min(value.shape) < 16:
+    if value is None or value.const_value is None or not quantizable(value.shape):
         return None
     return value
 
@@ -192,6 +239,29 @@ class _MatMulNBits:
         new = ir.node("MatMulNBits", inputs, attributes, domain="com.microsoft", name=f"{node.name}_Q{blocks.bits}")
         _replace(self.graph, node, [new])
 
+    def table(self, gather, blocks: Blocks, base: str, dtype) -> None:
+        """Gather(T [V, C], ids) -> [ids.., C] becomes GatherBlockQuantized on T's rows, packed."""
+        import onnx_ir as ir
+
+        packed, scales, zero_points = self._weights(blocks, base, dtype)
+        packed.const_value = ir.tensor(blocks.packed.reshape(blocks.packed.shape[0], -1), name=packed.name)
+        packed.shape = ir.Shape(packed.const_value.shape)
+        inputs = [packed, gather.inputs[1], scales] + ([zero_points] if zero_points is not None else [])
+        lookup = ir.node("GatherBlockQuantized", inputs,
+                         {"bits": blocks.bits, "block_size": blocks.block_size, "gather_axis": 0, "quantize_axis": 1},
+                         domain="com.microsoft", name=f"{gather.name}_Q{blocks.bits}")
+        _replace(self.graph, gather, [lookup, *self._cut(lookup.outputs[0], blocks, base)])
+
+    def _cut(self, out, blocks: Blocks, base: str) -> list:
+        """A Slice cutting the padding of the last block off the rows, if any (none when blocks divide them)."""
+        import onnx_ir as ir
+
+        if blocks.K % blocks.block_size == 0:
+            return []
+        bounds = [self._init(f"{base}_slice_{k}", np.array([v], np.int64))
+                  for k, v in (("start", 0), ("end", blocks.K), ("axis", -1))]
+        return [ir.node("Slice", [out, *bounds])]
+
     def lookup(self, gather, blocks: Blocks, base: str, dtype) -> None:
         """Gather(E [H, V], ids, axis=1) -> [H, ids..] becomes GatherBlockQuantized on the packed rows of E^T,
         then a Transpose back to the layout the graph's next node (a Transpose to [.., H]) expects."""
@@ -205,14 +275,8 @@ class _MatMulNBits:
         lookup = ir.node("GatherBlockQuantized", inputs,
                          {"bits": blocks.bits, "block_size": blocks.block_size, "gather_axis": 0, "quantize_axis": 1},
                          domain="com.microsoft", name=f"{gather.name}_Q{blocks.bits}")
-        new = [rows, lookup]
-        out = lookup.outputs[0]
-        if blocks.K % blocks.block_size:  # rows are padded to whole blocks: cut the padding
-            bounds = [self._init(f"{base}_slice_{k}", np.array([v], np.int64))
-                      for k, v in (("start", 0), ("end", blocks.K), ("axis", -1))]
-            cut = ir.node("Slice", [out, *bounds])
-            new.append(cut)
-            out = cut.outputs[0]
+        new = [rows, lookup, *self._cut(lookup.outputs[0], blocks, base)]
+        out = new[-1].outputs[0]
         ids_rank = len(gather.inputs[1].shape) if gather.inputs[1].shape is not None else 1
         back = ir.node("Transpose", [out], {"perm": [ids_rank, *range(ids_rank)]})  # [ids.., H] -> [H, ids..]
         new.append(back)
@@ -245,6 +309,18 @@ class _QDQ:
 
     def lookup(self, gather, blocks: Blocks, base: str, dtype) -> None:
         pass  # the Gather already reads the DequantizeLinear output (rewired in `matmul`)
+
+    def table(self, gather, blocks: Blocks, base: str, dtype) -> None:
+        """Gather(T [V, C], ids) reads DequantizeLinear(int4 [V, C], scales [V, C/bs], axis 1)."""
+        import onnx_ir as ir
+
+        q, scales = blocks.int4_kn()  # [C, V], [C/bs, V]
+        q_value = _initializer(self.graph, f"{base}_int4", np.ascontiguousarray(q.T), ir.DataType.INT4)
+        s_value = _initializer(self.graph, f"{base}_scales", np.ascontiguousarray(scales.T).astype(dtype))
+        dq = ir.node("DequantizeLinear", [q_value, s_value], {"axis": 1, "block_size": blocks.block_size},
+                     name=f"{base}_DQ")
+        self.graph.insert_before(gather, [dq])
+        gather.replace_input_with(0, dq.outputs[0])
 
 
 def _initializer(graph, name: str, array: np.ndarray, dtype=None):

@@ -120,6 +120,9 @@ class _Session:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # TensorScatter warns that plain run() copies the cache: it does, here
+        # ONNX Runtime fuses the TensorRT graph's DequantizeLinear + MatMul into MatMulNBits with int8 activations
+        # (its default level 4); TensorRT multiplies in the graph's float type, so check it with float activations.
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         self.kv = kv = spec.kv
         self.past = {}

@@ -248,7 +248,10 @@ def random_model(
     """Random weights, scaled so that greedy decoding does not collapse onto one token (DESIGN.md):
     the default std 0.02 lets the tied embedding echo the input token back. Here the layers dominate the
     residual stream: norms ~N(0, 1) (around 1 for Gemma 4's w, not 1 + w), linears and experts ~N(0, 4/fan_in),
-    embedding ~N(0, 0.16/hidden); Gemma 4's router scales and layer scalars near 1."""
+    embedding ~N(0, 0.16/hidden); Gemma 4's router scales and layer scalars near 1. Gemma 4 scales q.k by 1.0: its
+    trained q and k norms carry the temperature, so random ones are scaled by head_dim^-1/4 each, the 1/sqrt(D) the
+    other families apply (around 1, the scores of unit-RMS q and k run to head_dim and the softmax turns so sharp
+    that a float16 rounding flips it)."""
     torch.manual_seed(seed)
     module = _task_class(config, task)(config, precision, kv_layout, ring_size)
     plain_norms = config.model_type == "gemma4_text"
@@ -256,6 +259,8 @@ def random_model(
         for name, p in module.named_parameters():
             if name.endswith("norm.weight"):
                 p.normal_(1.0 if plain_norms else 0.0, 1.0)
+                if plain_norms and name.endswith(("q_norm.weight", "k_norm.weight")):
+                    p.mul_(p.shape[0] ** -0.25)
             elif "embed_tokens" in name:
                 p.normal_(0.0, 0.4 * config.hidden_size**-0.5)
             elif p.dim() >= 2:
