@@ -61,7 +61,7 @@ class GroupQueryAttentionFusion(pattern.RewriteRuleClassBase):
             op.FusedMatMul(q_grouped, key_read, transB=1, _domain="com.microsoft", _outputs=["qk"]),
             op.MatMul(q_grouped, op.Transpose(key_read, perm=[0, 1, 3, 2])),
         ])
-        scores = op.Mul(scores, scale)
+        scores = pattern.OrValue([op.Mul(scores, scale), scores])  # Gemma 4 scales by 1.0: no Mul
         capped = op.Mul(op.Tanh(op.Div(scores, softcap)), softcap)  # Gemma 2
         scores = pattern.OrValue([capped, scores])
         scores = op.Reshape(scores, pattern.ANY_VALUE)  # [B, H, S, T]
@@ -75,7 +75,7 @@ class GroupQueryAttentionFusion(pattern.RewriteRuleClassBase):
         out = op.Reshape(out, pattern.ANY_VALUE, _outputs=["attention"])  # [B, S, H*D]
         return out, present_key, present_value
 
-    def check(self, context, q, past_key, past_value, write_at, scale, mask, fill, present_key, softcap=None,
+    def check(self, context, q, past_key, past_value, write_at, mask, fill, present_key, scale=None, softcap=None,
               qk=None, **_):
         result = pattern.MatchResult()
         scatter = present_key.producer()
@@ -100,7 +100,7 @@ class GroupQueryAttentionFusion(pattern.RewriteRuleClassBase):
             return result.fail(f"head_dim {head_dim} is not a multiple of 8 (GroupQueryAttention's CPU kernel)", past_key)
         if qk is not None and qk.producer().attributes.get_float("alpha", 1.0) != 1.0:
             return result.fail("FusedMatMul scales its product (alpha); the scale is expected in the Mul", qk)
-        self._scale, self._softcap = _scalar(scale), 0.0
+        self._scale, self._softcap = 1.0 if scale is None else _scalar(scale), 0.0
         if self._scale is None:
             return result.fail("the attention scale is not a constant scalar", scale)
         if softcap is not None:

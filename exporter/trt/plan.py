@@ -184,34 +184,45 @@ def plan_engine(model: str | Path, options) -> tuple[ArtifactSpec, TrtPlan]:
 
 
 def estimate_weight_bytes(config, precision: PrecisionSpec, quant: QuantSpec | None = None) -> dict[str, int]:
-    """The weights a graph of `config` will hold, by element type, before it is traced: the MatMul weights in the
-    precision's dtype and the tied embedding in its table's (or int4/int8 blocks with their scales and zero points
-    under `quant`), the norm weights in float32 (our fp16/bf16 graphs compute the norms in float32). Constants
-    (rotary tables, shapes) are left out: a few KB."""
-    H, D, L = config.hidden_size, config.head_dim, config.num_hidden_layers
-    q, kv = config.num_attention_heads * D, config.num_key_value_heads * D
-    matmul = L * (H * q + 2 * H * kv + q * H + 3 * H * config.intermediate_size)
-    embedding = config.vocab_size * H
-    norms_per_layer = 2 if config.model_type == "gemma" else 4  # Gemma 2 and 3 add pre/post-feedforward norms
-    norms = L * norms_per_layer * H + H + (L * 2 * D if config.model_type == "gemma3_text" else 0)  # + q/k norms
+    """The weights a graph of `config` will hold, by element type, before it is traced, counted on the model built
+    on the meta device (no memory): the MatMul weights in the precision's dtype and the tied embedding in its
+    table's (or int4/int8 blocks with their scales and zero points under `quant`, Gemma 4's per-layer table as the
+    tied one), the norm weights and other vectors in float32 (our fp16/bf16 graphs compute the norms in float32),
+    in the dtype what is not quantized: Gemma 4's experts (MatMulNBits takes one [K, N] weight, not a batch of
+    them) and weights narrower than 16. Constants (rotary tables, shapes) are left out: a few KB."""
+    import torch
+
+    from models.loading import task_classes
+
+    from ..quantize import quantizable
+
+    with torch.device("meta"):
+        model = task_classes(config)["text-generation"](config)
+    counts: Counter = Counter()
+    for name, p in model.named_parameters():  # the tied lm_head once: it is the embedding
+        kind = ("table" if name.endswith("embed_tokens.weight") else "per_layer_table" if "embed_tokens_per_layer" in name
+                else "matmul" if quantizable(p.shape) else "float" if p.dim() == 1 else "unquantized")
+        counts[kind] += p.numel()
     size, name = ITEMSIZE[precision.dtype], ONNX_NAMES[precision.dtype]
     table_size, table_name = ITEMSIZE[precision.vocab_table], ONNX_NAMES[precision.vocab_table]
-    totals: Counter = Counter({"float": 4 * norms})
+    totals: Counter = Counter({"float": 4 * counts["float"]})
+    totals[name] += size * counts["unquantized"]
     if quant is None:
-        totals[name] += size * matmul
-        totals[table_name] += table_size * embedding
+        totals[name] += size * (counts["matmul"] + counts["per_layer_table"])
+        totals[table_name] += table_size * counts["table"]
         return dict(totals.most_common())
     blocks = lambda count: count // quant.block_size  # noqa: E731 (rows divide by the block size)
-    totals["int4"] += matmul // 2
-    totals[name] += size * blocks(matmul)
+    totals["int4"] += counts["matmul"] // 2
+    totals[name] += size * blocks(counts["matmul"])
     if not quant.symmetric:
-        totals["int4"] += blocks(matmul) // 2
-    if quant.lm_head == "float":
-        totals[table_name] += table_size * embedding
-    else:  # the scales take the table's dtype
-        kind, per = ("int4", 2) if quant.lm_head == "int4" else ("int8", 1)
-        totals[kind] += embedding // per
-        totals[table_name] += table_size * blocks(embedding)
+        totals["int4"] += blocks(counts["matmul"]) // 2
+    for table, scale_size, scale_name in (("table", table_size, table_name), ("per_layer_table", size, name)):
+        if quant.lm_head == "float":
+            totals[scale_name] += scale_size * counts[table]
+            continue
+        kind, per = ("int4", 2) if quant.lm_head == "int4" else ("int8", 1)  # the scales take the table's dtype
+        totals[kind] += counts[table] // per
+        totals[scale_name] += scale_size * blocks(counts[table])
         if not quant.symmetric:
-            totals[kind] += blocks(embedding) // per
-    return dict(totals.most_common())
+            totals[kind] += blocks(counts[table]) // per
+    return dict((k, v) for k, v in totals.most_common() if v)

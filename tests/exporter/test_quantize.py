@@ -556,3 +556,45 @@ def test_gguf_method_needs_a_gguf_and_takes_no_recipe(tmp_path):
         export("random:tiny-gemma3", tmp_path / "a", ExportOptions(quant="int4", quant_method="gguf",
                                                                    int8_weights=("v_proj",), progress=False))
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("target", ["onnx", "trt"])
+def test_gemma4_per_layer_embeddings_are_quantized_like_the_tied_table(tmp_path, target):
+    """tiny-gemma4: its per-layer table [vocab, layers x 8] leaves no float copy: GatherBlockQuantized on its packed
+    rows (int8 blocks, as the tied table's), or int4 DequantizeLinear along its rows feeding the Gather (TensorRT);
+    the graph still equals the reference with the dequantized weights, and TensorRT's stays in topological order."""
+    config = presets.config("tiny-gemma4")
+    options = ExportOptions(target=target, quant="int4", progress=False, build=False,
+                            accuracy_level=1 if target == "onnx" else 4)
+    manifest = export("random:tiny-gemma4", tmp_path / "a", options)
+    assert manifest.parity.passed and manifest.parity.greedy_agreement == 1.0
+    assert manifest.parity.max_abs_diff <= (1e-4 if target == "onnx" else 0.1)
+    ops, graph = _ops(tmp_path / "a")
+    table = "model.model.embed_tokens_per_layer.weight"
+    assert table not in {i.name for i in graph.initializer}
+    shapes = {i.name: tuple(i.dims) for i in graph.initializer}
+    L, P, V = config.num_hidden_layers, config.hidden_size_per_layer_input, config.vocab_size_per_layer_input
+    if target == "onnx":
+        assert ops["GatherBlockQuantized"] == 2  # the tied table and the per-layer one
+        assert shapes[f"{table}_Q8"] == (V, L * P) and manifest.quantized.weights["int8"] == 2
+    else:
+        assert shapes[f"{table}_int4"] == (V, L * P) and shapes[f"{table}_scales"] == (V, L * P // 32)
+        defined = {v.name for v in [*graph.input, *graph.initializer]} | {""}
+        for node in graph.node:
+            assert set(node.input) <= defined, f"{node.name} reads {set(node.input) - defined} before it is computed"
+            defined.update(node.output)
+
+
+def test_gemma4_mixture_of_experts_int4(tmp_path):
+    """tiny-gemma4-moe in int4: its experts' batched MatMuls stay float (MatMulNBits takes one [K, N] weight) and
+    the graph equals the fake-quantized reference with float32 activations (the int8 ones flip its random router:
+    the export's parity error says to pass --accuracy-level 1)."""
+    manifest = export("random:tiny-gemma4-moe", tmp_path / "a", ExportOptions(quant="int4", accuracy_level=1,
+                                                                                progress=False))
+    assert manifest.parity.passed and manifest.parity.max_abs_diff <= 1e-4 and manifest.parity.greedy_agreement == 1.0
+    ops, graph = _ops(tmp_path / "a")
+    config = presets.config("tiny-gemma4-moe")
+    experts = [i for i in graph.initializer if len(i.dims) == 3 and i.dims[0] == config.num_experts]
+    assert len(experts) == 2 * config.num_hidden_layers  # gate_up and down, each one float copy
+    assert all(i.data_type == TensorProto.FLOAT for i in experts)
+    assert ops["TopK"] == config.num_hidden_layers  # the router's, one a layer

@@ -72,6 +72,30 @@ def test_weight_bytes_by_hand():
     assert int4 == {"int4": 2_506_096_640 // 2, "float16": 2_506_096_640 // 32 * 2, "float": 75_776 * 4}
 
 
+@pytest.mark.parametrize("name,per_token", [("gemma-4-e2b", 18_432), ("gemma-4-e4b", 57_344),
+                                            ("gemma-4-31b", 901_120), ("gemma-4-26b-a4b", 225_280)])
+def test_gemma4_kv_cache_counts_storing_layers_only(name, per_token):
+    """fp16 bytes a token (tests/models/test_gemma4.py counts them by layer): E2B's 15 storing layers of 35 hold
+    18,432 where 43,008 would be without sharing; the static layout's ring cuts the sliding layers to 1024 slots."""
+    limits = BuildLimits(max_batch_size=2, max_input_len=512, max_length=4096)
+    kv = _kv(name)
+    assert kv.bytes_per_token() == per_token and kv_cache_bytes(kv, limits) == per_token * 2 * 4096
+    assert kv.num_layers == len(presets.config(name).kv_layers) and len(kv.past_names) == 2 * kv.num_layers
+    ring = _spec(name, dtype="fp16", kv_cache="static", max_length=4096).kv
+    assert ring.sliding_cache == "ring" and kv_cache_bytes(ring, limits) < kv_cache_bytes(kv, limits)
+
+
+def test_gemma4_graph_weights_match_the_estimate(tmp_path):
+    """tiny-gemma4 in TensorRT's int4: the per-layer table, the tied one and the layers' weights as counted on the
+    meta-device model before anything is traced."""
+    options = ExportOptions(target="trt", quant="int4", verify=False, build=False, progress=False)
+    manifest = export("random:tiny-gemma4", tmp_path / "a", options)
+    estimate = estimate_weight_bytes(presets.config("tiny-gemma4"), manifest.precision, manifest.quant)
+    held = manifest.plan.weight_bytes
+    assert held["int4"] == estimate["int4"] and held["float16"] == estimate["float16"]
+    assert 0 <= held["float"] - estimate["float"] < 4096  # + rotary tables
+
+
 def test_plan_only_prints_gemma_7b_plan():
     result = CliRunner().invoke(export_command, ["-m", "random:gemma-7b", "--target", "trt", "--plan-only",
                                                  "--max-batch-size", "4", "--max-length", "2048"])
