@@ -253,29 +253,50 @@ def random_model(
     other families apply (around 1, the scores of unit-RMS q and k run to head_dim and the softmax turns so sharp
     that a float16 rounding flips it)."""
     torch.manual_seed(seed)
-    module = _task_class(config, task)(config, precision, kv_layout, ring_size)
+    with torch.device("meta"):  # no memory until each tensor is drawn, in its own dtype
+        module = _task_class(config, task)(config, precision, kv_layout, ring_size)
     plain_norms = config.model_type == "gemma4_text"
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(1.0 if plain_norms else 0.0, 1.0)
-                if plain_norms and name.endswith(("q_norm.weight", "k_norm.weight")):
-                    p.mul_(p.shape[0] ** -0.25)
-            elif "embed_tokens" in name:
-                p.normal_(0.0, 0.4 * config.hidden_size**-0.5)
-            elif p.dim() >= 2:
-                p.normal_(0.0, 2.0 * p.shape[-1] ** -0.5)
-            elif name.endswith(("router.scale", "per_expert_scale")):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.02)
-        for name, b in module.named_buffers():
-            if name.endswith("layer_scalar"):
-                b.uniform_(0.5, 1.5)
-        table = decoder_of(module).embed_tokens.weight
-        for p in module.parameters():  # in place: lm_head stays tied; the RoPE buffers stay float32
-            p.data = p.data.to(precision.vocab_table if p is table else precision.dtype)
-    return module.eval()
+    table = decoder_of(module).embed_tokens.weight
+    state = {}
+    for name, p in module.named_parameters():  # the tied lm_head once: it is the embedding
+        if name.endswith("norm.weight"):
+            scale = p.shape[0] ** -0.25 if plain_norms and name.endswith(("q_norm.weight", "k_norm.weight")) else 1.0
+            draw = lambda t, scale=scale: t.normal_(1.0 if plain_norms else 0.0, 1.0).mul_(scale)  # noqa: E731
+        elif "embed_tokens" in name:
+            draw = lambda t: t.normal_(0.0, 0.4 * config.hidden_size**-0.5)  # noqa: E731
+        elif p.dim() >= 2:
+            draw = lambda t, std=2.0 * p.shape[-1] ** -0.5: t.normal_(0.0, std)  # noqa: E731
+        elif name.endswith(("router.scale", "per_expert_scale")):
+            draw = lambda t: t.uniform_(0.5, 1.5)  # noqa: E731
+        else:
+            draw = lambda t: t.normal_(0.0, 0.02)  # noqa: E731
+        state[name] = _drawn(p.shape, precision.vocab_table if p is table else precision.dtype, draw)
+    for name, b in module.named_buffers():  # persistent ones (the RoPE tables are rebuilt by _finish)
+        if name.endswith("layer_scalar"):
+            state[name] = _drawn(b.shape, torch.float32, lambda t: t.uniform_(0.5, 1.5))
+    if "lm_head.weight" in module.state_dict():
+        state["lm_head.weight"] = state[next(n for n, p in module.named_parameters() if p is table)]
+    module.load_state_dict(state, strict=True, assign=True)
+    _finish(module)
+    return module
+
+
+def _drawn(shape, dtype: torch.dtype, draw, chunk: int = 1 << 24) -> torch.Tensor:
+    """A tensor of `dtype` filled by `draw` (an in-place torch sampler) in float32 chunks of `chunk` values, so that a
+    half-precision weight never exists in float32 whole (E2B's per-layer table is 9.4 GB so). The values are those of
+    one float32 draw cast to `dtype`: the CPU samplers fill in order, normal_ in blocks of 16, so chunks give the same
+    stream as long as none but the first is shorter than 16 values."""
+    out = torch.empty(shape, dtype=dtype)
+    flat = out.view(-1)
+    starts = list(range(0, flat.numel(), chunk))
+    if len(starts) > 1 and flat.numel() - starts[-1] < 16:
+        starts.pop()
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else flat.numel()
+        values = torch.empty(end - start)
+        draw(values)
+        flat[start:end] = values
+    return out
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):

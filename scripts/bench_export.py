@@ -1,5 +1,5 @@
-"""Export a full-size model with random float32 weights in a child process; print time, peak RSS and
-its ratio to the weights' size. Usage: python scripts/bench_export.py [--preset gemma-2b] [--keep DIR]"""
+"""Export a full-size model with random weights (float32, or --dtype) in a child process; print time, peak RSS and
+its ratio to the weights' size. Usage: python scripts/bench_export.py [--preset gemma-2b] [--dtype fp16] [--keep DIR]"""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from pathlib import Path
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="gemma-2b")
+    parser.add_argument("--dtype", default=None, help="the export's --dtype (fp32 by default; fp16 for gemma-4-e2b, "
+                        "whose 4.6 G weights take 17 GiB in float32)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the artifact here instead of deleting it")
     parser.add_argument("--verify", action="store_true", help="also run the parity check (a second model in memory)")
     args = parser.parse_args()
@@ -26,6 +28,8 @@ def main() -> int:
                "--quiet", "--overwrite"]
     if not args.verify:
         command.append("--no-verify")
+    if args.dtype:
+        command += ["--dtype", args.dtype]
     start = time.perf_counter()
     status = subprocess.call(command)
     seconds = time.perf_counter() - start
@@ -40,6 +44,7 @@ def main() -> int:
     size = sum(f.size for f in manifest.files.values())
     print(json.dumps({
         "preset": args.preset,
+        "dtype": manifest.precision.dtype,
         "seconds": round(seconds, 1),
         "trace_seconds": manifest.export.trace_seconds,
         "weight_gib": round(weights / 2**30, 2),

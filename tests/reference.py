@@ -159,3 +159,44 @@ def save_folder(model, folder, shards=1):
         save_file(part, folder / file)
         weight_map.update({k: file for k in part})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+LLAMA_CPP_PYTHON = "0.3.36"  # the sdist ../shared/anchors builds llama.cpp from: its convert_hf_to_gguf.py
+
+
+def llama_cpp_converter(cache) -> "Path | None":
+    """llama.cpp's convert_hf_to_gguf.py (with its conversion/ package and gguf-py), from the llama-cpp-python sdist
+    on PyPI, unpacked under `cache`; None if the sdist cannot be fetched."""
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(cache) / f"llama-cpp-python-{LLAMA_CPP_PYTHON}"
+    script = root / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return script
+    download = Path(cache) / "sdist"
+    status = subprocess.call([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                              "-d", str(download), f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], timeout=600)
+    archives = list(download.glob("llama_cpp_python-*.tar.gz"))
+    if status != 0 or not archives:
+        return None
+    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+    with tarfile.open(archives[0]) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile() and (
+            m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith((prefix + "conversion/", prefix + "gguf-py/")))]
+        for member in members:
+            member.name = member.name.removeprefix(prefix)
+        tar.extractall(root, members=members, filter="data")
+    return script
+
+
+def convert_to_gguf(converter, folder, output, outtype: str = "f32"):
+    """`folder` (a Hugging Face folder with tokenizer.json) as llama.cpp's converter writes it to `output`."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(converter), str(folder), "--outfile", str(output), "--outtype", outtype],
+                   check=True, capture_output=True, timeout=600)
+    return output

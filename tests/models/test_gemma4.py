@@ -137,3 +137,45 @@ def test_loads_a_multimodal_safetensors_checkpoint(tmp_path):
         a, _ = model(ids, position_ids_from_mask(mask), mask, empty_past(config, 2))
         b, _ = loaded(ids, position_ids_from_mask(mask), mask, empty_past(config, 2))
     assert torch.equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def converter(tmp_path_factory):
+    from pathlib import Path
+
+    from tests.reference import llama_cpp_converter
+
+    script = llama_cpp_converter(Path.home() / ".cache" / "gemma-deploy")
+    if script is None:
+        pytest.skip("llama-cpp-python's sdist could not be fetched from the package index (its converter is the test)")
+    return script
+
+
+@pytest.mark.parametrize("name", TINY4)
+def test_loads_the_gguf_llama_cpps_converter_writes(tmp_path, converter, name):
+    """llama.cpp's own convert_hf_to_gguf.py on a tiny folder (float32): the config read back from the `gemma4`
+    metadata (per-layer KV heads and FFN widths, the window pattern, the proportional RoPE from rope_freqs...) is the
+    folder's, every tensor comes back exactly (norms as w, not 1 + w), and the logits are the same."""
+    from tests.reference import convert_to_gguf, save_folder
+    from tests.runtime.conftest import write_tokenizer
+
+    config = presets.config(name)
+    model = random_model(config, seed=2)
+    folder = tmp_path / "hf"
+    save_folder(model, folder)
+    write_tokenizer(folder)
+    values = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**values, "architectures": ["Gemma4ForCausalLM"]}))
+    gguf = convert_to_gguf(converter, folder, tmp_path / "model.gguf")
+
+    loaded, ckpt = load_model(gguf, progress=False)
+    ours, theirs = ckpt.config.to_dict(), config.to_dict()
+    assert {k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)} <= {"rms_norm_eps", "eos_token_id"}
+    assert ours["rms_norm_eps"] == pytest.approx(theirs["rms_norm_eps"])  # stored as float32
+    expected = model.state_dict()
+    assert all(torch.equal(expected[k], v) for k, v in loaded.state_dict().items())
+    ids, mask = left_padded_batch(config.vocab_size, [6, 4])
+    with torch.no_grad():
+        a, _ = model(ids, position_ids_from_mask(mask), mask, empty_past(config, 2))
+        b, _ = loaded(ids, position_ids_from_mask(mask), mask, empty_past(config, 2))
+    assert torch.equal(a, b)
