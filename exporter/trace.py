@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from models.gemma import TENSOR_SCATTER_OPSET, GemmaForCausalLM, decoder_of
+from models.gemma4 import Experts, experts_forward
 from runtime.spec import ELEMENT_TYPE, ArtifactSpec
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,20 @@ class MatMulLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.matmul(x, self.weight)
         return y if self.bias is None else y + self.bias
+
+
+class MatMulExperts(nn.Module):
+    """Gemma 4's experts with their weights stored [E, in, out]: batched MatMuls on named initializers (the
+    transposes of [E, out, in] would be folded by the optimizer into a second, anonymous copy)."""
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach().transpose(1, 2).contiguous(), requires_grad=False)
+        self.down_proj = nn.Parameter(experts.down_proj.detach().transpose(1, 2).contiguous(), requires_grad=False)
+        self.act_dtype = experts.act_dtype
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return experts_forward(x, weights, self.gate_up_proj, self.down_proj, self.act_dtype)
 
 
 class TransposedEmbedding(nn.Module):
@@ -81,6 +96,8 @@ def to_export_form(model: nn.Module) -> None:
     ]
     for parent, name in slots:
         setattr(parent, name, MatMulLinear(getattr(parent, name)))
+    for parent in [m for m in model.modules() if isinstance(getattr(m, "experts", None), Experts)]:
+        parent.experts = MatMulExperts(parent.experts)
     decoder.embed_tokens = TransposedEmbedding(decoder.embed_tokens.weight)
     if tied:
         model.lm_head = TiedLogits(decoder.embed_tokens)

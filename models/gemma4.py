@@ -31,7 +31,9 @@ from .gemma import KV, MLP, GemmaForCausalLM, Precision, check_layout, layer_vie
 
 class RMSNorm(nn.Module):
     """Gemma 4 scales by w (its weights start at ones), not 1 + w; `with_scale=False` (the value norm): no weight.
-    float32 inside, x * pow(mean(x^2) + eps, -0.5) as transformers' Gemma4RMSNorm writes it."""
+    float32 inside. transformers' Gemma4RMSNorm writes pow(mean(x^2) + eps, -0.5); rsqrt is the same function
+    (within an ulp) and traces to the Sqrt and Reciprocal that onnxscript's SimplifiedLayerNormalization rule
+    matches, as Gemma 1-3's norms do."""
 
     def __init__(self, dim: int, eps: float, out_dtype: torch.dtype | None = None, with_scale: bool = True):
         super().__init__()
@@ -42,7 +44,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
-        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         weight = getattr(self, "weight", None)
         if weight is not None:
             h = h * weight.float()
@@ -151,10 +153,16 @@ class Experts(nn.Module):
         self.act_dtype = precision.activations
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        gate, up = torch.matmul(x, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)  # [E, N, I] each
-        h = F.gelu(gate.to(self.act_dtype), approximate="tanh") * up.to(self.act_dtype)
-        out = torch.matmul(h.to(x.dtype), self.down_proj.transpose(1, 2))  # [E, N, H]
-        return (out * weights.t()[:, :, None]).sum(0).to(x.dtype)  # [N, H]
+        return experts_forward(x, weights, self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2),
+                               self.act_dtype)
+
+
+def experts_forward(x, weights, gate_up: torch.Tensor, down: torch.Tensor, act_dtype) -> torch.Tensor:
+    """x [N, H], the router's weights [N, E], gate_up [E, H, 2I] and down [E, I, H] (the export stores them so)."""
+    gate, up = torch.matmul(x, gate_up).chunk(2, dim=-1)  # [E, N, I] each
+    h = F.gelu(gate.to(act_dtype), approximate="tanh") * up.to(act_dtype)
+    out = torch.matmul(h.to(x.dtype), down)  # [E, N, H]
+    return (out * weights.t()[:, :, None]).sum(0).to(x.dtype)  # [N, H]
 
 
 class DecoderLayer(nn.Module):

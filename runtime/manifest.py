@@ -257,6 +257,10 @@ def _check_io(path: Path, manifest: Manifest) -> None:
                             "the manifest is inconsistent, export the artifact again")
     if kv is None:
         return
+    if len(kv.layers) != kv.num_layers or len(kv.shapes) != kv.num_layers:
+        raise ArtifactError(f"{path}: kv.layers and kv.shapes must have an entry for each of the kv.num_layers "
+                            f"{kv.num_layers} layers that store KV, got {len(kv.layers)} and {len(kv.shapes)}; the "
+                            "manifest is inconsistent, export the artifact again")
     if kv.layout == "static" and not (kv.max_length or 0) > 0:
         raise ArtifactError(f"{path}: kv.max_length {kv.max_length!r} must be a positive integer for the static layout")
     if kv.layout == "static" and (len(kv.slots) != kv.num_layers or not all(0 < n <= kv.max_length for n in kv.slots)):

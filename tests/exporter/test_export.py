@@ -159,3 +159,25 @@ def test_gemma_parity_exit_codes(tmp_path):
     assert other.exit_code == 2 and "does not match" in other.output
     missing = runner.invoke(parity_command, [str(tmp_path / "nothing"), "--model", "random:tiny-gemma2"])
     assert missing.exit_code == 2
+
+
+@pytest.mark.slow  # an E2B-shaped export (8.6 GiB of fp16 weights); time and peak RSS: scripts/bench_export.py
+def test_gemma4_e2b_shaped_export(tmp_path):
+    """random:gemma-4-e2b in float16, unverified (its float32 reference alone would take 17 GiB; the tiny configs
+    carry the parity): past and present for the 15 storing layers of 35, each global one [B, 1, P, 512], each local
+    one [B, 1, P, 256], the per-layer table [262144, 35 x 256] in the graph, the artifact the size of the weights."""
+    from models import presets
+
+    config = presets.config("gemma-4-e2b")
+    manifest = export("random:gemma-4-e2b", tmp_path / "a", ExportOptions(dtype="fp16", verify=False, progress=False))
+    kv = manifest.kv
+    assert kv.layers == tuple(range(15)) and manifest.model.kv_sources == tuple(config.kv_source)
+    graph = onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False).graph
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert [n for n in inputs if n.startswith("past_key_values.")] == kv.past_names and len(kv.past_names) == 30
+    assert inputs["past_key_values.4.key"] == ["batch_size", 1, "past_sequence_length", 512]
+    assert inputs["past_key_values.3.value"] == ["batch_size", 1, "past_sequence_length", 256]
+    table = next(i for i in graph.initializer if i.name.endswith("embed_tokens_per_layer.weight"))
+    assert list(table.dims) == [262144, 35 * 256]
+    size = sum(f.size for f in manifest.files.values())
+    assert manifest.export.weight_bytes <= size <= 1.01 * manifest.export.weight_bytes + 2**20

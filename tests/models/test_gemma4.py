@@ -179,3 +179,31 @@ def test_loads_the_gguf_llama_cpps_converter_writes(tmp_path, converter, name):
         a, _ = model(ids, position_ids_from_mask(mask), mask, empty_past(config, 2))
         b, _ = loaded(ids, position_ids_from_mask(mask), mask, empty_past(config, 2))
     assert torch.equal(a, b)
+
+
+# The real presets at their real widths (head dims, heads, KV heads, keys as values, FFN and expert sizes, window)
+# on fewer layers and a 1,024-token vocabulary, so that ours and transformers' fit in memory together:
+# (layers kept, of them KV-shared).
+REAL_WIDTHS = {"gemma-4-e2b": (10, 5), "gemma-4-e4b": (12, 6), "gemma-4-31b": (2, 0), "gemma-4-26b-a4b": (2, 0)}
+
+
+@pytest.mark.slow  # up to 1.6 G parameters twice (26B-A4B's 128 experts); scripts/test.sh -m slow
+@pytest.mark.parametrize("name", list(REAL_WIDTHS))
+def test_real_widths_match_transformers(name):
+    import dataclasses
+
+    from tests.families import FP32_TOL
+    from tests.reference import max_diff, reference_steps, run_steps
+
+    layers, shared = REAL_WIDTHS[name]
+    real = presets.config(name)
+    types = real.layer_types[:layers - 1] + ["full_attention"]
+    config = dataclasses.replace(real, num_hidden_layers=layers, layer_types=types, num_kv_shared_layers=shared,
+                                 vocab_size=1024, vocab_size_per_layer_input=1024)
+    model = random_model(config, seed=1)
+    ref = transformers_reference(config, model)
+    ids, mask = left_padded_batch(config.vocab_size, [12, 7])
+    decode_ids = torch.randint(3, config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(2))
+    worst = max_diff(run_steps(model, config, ids, mask, decode_ids), reference_steps(ref, ids, mask, decode_ids), mask)
+    print(f"{name} at its widths, {layers} layers ({shared} KV-shared): max |logit difference| {worst:.2e}")
+    assert worst <= FP32_TOL

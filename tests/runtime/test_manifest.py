@@ -81,7 +81,12 @@ def test_half_written_artifact(artifact):
 
 def test_io_names_must_match_the_kv_description(artifact):
     edit_manifest(artifact, lambda m: m["kv"].update(num_layers=3))
-    with pytest.raises(ArtifactError, match=r"graph.inputs does not match kv \(3 layers"):
+    with pytest.raises(ArtifactError, match=r"kv.layers and kv.shapes must have an entry for each of the "
+                                            r"kv.num_layers 3 layers that store KV, got \d+ and \d+"):
+        read_manifest(artifact)
+    edit_manifest(artifact, lambda m: m["kv"].update(num_layers=len(m["kv"]["layers"]) - 1,
+                                                       layers=m["kv"]["layers"][1:], shapes=m["kv"]["shapes"][1:]))
+    with pytest.raises(ArtifactError, match=r"graph.inputs does not match kv \(\d+ layers"):
         read_manifest(artifact)
 
 
