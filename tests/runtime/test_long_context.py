@@ -173,6 +173,7 @@ def real_fp16_ring(tmp_path_factory, real_model_dir):
 
 
 @pytest.mark.real
+@pytest.mark.slow  # an fp16 export of the real model of its own; the default run stays near 20 minutes
 def test_fp16_stays_finite_over_8000_tokens(real_fp16_ring, real_8000):
     """float16 weights and KV cache, the residual stream in float32: finite at every step, and within the float16
     tolerance of transformers' float32 logits (measured: 0.018)."""
