@@ -124,11 +124,16 @@ def _blocks(name: str, tied: bool, weight: np.ndarray, quant: QuantSpec, select:
         return None
     if name in precomputed and bits == 4:
         return precomputed.pop(name)
+    return _rounded(weight, bits, quant, tied)
+
+
+def _rounded(weight: np.ndarray, bits: int, quant: QuantSpec, lookup: bool) -> Blocks:
+    """Blocks of a weight without calibration: Q8_0 for 8 bits, else HQQ or round-to-nearest (a table that is also
+    looked up always round-to-nearest: GatherBlockQuantized takes integer zero points only)."""
     if bits == 8 and quant.format == "matmulnbits":
         return ggml_blocks(weight, "Q8_0")
-    if quant.method == "hqq" and not tied:
+    if quant.method == "hqq" and not lookup:
         return hqq(weight, quant.block_size)
-    # the tied tensor also feeds GatherBlockQuantized, which takes integer zero points only
     return rtn(weight, bits, quant.block_size, quant.symmetric)
 
 
@@ -166,11 +171,7 @@ def _table_blocks(table: np.ndarray, bits: int, quant: QuantSpec, rows: int = 16
     weight the quantizers take), `rows` rows at a time: no transposed copy of the whole table is made."""
     parts = []
     for start in range(0, table.shape[0], rows):
-        weight = np.ascontiguousarray(table[start:start + rows].T)  # [columns, rows]
-        if bits == 8 and quant.format == "matmulnbits":
-            parts.append(ggml_blocks(weight, "Q8_0"))
-        else:
-            parts.append(rtn(weight, bits, quant.block_size, quant.symmetric))
+        parts.append(_rounded(np.ascontiguousarray(table[start:start + rows].T), bits, quant, lookup=True))
     first = parts[0]
     zero_points = None if first.zero_points is None else np.concatenate([b.zero_points for b in parts])
     return Blocks(np.concatenate([b.packed for b in parts]), np.concatenate([b.scales for b in parts]), zero_points,

@@ -23,6 +23,14 @@ from tests.families import ONE_PER_FAMILY
 LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
 
 
+def _assert_topological(graph):
+    """Every node reads only inputs, initializers and earlier nodes' outputs, as TensorRT's parser needs."""
+    defined = {v.name for v in [*graph.input, *graph.initializer]} | {""}
+    for node in graph.node:
+        assert set(node.input) <= defined, f"{node.name} reads {set(node.input) - defined} before it is computed"
+        defined.update(node.output)
+
+
 def _run(nodes, inputs, feeds, initializers, opset=21):
     outputs = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in nodes if n.output[0] != "_"]
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializers)
@@ -361,10 +369,7 @@ def test_trt_graph_is_standard_onnx_with_int4_qdq(tmp_path, dtype):
     assert {o.version for o in onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False).opset_import
             if o.domain in ("", "ai.onnx")} == {21}
     # in topological order, as TensorRT's parser reads it: the tied table's DequantizeLinear precedes the lookup
-    defined = {v.name for v in [*graph.input, *graph.initializer]} | {""}
-    for node in graph.node:
-        assert set(node.input) <= defined, f"{node.name} reads {set(node.input) - defined} before it is computed"
-        defined.update(node.output)
+    _assert_topological(graph)
 
 
 def test_trt_target_defaults_to_fp16(tmp_path):
@@ -579,10 +584,7 @@ def test_gemma4_per_layer_embeddings_are_quantized_like_the_tied_table(tmp_path,
         assert shapes[f"{table}_Q8"] == (V, L * P) and manifest.quantized.weights["int8"] == 2
     else:
         assert shapes[f"{table}_int4"] == (V, L * P) and shapes[f"{table}_scales"] == (V, L * P // 32)
-        defined = {v.name for v in [*graph.input, *graph.initializer]} | {""}
-        for node in graph.node:
-            assert set(node.input) <= defined, f"{node.name} reads {set(node.input) - defined} before it is computed"
-            defined.update(node.output)
+        _assert_topological(graph)
 
 
 def test_gemma4_mixture_of_experts_int4(tmp_path):
