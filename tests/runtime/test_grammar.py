@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -157,6 +159,15 @@ def test_bad_constraints_name_their_field(body, param, words):
     with pytest.raises(G.GrammarError) as error:
         G.spec_from_request(body)
     assert error.value.param == param and words in str(error.value)
+
+
+def test_llguidance_is_imported_only_to_build_a_grammar():
+    """The runtime (and a request without a constraint) never loads the engine."""
+    code = ("import sys, runtime.serving.grammar as G, runtime.serving.tools as T; "
+            "G.spec_from_request({'response_format': {'type': 'json_object'}}); T.check_tools([]); "
+            "print('llguidance' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "False", result.stderr
 
 
 # -- compiling ---------------------------------------------------------------------------------------------
