@@ -1,7 +1,7 @@
 """Structured outputs: a request's constraint compiled by llguidance into a grammar, and a matcher per request
 that says, before each token, which tokens may come next.
 
-    info = TokenizerInfo(tokenizer, end_ids, vocab_size)   # once per artifact (llguidance's token trie: ~3 s at 262k)
+    info = TokenizerInfo(tokenizer, end_ids, vocab_size)   # once per artifact (llguidance's token trie: ~2 s at 262k)
     spec = spec_from_request(body)                          # None: unconstrained; GrammarError: a 400 naming its param
     grammar = compile(spec, info)                           # once per distinct spec (an LRU cache in `info`)
     matcher = grammar.matcher()                             # one per request
@@ -343,7 +343,8 @@ class MaskBatch:
         masks = batch.wait()                 # [max_rows, words]; rows not listed are untouched
         apply_mask(logits[row], masks[row]) for the listed rows
 
-    One background thread hands the rows to llguidance's executor (a thread pool in Rust, the GIL released)."""
+    One background thread hands the rows to llguidance's executor (a thread pool in Rust, the GIL released). Between
+    start() and wait() the listed matchers belong to it: accept their tokens after wait()."""
 
     def __init__(self, info: TokenizerInfo, max_rows: int, threads: int | None = None):
         self.masks = info.allocate(max_rows)

@@ -331,3 +331,50 @@ def test_real_tokenizer_walks_validate(real_model_dir):
             assert info.ll.decode_bytes(tokens).decode("utf-8") == text
             jsonschema.validate(json.loads(text), schema)
         assert used_bytes or name == "patterns", "the walks never took a byte-fallback token"
+
+
+@pytest.mark.real
+def test_real_model_constrained_answers_end_and_validate(real_static_artifact):
+    """The base 270M decoding greedily under each schema, the rows in one batch with their masks computed while the
+    model runs (MaskBatch), as the scheduler does: every answer ends (an end token once the JSON is complete, no
+    whitespace run to max_tokens) and validates."""
+    import runtime
+    from runtime.generate import decode_rows, prefill_rows
+
+    model = runtime.load(real_static_artifact)
+    info = G.TokenizerInfo(model.tokenizer, model.eos_token_ids, model.manifest.model.vocab_size)
+    names = sorted(SCHEMAS)
+    backend = model.backend
+    backend.reset(len(names), backend.max_length)
+    matchers = [G.compile(G.GrammarSpec.json_schema(SCHEMAS[n], strict=True), info).matcher() for n in names]
+    batch = G.MaskBatch(info, len(names))
+    generated = [[] for _ in names]
+    tokens = np.zeros(len(names), np.int64)
+
+    def choose(row: int, logits: np.ndarray, mask: np.ndarray) -> None:
+        token = int(G.apply_mask(logits, mask).argmax())
+        assert matchers[row].accept(token), matchers[row].error
+        generated[row].append(token)
+        tokens[row] = token
+
+    try:
+        for row, name in enumerate(names):
+            prompt = np.array([model.tokenizer.encode(f"A {name} record, as JSON: ")], np.int64)
+            logits = prefill_rows(backend, slice(row, row + 1), prompt)[0]
+            matchers[row].fill_mask(batch.masks[row])
+            choose(row, logits, batch.masks[row])
+        for _ in range(300):
+            live = [(row, m) for row, m in enumerate(matchers) if not m.done]
+            if not live:
+                break
+            batch.start(live)
+            logits = decode_rows(backend, tokens, slice(0, len(names)))
+            masks = batch.wait()
+            for row, _ in live:
+                choose(row, logits[row], masks[row])
+    finally:
+        batch.close()
+    for name, matcher, tokens_of_row in zip(names, matchers, generated):
+        text = model.tokenizer.decode([t for t in tokens_of_row if t not in model.eos_token_ids])
+        assert matcher.done, f"{name}: no end in 300 tokens: {text!r}"  # done: only an end token may come
+        jsonschema.validate(json.loads(text), SCHEMAS[name])
