@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.generate import positions
+from runtime.kv import positions
 from runtime.manifest import ParitySummary
 from runtime.spec import ArtifactSpec
 from runtime.tokenizer import left_pad

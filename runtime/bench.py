@@ -36,9 +36,10 @@ def prompt_ids(model, length: int, batch_size: int, seed: int = 0) -> np.ndarray
 def time_generation(model, ids: np.ndarray, new_tokens: int) -> dict:
     """One prefill and `new_tokens - 1` decode steps, greedy: wall times and the time inside run()."""
     backend = model.backend
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + new_tokens)
     stamps, inside = [], []
     start = time.perf_counter()
-    for _ in generate_step(backend, ids, np.ones_like(ids), make_sampler(), new_tokens):
+    for _ in generate_step(cache, ids, np.ones_like(ids), make_sampler(), new_tokens):
         stamps.append(time.perf_counter())
         inside.append(backend.run_seconds)
     steps = len(stamps) - 1

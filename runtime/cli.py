@@ -12,58 +12,52 @@ import click
 
 from . import exit_codes
 from .manifest import ArtifactError
-from .model import BACKENDS
+from .params import LoadOptions, SamplingParams
 
 log = logging.getLogger("gemma-run")
 
 
-def _sampling_options(f):
-    options = [
-        click.option("--max-new-tokens", "-n", type=int, default=64, show_default=True),
-        click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 means greedy."),
-        click.option("--top-k", type=int, default=0, show_default=True, help="0 disables it."),
-        click.option("--top-p", type=float, default=1.0, show_default=True),
-        click.option("--min-p", type=float, default=0.0, show_default=True),
-        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
-        click.option("--seed", type=int, default=None, help="Makes sampling repeatable."),
-        click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable)."),
-    ]
-    return _apply(options, _backend_options(f))
+def _table(cls, skip=(), short=None):
+    """click options for the fields of a runtime.params table (SamplingParams, LoadOptions, ServeOptions): each
+    field's flag, type, default and help from the table, where its bounds are checked (ParamError) when the command
+    makes the options."""
+    short = short or {}
+
+    def apply(f):
+        for name, (default, bound) in reversed(list(cls.fields().items())):
+            if name in skip:
+                continue
+            flags = ["--" + name.replace("_", "-"), *([short[name]] if name in short else [])]
+            help = bound.help[:1].upper() + bound.help[1:] + "." if bound.help else None
+            if bound.kind is bool and not default:
+                f = click.option(*flags, name, is_flag=True, help=help)(f)
+            elif bound.kind is bool:
+                f = click.option(f"{flags[0]}/--no-{flags[0][2:]}", name, default=True, show_default=True,
+                                 help=help)(f)
+            elif bound.kind is tuple:
+                f = click.option(*flags, name, multiple=True, help=help)(f)
+            else:
+                kind = click.Choice(bound.choices) if bound.choices else bound.kind
+                f = click.option(*flags, name, type=kind, default=default, show_default=default is not None,
+                                 help=help)(f)
+        return f
+
+    return apply
 
 
-def _backend_options(f):
-    options = [
-        click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-                     help="auto: the TensorRT engine when the artifact has one, else ONNX Runtime."),
-        click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
-                     help="ONNX Runtime's execution provider (tensorrt: its TensorRT provider, engine cache in the artifact)."),
-        click.option("--allow-cpu-fallback", is_flag=True, help="Run on the CPU if the provider is not usable."),
-        click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads."),
-    ]
-    return _apply(options, f)
+_sampling_options = _table(SamplingParams, skip=("logprobs",), short={"max_new_tokens": "-n", "temperature": "-t"})
+_load_options = _table(LoadOptions, skip=("verify",))
 
 
-def _apply(options, f):
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def _options(kw):
-    from .model import GenerationOptions
-
-    return GenerationOptions(
-        max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"], top_k=kw["top_k"], top_p=kw["top_p"],
-        min_p=kw["min_p"], repetition_penalty=kw["repetition_penalty"], seed=kw["seed"],
-        stop_strings=list(kw["stop_strings"]),
-    )
+def _pick(cls, kw: dict, **fixed):
+    """The table's options out of a command's keyword arguments (removed from them), checked."""
+    return cls(**{name: kw.pop(name) for name in cls.fields() if name in kw}, **fixed)
 
 
 def _load(artifact, kw):
     from .model import load
 
-    return load(artifact, provider=kw["provider"], allow_cpu_fallback=kw["allow_cpu_fallback"], threads=kw["threads"],
-                backend=kw["backend"])
+    return load(artifact, _pick(LoadOptions, kw))
 
 
 def _fail(message: str, code: int) -> None:
@@ -82,6 +76,7 @@ def _guard(run):
     except TensorRTUnavailable as e:
         _fail(f"{e}; or run the ONNX graph with --backend onnxruntime", exit_codes.NO_TENSORRT)
     except (ArtifactError, ValueError, FileNotFoundError, FileExistsError, ProviderError, EngineMismatch) as e:
+        # ValueError includes ParamError: an option out of range, named as its table names it
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, exit_codes.USAGE)
     except KeyboardInterrupt:
         _fail("interrupted", exit_codes.FAILED)
@@ -101,6 +96,7 @@ def main(verbose):
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("prompt", required=False)
 @_sampling_options
+@_load_options
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--chat", is_flag=True, help="Apply the artifact's chat template to the prompt.")
 @click.option("--json", "as_json", is_flag=True, help="Print {prompt, generated_text, tokens, timings}.")
@@ -114,8 +110,7 @@ def generate(artifact, prompt, stream, chat, as_json, **kw):
         _fail("the prompt is empty", exit_codes.USAGE)
 
     def run():
-        options = _options(kw)
-        options.check()
+        options = _pick(SamplingParams, kw)
         model = _load(artifact, kw)
         text = model.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         if stream and not as_json:
@@ -139,13 +134,13 @@ def generate(artifact, prompt, stream, chat, as_json, **kw):
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @_sampling_options
+@_load_options
 @click.option("--system", default=None, help="System prompt.")
 def chat(artifact, system, **kw):
     """Interactive multi-turn chat; /reset starts over, /exit (or end of input) quits."""
 
     def run():
-        options = _options(kw)
-        options.check()
+        options = _pick(SamplingParams, kw)
         session = _load(artifact, kw).chat_session(options, system=system)
         interactive = sys.stdin is not None and sys.stdin.isatty()
         while True:
@@ -170,34 +165,26 @@ def chat(artifact, system, **kw):
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--prompt-length", type=int, default=128, show_default=True)
-@click.option("--new-tokens", type=int, default=64, show_default=True)
-@click.option("--batch-size", type=int, default=1, show_default=True)
-@click.option("--runs", type=int, default=5, show_default=True)
-@click.option("--warmup", type=int, default=1, show_default=True)
-@_backend_options
+@click.option("--prompt-length", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(2), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--runs", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
+@_load_options
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also draw decode tokens/s against context length to this PNG (needs matplotlib).")
-def bench(artifact, prompt_length, new_tokens, batch_size, runs, warmup, threads, backend, provider,
-          allow_cpu_fallback, as_json, plot):
+def bench(artifact, prompt_length, new_tokens, batch_size, runs, warmup, as_json, plot, **kw):
     """Prefill ms, decode tokens/s, per-token overhead and peak RSS (median of runs after warm-up)."""
     from .bench import benchmark, context_sweep, format_report
 
     def run():
-        for name, value, least in (("prompt-length", prompt_length, 1), ("new-tokens", new_tokens, 2),
-                                   ("batch-size", batch_size, 1), ("runs", runs, 1), ("warmup", warmup, 0)):
-            if value < least:
-                raise ValueError(f"--{name} {value} must be >= {least}")
         if plot is not None:
             try:
                 import matplotlib  # noqa: F401
             except ImportError:
                 raise ValueError("--plot needs matplotlib: pip install 'gemma-deploy[plot]'") from None
-        from .model import load
-
-        model = load(artifact, provider=provider, allow_cpu_fallback=allow_cpu_fallback, threads=threads,
-                     backend=backend)
+        model = _load(artifact, kw)
         report = benchmark(model, prompt_length, new_tokens, batch_size, runs, warmup)
         if plot is not None:
             report["context_sweep"] = context_sweep(model, plot, new_tokens=16)
@@ -206,24 +193,28 @@ def bench(artifact, prompt_length, new_tokens, batch_size, runs, warmup, threads
     _guard(run)
 
 
-def _serve_default(name: str):
+def _serve_options(kw: dict):
     from .serving.options import ServeOptions
 
-    return ServeOptions.__dataclass_fields__[name].default
+    return _pick(ServeOptions, kw, load=_pick(LoadOptions, kw))
+
+
+def _serve_table(skip=()):
+    from .serving.options import ServeOptions
+
+    return _table(ServeOptions, skip=("load", "response_headers", *skip))
+
+
+# what an HTTP server of our own takes and a Triton model does not
+HTTP_ONLY = ("api_key", "model_name", "max_body_bytes", "header_timeout", "body_timeout", "keep_alive",
+             "max_connections")
 
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--max-batch-size", type=click.IntRange(1), default=None, show_default=str(_serve_default("max_batch_size")),
-              help="Requests decoded together (rows of the KV buffers).")
-@click.option("--max-queue", type=click.IntRange(1), default=None, show_default=str(_serve_default("max_queue")),
-              help="Requests waiting for a row; one more gets 429.")
-@click.option("--prefill-chunk", type=click.IntRange(1), default=None, show_default=str(_serve_default("prefill_chunk")),
-              help="Prompt tokens prefilled a step: the running requests wait for one chunk at most.")
-@click.option("--api-key", default=None, help="Require Authorization: Bearer KEY on /v1/ (also GEMMA_DEPLOY_API_KEY).")
-@click.option("--model-name", default=None, help="The model's name in the API [default: the artifact folder's name].")
+@_serve_table()
 @click.option("--grace", type=float, default=30.0, show_default=True,
               help="Seconds the requests under way get to finish after SIGTERM.")
 @click.option("--ray", "on_ray", is_flag=True, help="Deploy on Ray Serve (pip install 'gemma-deploy[ray]').")
@@ -233,25 +224,21 @@ def _serve_default(name: str):
               help="--ray: an existing cluster (auto, or host:port) [default: a local one for this command].")
 @click.option("--cpus-per-replica", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
 @click.option("--gpus-per-replica", type=click.FloatRange(0), default=0.0, show_default=True)
-@_backend_options
-def serve(artifact, host, port, max_batch_size, max_queue, prefill_chunk, api_key, model_name, grace, on_ray, replicas,
-          autoscale, ray_address, cpus_per_replica, gpus_per_replica, backend, provider, allow_cpu_fallback, threads):
+@_load_options
+def serve(artifact, host, port, grace, on_ray, replicas, autoscale, ray_address, cpus_per_replica, gpus_per_replica,
+          **kw):
     """Serve ARTIFACT (static KV layout) with the OpenAI API and continuous batching, until SIGTERM."""
 
     def run():
         try:
             from .serving import serve as serve_app
-            from .serving.options import ServeOptions
         except ImportError as e:
             raise ValueError(f"gemma-run serve needs the serve extra: pip install 'gemma-deploy[serve]' ({e})") from None
         from .manifest import read_manifest
         from .serving.scheduler import check_servable
 
         check_servable(read_manifest(artifact, verify=False))  # refused now, with its reason, not in a server log
-        given = dict(max_batch_size=max_batch_size, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                     api_key=api_key, model_name=model_name, backend=backend, provider=provider, threads=threads,
-                     allow_cpu_fallback=allow_cpu_fallback)
-        options = ServeOptions(**{k: v for k, v in given.items() if v is not None})
+        options = _serve_options(kw)
         ray_only = {"--replicas": replicas, "--autoscale": autoscale, "--ray-address": ray_address}
         if not on_ray:
             if any(v is not None for v in ray_only.values()):
@@ -307,21 +294,16 @@ def mask(artifact, prompts, color):
 @click.option("--name", default="gemma", show_default=True, help="The model's name in Triton.")
 @click.option("--instances", type=click.IntRange(1), default=1, show_default=True,
               help="Model instances (stub processes), each with its own copy of the model.")
-@click.option("--max-batch-size", type=click.IntRange(1), default=None, show_default=str(_serve_default("max_batch_size")),
-              help="Requests each instance decodes together.")
-@click.option("--max-queue", type=click.IntRange(1), default=None, show_default=str(_serve_default("max_queue")))
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
-              help="auto: TensorRT on a GPU instance when the artifact has an engine, else ONNX Runtime on the CPU.")
-def triton_repo(artifact, output, name, instances, max_batch_size, max_queue, backend):
+@_serve_table(skip=HTTP_ONLY)
+@_load_options
+def triton_repo(artifact, output, name, instances, **kw):
     """Write a Triton Inference Server model repository serving ARTIFACT (Python backend, decoupled, the generate
-    extension's text_input/text_output)."""
+    extension's text_input/text_output); the serving options go to its config.pbtxt."""
 
     def run():
         from .deploy.triton import write_repository
 
-        folder = write_repository(artifact, output, name, instances,
-                                  max_batch_size or _serve_default("max_batch_size"),
-                                  max_queue or _serve_default("max_queue"), backend)
+        folder = write_repository(artifact, output, name, instances, _serve_options(kw))
         click.echo(f"wrote {folder}: tritonserver --model-repository {output}")
 
     _guard(run)

@@ -26,52 +26,49 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backends.base import Backend
+from .kv import KVCache
+from .params import ParamError
 from .sampling import Sampler
 
 log = logging.getLogger(__name__)
 
 
-class ContextLengthError(ValueError):
-    """The prompt (with max_new_tokens, for a static cache) does not fit the context."""
+class ContextLengthError(ParamError):
+    """The prompt (with max_new_tokens, for a static cache) does not fit the context; `param` says which to change."""
+
+    code = "context_length_exceeded"
 
 
-def positions(mask: np.ndarray) -> np.ndarray:
-    """Position ids as transformers' generate computes them: cumsum(mask) - 1, pads at 1."""
-    pos = np.cumsum(mask, axis=-1) - 1
-    return np.where(mask == 0, 1, pos).astype(np.int64)
-
-
-def fit_new_tokens(prompt_length: int, max_new_tokens: int, limit: int, static: bool = False) -> int:
-    """max_new_tokens that fit the context `limit`. A prompt that alone fills it is refused; so is one
-    that leaves too little room in a static cache (its buffers cannot grow); otherwise max_new_tokens
-    is cut to the room left, with a warning."""
+def fit_new_tokens(prompt_length: int, max_new_tokens: int | None, limit: int, static: bool = False) -> int:
+    """max_new_tokens that fit the context `limit` (None: all the room left). A prompt that alone fills it is
+    refused; so is one that leaves too little room in a static cache (its buffers cannot grow); otherwise
+    max_new_tokens is cut to the room left, with a warning."""
     if prompt_length >= limit:
-        raise ContextLengthError(
+        raise ContextLengthError("prompt",
             f"the prompt has {prompt_length} tokens but the context holds {limit} (with room for at least one "
             f"new token); shorten the prompt, or export with a larger --max-length"
         )
-    if prompt_length + max_new_tokens <= limit:
-        return max_new_tokens
+    room = limit - prompt_length
+    if max_new_tokens is None or max_new_tokens <= room:
+        return room if max_new_tokens is None else max_new_tokens
     if static:
-        raise ContextLengthError(
-            f"the prompt has {prompt_length} tokens and max_new_tokens is {max_new_tokens}: {prompt_length + max_new_tokens} "
-            f"tokens do not fit the static KV cache of {limit}; lower max_new_tokens to {limit - prompt_length} or less, "
-            "or export with a larger --max-length"
+        raise ContextLengthError("max_new_tokens",
+            f"the prompt has {prompt_length} tokens and {{param}} is {max_new_tokens}: "
+            f"{prompt_length + max_new_tokens} tokens do not fit the static KV cache of {limit}; lower {{param}} "
+            f"to {room} or less, or export with a larger --max-length"
         )
-    log.warning("max_new_tokens %d cut to %d to fit the context of %d", max_new_tokens, limit - prompt_length, limit)
-    return limit - prompt_length
+    log.warning("max_new_tokens %d cut to %d to fit the context of %d", max_new_tokens, room, limit)
+    return room
 
 
 @dataclass
 class LoopBuffers:
     """The loop's arrays for one batch, allocated once: mask and token history [B, capacity] filled up
-    to `length` columns, the next token and its position [B, 1]."""
+    to `length` columns, the next token [B, 1]."""
 
     mask: np.ndarray
     tokens: np.ndarray
     next_token: np.ndarray
-    next_position: np.ndarray
     length: int
 
     @classmethod
@@ -82,113 +79,79 @@ class LoopBuffers:
         mask[:, :total] = attention_mask
         tokens = np.zeros((B, capacity), np.int64)
         tokens[:, total - input_ids.shape[1] : total] = input_ids
-        return cls(mask, tokens, np.zeros((B, 1), np.int64), np.zeros((B, 1), np.int64), total)
+        return cls(mask, tokens, np.zeros((B, 1), np.int64), total)
 
 
-def prefill(backend: Backend, input_ids: np.ndarray, buffers: LoopBuffers) -> np.ndarray:
-    """The prompt (after what the cache holds) in one run; logits [B, V] of its last position."""
-    mask = buffers.mask[:, : buffers.length]
-    pos = positions(mask)[:, -input_ids.shape[1] :]
-    buffers.next_position[:, 0] = pos[:, -1] + 1
-    return backend.forward(input_ids, mask, pos)
-
-
-def decode_step(backend: Backend, token: np.ndarray, buffers: LoopBuffers) -> np.ndarray:
-    """Feed one sampled token per row; logits [B, V]."""
-    buffers.tokens[:, buffers.length] = token
-    buffers.next_token[:, 0] = token
-    buffers.length += 1
-    logits = backend.forward(buffers.next_token, buffers.mask[:, : buffers.length], buffers.next_position)
-    buffers.next_position += 1
-    return logits
-
-
-def prefill_rows(backend: Backend, rows: slice, ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
-    """Static layout: feed `ids` [n, S] to the n rows of `rows`, each after what its cache holds, in chunks of at
-    most what the backend takes (`chunk_limit`: its max_chunk, a ring's room); logits [n, V] of the last token
+def prefill_rows(cache: KVCache, rows: slice, ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
+    """Static layout: feed `ids` [n, S] to the n rows of `rows`, each after what it holds, in chunks of at most
+    what the backend takes (`chunk_limit`: its max_chunk, a ring's room); logits [n, V] of the last token
     ([n, S, V] with all_logits)."""
     pieces, start = [], 0
     while start < ids.shape[1]:
-        done = backend.lengths[rows]
-        if len(done) > 1 and done.any() and not backend.rows_prefill_over_cache:  # the kernel takes one row then
-            rest = [prefill_rows(backend, slice(r, r + 1), ids[i:i + 1, start:], all_logits)
+        done = cache.lengths[rows]
+        if len(done) > 1 and done.any() and not cache.rows_over_cache:  # the kernel takes one row then
+            rest = [prefill_rows(cache, slice(r, r + 1), ids[i:i + 1, start:], all_logits)
                     for i, r in enumerate(range(rows.start, rows.stop))]
             pieces.append(np.concatenate(rest))
             break
-        size = min(ids.shape[1] - start, backend.chunk_limit(done) or ids.shape[1])
-        piece = ids[:, start:start + size].astype(np.int64)
-        mask = (np.arange(int(done.max()) + size)[None] < (done + size)[:, None])
-        pos = done[:, None] + np.arange(size)[None]
-        pieces.append(backend.forward(piece, mask.astype(np.int64), pos, all_logits, rows=rows))
+        size = min(ids.shape[1] - start, cache.chunk_limit(done) or ids.shape[1])
+        pieces.append(cache.feed(rows, ids[:, start:start + size], all_logits))
         start += size
     return np.concatenate(pieces, axis=1) if all_logits else pieces[-1]
 
 
-def prefill_batch(backend: Backend, input_ids: np.ndarray, new: np.ndarray) -> np.ndarray:
-    """Static layout: the real tokens of a left-padded batch (`new` marks them), each row after what its cache
-    holds; rows next to each other with as many new tokens and as long a cache go in one run. Logits [B, V]."""
+def prefill_batch(cache: KVCache, input_ids: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Static layout: the real tokens of a left-padded batch (`new` marks them), each row after what it holds;
+    rows next to each other with as many new tokens and as long a cache go in one run. Logits [B, V]."""
     counts, logits, row = new.sum(1), [], 0
-    alone = not backend.rows_prefill_over_cache and backend.lengths.any()
+    alone = not cache.rows_over_cache and cache.lengths.any()
     while row < len(counts):
         end = row + 1
         while (end < len(counts) and not alone and counts[end] == counts[row]
-               and backend.lengths[end] == backend.lengths[row]):
+               and cache.lengths[end] == cache.lengths[row]):
             end += 1
         group = np.stack([input_ids[r][new[r]] for r in range(row, end)])
-        logits.append(prefill_rows(backend, slice(row, end), group))
+        logits.append(prefill_rows(cache, slice(row, end), group))
         row = end
     return np.concatenate(logits)
 
 
-def decode_rows(backend: Backend, tokens: np.ndarray, rows: slice) -> np.ndarray:
-    """Static layout: one new token for each row of `rows` (tokens [n]), each after its own length; logits
-    [n, V]. Rows without a request in them decode too (their token writes a slot that is overwritten later)."""
-    lengths = backend.lengths[rows] + 1
-    mask = (np.arange(int(lengths.max()))[None, :] < lengths[:, None]).astype(np.int64)  # [n, T], left-aligned
-    return backend.forward(tokens.astype(np.int64)[:, None], mask, (lengths - 1)[:, None], rows=rows)
-
-
 def generate_step(
-    backend: Backend,
+    cache: KVCache,
     input_ids: np.ndarray,
     attention_mask: np.ndarray,
     sampler: Sampler,
     max_new_tokens: int,
     use_history: bool = False,
-    continue_cache: bool = False,
 ) -> Iterator[np.ndarray]:
     """Yield the next token of every row [B], `max_new_tokens` times (the caller may stop earlier).
 
-    Without `continue_cache` the backend's cache is reset for this batch and attention_mask is
-    [B, S] like input_ids (left-padded). With it the cache is kept (a chat's earlier turns) and attention_mask
-    covers the cache and the new tokens, [B, past_length + S]. `use_history` passes the tokens so far
-    to the sampler (repetition penalty)."""
+    The rows continue after what `cache` holds (nothing, for a fresh cache; a chat's earlier turns): attention_mask
+    [B, past + S] covers the cache and the new tokens, left-padded. `use_history` passes the tokens so far to the
+    sampler (repetition penalty)."""
     B, S = input_ids.shape
-    past = backend.past_length if continue_cache else 0
+    past = int(cache.lengths[0])
     if attention_mask.shape != (B, past + S):
         raise ValueError(f"attention_mask shape {attention_mask.shape} must be {(B, past + S)} (cache + new tokens)")
-    if not continue_cache:
-        backend.reset(B, S + max_new_tokens)
     buffers = LoopBuffers.allocate(attention_mask, input_ids, max_new_tokens)
-    if backend.static:  # rows of their own, the pads left out
-        logits = prefill_batch(backend, input_ids, attention_mask[:, past:].astype(bool))
+    if cache.static:  # rows of their own, the pads left out
+        logits = prefill_batch(cache, input_ids, attention_mask[:, past:].astype(bool))
     else:
-        logits = prefill(backend, input_ids, buffers)
+        logits = cache.feed(slice(0, B), input_ids, mask=attention_mask)
     for step in range(max_new_tokens):
         history = buffers.tokens[:, past : buffers.length] if use_history else None
         token = sampler(logits, history)
         yield token
         if step + 1 < max_new_tokens:  # the last token is not fed: nothing would read its logits
-            if backend.static:
-                buffers.tokens[:, buffers.length] = token
-                buffers.length += 1
-                logits = decode_rows(backend, token, slice(0, B))
-            else:
-                logits = decode_step(backend, token, buffers)
+            buffers.tokens[:, buffers.length] = token
+            buffers.length += 1
+            buffers.next_token[:, 0] = token
+            mask = None if cache.static else buffers.mask[:, : buffers.length]
+            logits = cache.feed(slice(0, B), buffers.next_token, mask=mask)
 
 
 def generate_tokens(
-    backend: Backend,
+    cache: KVCache,
     input_ids: np.ndarray,
     attention_mask: np.ndarray,
     sampler: Sampler,
@@ -197,7 +160,6 @@ def generate_tokens(
     pad_token_id: int,
     stop: Callable[[int, int], bool] | None = None,
     use_history: bool = False,
-    continue_cache: bool = False,
 ) -> np.ndarray:
     """New tokens [B, n], n <= max_new_tokens: each row ends at its first end token (kept) and is
     padded with pad_token_id after it, as transformers' generate does; generation stops when every
@@ -208,7 +170,7 @@ def generate_tokens(
     done = np.zeros(B, dtype=bool)
     out = np.full((B, max_new_tokens), pad_token_id, dtype=np.int64)
     n = 0
-    steps = generate_step(backend, input_ids, attention_mask, sampler, max_new_tokens, use_history, continue_cache)
+    steps = generate_step(cache, input_ids, attention_mask, sampler, max_new_tokens, use_history)
     try:
         for n, token in enumerate(steps, start=1):
             out[:, n - 1] = np.where(done, pad_token_id, token)
@@ -269,7 +231,7 @@ class TextStream:
 
 
 def stream(
-    backend: Backend,
+    cache: KVCache,
     tokenizer,
     input_ids: np.ndarray,
     attention_mask: np.ndarray,
@@ -278,7 +240,6 @@ def stream(
     eos_token_ids: list[int],
     stop_strings: list[str] = (),
     use_history: bool = False,
-    continue_cache: bool = False,
     tokens: list[int] | None = None,
 ) -> Iterator[str]:
     """Text pieces of one row's completion as they are generated; they concatenate to the decoded
@@ -287,7 +248,7 @@ def stream(
     if input_ids.shape[0] != 1:
         raise ValueError(f"stream takes one prompt, got a batch of {input_ids.shape[0]}")
     text = TextStream(tokenizer, eos_token_ids, stop_strings)
-    steps = generate_step(backend, input_ids, attention_mask, sampler, max_new_tokens, use_history, continue_cache)
+    steps = generate_step(cache, input_ids, attention_mask, sampler, max_new_tokens, use_history)
     try:
         for token in steps:
             token = int(token[0])

@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from .model import GemmaRuntime, GenerationOptions, load
+from .model import GemmaRuntime, load
+from .params import SamplingParams
 
 
 class TextGenerationPipeline:
@@ -26,7 +27,7 @@ class TextGenerationPipeline:
             raise TypeError(f"unsupported generation arguments: {', '.join(sorted(unused))}; supported: max_new_tokens, "
                             "do_sample, temperature, top_k, top_p, min_p, repetition_penalty, seed, return_full_text, "
                             "stop_strings")
-        options = GenerationOptions.from_transformers(
+        options = SamplingParams.from_transformers(
             max_new_tokens or 256, do_sample, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop_strings
         )
         if _is_conversation(inputs):

@@ -173,27 +173,31 @@ def _invert(weights: np.ndarray, u: np.ndarray, return_rest: bool = False, absol
 # -- the sampler -------------------------------------------------------------------------------------
 
 
-def make_sampler(
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    seed: int | None = None,
-) -> Sampler:
-    """`sample(logits [B, V], history [B, n] | None) -> tokens [B]` for these options; temperature 0
-    means greedy (the truncation options are then moot). Out-of-range options are refused."""
-    check_options(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    rng = np.random.default_rng(seed)
+def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, seed: int | None = None) -> Sampler:
+    """`sample(logits [B, V], history [B, n] | None) -> tokens [B]` for these options (checked by
+    runtime.params.SamplingParams: ParamError for a value out of range)."""
+    from .params import SamplingParams
+
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repetition_penalty=repetition_penalty, seed=seed).sampler()
+
+
+def sampler_for(params) -> Sampler:
+    """The sampler of checked SamplingParams; temperature 0 (or below GREEDY_BELOW) means greedy, the truncation
+    options then being moot."""
+    temperature = 0.0 if params.greedy else params.temperature
+    top_k, top_p, min_p, penalty = max(params.top_k, 0), params.top_p, params.min_p, params.repetition_penalty
+    rng = np.random.default_rng(params.seed)
     truncate = bool(top_k) or top_p < 1.0 or min_p > 0.0
 
     def sample(logits: np.ndarray, history: np.ndarray | None = None) -> np.ndarray:
-        penalize = repetition_penalty != 1.0 and history is not None and history.size
+        penalize = penalty != 1.0 and history is not None and history.size
         if temperature == 0.0 and not penalize:
             return greedy(logits)
         logits = np.array(logits, dtype=np.float32)  # our own copy [B, V]: the penalty works in place
         if penalize:
-            apply_repetition_penalty(logits, history, repetition_penalty)
+            apply_repetition_penalty(logits, history, penalty)
         if temperature == 0.0:
             return greedy(logits)
         if not truncate:
@@ -206,20 +210,3 @@ def make_sampler(
         return np.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
 
     return sample
-
-
-def check_options(temperature, top_k, top_p, min_p, repetition_penalty, seed=None) -> None:
-    """Refuse out-of-range sampling options, naming the value and the accepted range."""
-    if not (isinstance(temperature, (int, float, np.number)) and np.isfinite(temperature) and temperature >= 0.0):
-        raise ValueError(f"temperature {temperature} is out of range; expected >= 0 (0 means greedy)")
-    if isinstance(top_k, bool) or not (isinstance(top_k, (int, np.integer)) and top_k >= 0):
-        raise ValueError(f"top_k {top_k} is out of range; expected an integer >= 0 (0 disables it)")
-    if not (isinstance(top_p, (int, float, np.number)) and 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p {top_p} is out of range; expected 0 < top_p <= 1 (1 disables it)")
-    if not (isinstance(min_p, (int, float, np.number)) and 0.0 <= min_p < 1.0):
-        raise ValueError(f"min_p {min_p} is out of range; expected 0 <= min_p < 1 (0 disables it)")
-    if not (isinstance(repetition_penalty, (int, float, np.number)) and np.isfinite(repetition_penalty)
-            and repetition_penalty > 0.0):
-        raise ValueError(f"repetition_penalty {repetition_penalty} is out of range; expected > 0 (1 disables it)")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-        raise ValueError(f"seed {seed!r} is out of range; expected None or an integer >= 0")

@@ -158,6 +158,12 @@ class KVSpec:
         return tuple(i for i in self.layers if i in self.sliding_window_layers) if self.sliding_cache == "ring" else ()
 
     @property
+    def ring_entries(self) -> tuple[bool, ...]:
+        """For each past (and present) tensor, in their order: whether its slots are a ring."""
+        rings = set(self.ring_layers)
+        return tuple(layer in rings for layer in self.layers for _ in ("key", "value"))
+
+    @property
     def slots_by_name(self) -> dict[str, int | None]:
         """Slots of each past (and present) tensor, by its past name (None in the dynamic layout: the past grows)."""
         return {name: shape[1] for name, shape in self.shapes_by_name.items()}

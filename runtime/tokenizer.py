@@ -69,7 +69,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids; with add_special_tokens, one leading <bos> when add_bos_token (a <bos> written in
         the text stays, as in transformers: "<bos>hi" gives two)."""
-        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL (encode holds it): a long prompt tokenized in a server's worker thread
+        # leaves the event loop running
+        ids = self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if not add_special_tokens:
             return ids
         if self._post_adds_bos:

@@ -59,17 +59,14 @@ def kv_bytes(manifest, context: int) -> dict[str, int]:
 
 def ours_decode(model, context: int, new_tokens: int):
     """One row decoding `new_tokens` steps after a cache of `context` tokens; tokens/s."""
-    from runtime.generate import decode_rows
-
-    backend = model.backend
-    token = np.array([1000], np.int64)
+    token = np.array([[1000]], np.int64)
 
     def once() -> float:
-        backend.reset(1, context + new_tokens)
-        backend.lengths[0] = context
+        cache = model.new_cache(1, context + new_tokens)
+        cache.assume(0, context)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            decode_rows(backend, token, slice(0, 1))
+            cache.feed(slice(0, 1), token)
         return new_tokens / (time.perf_counter() - start)
 
     return once

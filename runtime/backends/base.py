@@ -21,7 +21,8 @@ KV layouts (manifest kv.layout):
            of them (continuous batching: runtime/serving/). Sliding-window layers may keep a ring of fewer
            slots (manifest kv.slots): a run then feeds a row at most `chunk_limit(length)` tokens.
 
-The bookkeeping every backend shares is here: each row's length (`lengths`), and what reset and trim accept.
+The bookkeeping every backend shares is here: the dynamic past's length, and what reset and trim accept. What
+each static row holds, and which rows run together, is runtime/kv.py's: no other module writes cache state.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ class Backend(ABC):
         self.past_names, self.present_names = (kv.past_names, kv.present_names) if kv else ([], [])
         self.logits_all = manifest.graph.logits == "all"
         self.batch_size = 0
-        #: tokens each row's cache holds (the dynamic layout's rows share one length, pads included)
-        self.lengths = np.zeros(0, np.int64)
+        #: dynamic layout: the slots of the past, which every row shares (pads included). The static layout's rows
+        #: each hold their own count, which runtime/kv.py keeps: the backend reads them from the mask
+        self.past_length = 0
         #: seconds spent inside the engine's run() since the last reset: the loop's overhead is the rest
         self.run_seconds = 0.0
 
@@ -71,11 +73,6 @@ class Backend(ABC):
         limits = [n for n in limits if n is not None]
         return min(limits) if limits else None
 
-    @property
-    def past_length(self) -> int:
-        """Cache slots in use by the first row (every row, in the dynamic layout)."""
-        return int(self.lengths[0]) if len(self.lengths) else 0
-
     def reset(self, batch_size: int, max_length: int) -> None:
         """Forget the cache; prepare for `batch_size` rows that will reach `max_length` tokens in all."""
         if self.max_batch_size is not None and batch_size > self.max_batch_size:
@@ -86,31 +83,27 @@ class Backend(ABC):
                 f"{max_length} tokens (prompt + max_new_tokens) do not fit the KV cache of {self.max_length}; "
                 "shorten the prompt or max_new_tokens, or export with a larger --max-length"
             )
-        self.batch_size, self.run_seconds = batch_size, 0.0
-        self.lengths = np.zeros(batch_size, np.int64)
+        self.batch_size, self.run_seconds, self.past_length = batch_size, 0.0, 0
         self._reset(batch_size)
 
-    def keepable(self, length: int, row: int = 0) -> int:
-        """The longest prefix of at most `length` tokens that `trim` can keep of `row`: all of it, but on a ring,
-        whose slots hold a row's latest tokens, nothing once the row has gone more than a chunk past it."""
-        kv = self.manifest.kv
-        if kv is not None and kv.ring_size is not None and self.lengths[row] - length > kv.ring_chunk:
-            return 0
-        return length
-
-    def trim(self, length: int, row: int = 0) -> None:
-        """Keep the first `length` cache slots of `row` (every row, in the dynamic layout), forget the rest."""
-        if not 0 <= length <= self.lengths[row]:
-            raise ValueError(f"cannot trim the cache to {length} slots; it holds {int(self.lengths[row])}")
-        if self.keepable(length, row) != length:
-            raise ValueError(f"cannot trim the cache to {length} tokens: its ring has overwritten some of them "
-                             f"(it holds {int(self.lengths[row])}); ask keepable() first")
-        if length < self.lengths[row]:
+    def trim(self, length: int) -> None:
+        """Dynamic layout: keep the first `length` slots of the past (one copy), forget the rest. The static layout's
+        rows need nothing: slots past a row's length are masked, then overwritten (runtime/kv.py)."""
+        if not 0 <= length <= self.past_length:
+            raise ValueError(f"cannot trim the cache to {length} slots; it holds {self.past_length}")
+        if not self.static and length < self.past_length:
             self._trim(length)
-        if self.static:
-            self.lengths[row] = length
-        else:
-            self.lengths[:] = length
+        self.past_length = length
+
+    @property
+    def can_copy_rows(self) -> bool:
+        """Whether copy_rows works here (static layout, a device this backend can copy on)."""
+        return False
+
+    def copy_rows(self, source: int, target: int, length: int) -> None:
+        """Static layout: give row `target` the keys and values of the first `length` tokens of row `source`: the
+        first `length` slots of each global layer and the whole ring of each sliding-window layer."""
+        raise NotImplementedError(f"{type(self).__name__} cannot copy rows of its cache")
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 all_logits: bool = False, rows: slice | None = None) -> np.ndarray:
@@ -127,10 +120,8 @@ class Backend(ABC):
             raise ValueError("the dynamic KV layout runs the whole batch at once; export with --kv-cache static "
                              "for rows of their own")
         logits = self._run(input_ids, attention_mask, position_ids, rows, all_logits)
-        if self.static:
-            self.lengths[rows] = attention_mask.sum(-1)
-        else:
-            self.lengths[:] = attention_mask.shape[1]
+        if not self.static:
+            self.past_length = attention_mask.shape[1]
         return logits
 
     @abstractmethod
@@ -138,8 +129,7 @@ class Backend(ABC):
         """Size the cache for `batch_size` rows (the checks are done)."""
 
     def _trim(self, length: int) -> None:
-        """Drop the slots from `length` on. The static layout needs nothing: slots past a row's length are
-        masked, then overwritten."""
+        """Dynamic layout: drop the past's slots from `length` on."""
 
     @abstractmethod
     def _run(self, input_ids, attention_mask, position_ids, rows: slice, all_logits: bool) -> np.ndarray:

@@ -20,16 +20,14 @@ import time
 import numpy as np
 
 from ..manifest import ArtifactError, Manifest
+from ..params import PROVIDERS as PROVIDER_NAMES
 from ..spec import ELEMENT_TYPE
 from .base import Backend
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
+# the execution provider of each of runtime.params.PROVIDERS
+PROVIDERS = dict(zip(PROVIDER_NAMES, ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")))
 
 
 class ProviderError(RuntimeError):
@@ -41,10 +39,6 @@ class OnnxRuntimeBackend(Backend):
                  threads: int | None = None):
         import onnxruntime as ort
 
-        if provider not in PROVIDERS:
-            raise ValueError(f"provider {provider!r} is not supported; supported: {', '.join(PROVIDERS)}")
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads {threads!r} is out of range; expected an integer >= 1 (or None for all cores)")
         if manifest.precision.dtype == "bf16":
             raise ValueError("this artifact is bfloat16, which ONNX Runtime's CPU provider cannot run (no bfloat16 "
                              "kernels); build its TensorRT engine on a GPU, or export with --dtype fp16 or fp32")
@@ -56,6 +50,7 @@ class OnnxRuntimeBackend(Backend):
         if manifest.kv is not None:
             self.kv_shapes = list(manifest.kv.shapes_by_name.values())  # (heads, slots or None, head_dim) per tensor
             self.kv_dtype = np.dtype(ELEMENT_TYPE[manifest.kv.dtype])
+            self.ring_entries = manifest.kv.ring_entries
         self._binding = self.session.io_binding()
 
     # -- session -------------------------------------------------------------------------------------
@@ -103,11 +98,25 @@ class OnnxRuntimeBackend(Backend):
             # are masked (a zero weight), and what earlier rows left there is finite, where never-written memory
             # might hold NaN (and NaN times zero is NaN).
             if batch_size > getattr(self, "_allocated", 0):
-                self._buffers = [self._kv_value((batch_size, *shape)) for shape in self.kv_shapes]
+                # On the CPU an OrtValue made from a numpy array shares its memory: the arrays copy rows in place.
+                self._arrays = [np.zeros((batch_size, *shape), self.kv_dtype) for shape in self.kv_shapes]
+                self._buffers = [self.ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in self._arrays]
                 self._bindings: dict[tuple[int, int], object] = {}
                 self._allocated = batch_size
         else:
             self._past = [self._kv_value((batch_size, heads, 0, head_dim)) for heads, _, head_dim in self.kv_shapes]
+
+    @property
+    def can_copy_rows(self) -> bool:
+        return self.static and self.device == "cpu"
+
+    def copy_rows(self, source: int, target: int, length: int) -> None:
+        """A global layer's first `length` slots, a ring's whole row (its slots hold positions mod its size)."""
+        if not self.can_copy_rows:
+            raise NotImplementedError("rows of the cache are copied on the CPU provider only")
+        for array, ring in zip(self._arrays, self.ring_entries):
+            end = array.shape[2] if ring else length
+            array[target, :, :end] = array[source, :, :end]
 
     def _kv_value(self, shape):
         return self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), self.device, 0)

@@ -103,6 +103,7 @@ class TensorRTBackend(Backend):
         #: dynamic one's most
         self.kv_shapes = [(heads, n or L, dim) for heads, n, dim in kv.shapes_by_name.values()]
         self.row_bytes = [heads * n * dim * self.kv_itemsize for heads, n, dim in self.kv_shapes]
+        self.ring_entries = kv.ring_entries
         sets = 1 if self.static else 2
         self.kv = [[self._malloc(B * row) for row in self.row_bytes] for _ in range(sets)]
         for buffers in self.kv:
@@ -132,7 +133,7 @@ class TensorRTBackend(Backend):
     def _trim(self, length: int) -> None:
         if not self.static and length > 0:
             # [B, H, P, D] -> [B, H, length, D]: B * H rows of length * D items, into the other set.
-            past = int(self.lengths[0])
+            past = self.past_length
             kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
             for src, dst, (heads, _, dim) in zip(self.kv[self._current], self.kv[1 - self._current], self.kv_shapes):
                 row = dim * self.kv_itemsize
@@ -140,6 +141,22 @@ class TensorRTBackend(Backend):
                                                          self.batch_size * heads, kind, self.stream),
                            "cudaMemcpy2DAsync")
             self._current = 1 - self._current
+
+    @property
+    def can_copy_rows(self) -> bool:
+        return self.static
+
+    def copy_rows(self, source: int, target: int, length: int) -> None:
+        """Per cache tensor: a global layer's first `length` slots of each head (a 2D copy, one row per head), a
+        ring's whole row (cudaMemcpy2DAsync, device to device)."""
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        for pointer, row, (heads, slots, dim), ring in zip(self.kv[0], self.row_bytes, self.kv_shapes,
+                                                            self.ring_entries):
+            pitch = slots * dim * self.kv_itemsize
+            width = pitch if ring else length * dim * self.kv_itemsize
+            check_cuda(self.cudart.cudaMemcpy2DAsync(pointer + target * row, pitch, pointer + source * row, pitch,
+                                                     width, heads, kind, self.stream), "cudaMemcpy2DAsync")
+        check_cuda(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
 
     # -- a step --------------------------------------------------------------------------------------
 
@@ -152,7 +169,7 @@ class TensorRTBackend(Backend):
             if size < S:
                 raise ValueError(f"{S} new tokens exceed this engine's --max-input-len {size}; feed them in chunks")
             return self._enqueue(index, input_ids, attention_mask, position_ids, rows, 0, all_logits)
-        pieces, start, past = [], 0, int(self.lengths[0])
+        pieces, start, past = [], 0, self.past_length
         while start < S:
             index, size = self._profile_for(B, S - start, None, past)
             pieces.append(self._enqueue(index, input_ids[:, start:start + size], attention_mask[:, : past + size],

@@ -16,7 +16,6 @@ dies is replaced by Serve (its health is checked every HEALTH_CHECK_SECONDS); th
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -45,8 +44,7 @@ def application(artifact, options, replicas: int | None = None, autoscale: tuple
 
     def build():  # inside each replica
         replica = serve.get_replica_context().replica_id.unique_id
-        served = dataclasses.replace(options, response_headers={**options.response_headers,
-                                                                "x-gemma-replica": replica})
+        served = options.replace(response_headers=(*options.response_headers, ("x-gemma-replica", replica)))
         return create_app(artifact, served, load_now=True)
 
     @serve.ingress(build)

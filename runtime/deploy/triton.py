@@ -23,9 +23,12 @@ import shutil
 from pathlib import Path
 
 from ..manifest import read_manifest
+from ..serving.options import ServeOptions
 from ..serving.scheduler import check_servable
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+# the ServeOptions a Triton model takes (the HTTP ones are Triton's own business), as config.pbtxt parameters
+ENGINE_OPTIONS = ("max_batch_size", "max_queue", "prefill_chunk", "prefix_cache")
+LOAD_OPTIONS = ("backend", "provider", "threads")
 INPUTS = (  # name, type, dims; text_input is required, the rest optional
     ("text_input", "TYPE_STRING", "1"), ("max_tokens", "TYPE_INT32", "1"), ("temperature", "TYPE_FP32", "1"),
     ("top_p", "TYPE_FP32", "1"), ("top_k", "TYPE_INT32", "1"), ("min_p", "TYPE_FP32", "1"),
@@ -34,11 +37,33 @@ INPUTS = (  # name, type, dims; text_input is required, the rest optional
 )
 
 
-def config_pbtxt(name: str, backend: str, instances: int, max_batch_size: int, max_queue: int) -> str:
+def parameters(options: ServeOptions, backend: str) -> dict[str, str]:
+    """config.pbtxt's parameters for `options` (triton_model.py reads them back with `options_from`)."""
+    given = {name: getattr(options, name) for name in ENGINE_OPTIONS}
+    given.update({name: getattr(options.load, name) for name in LOAD_OPTIONS}, backend=backend)
+    return {"artifact": "artifact", **{k: str(v).lower() if isinstance(v, bool) else str(v)
+                                       for k, v in given.items() if v is not None}}
+
+
+def options_from(values: dict[str, str]) -> ServeOptions:
+    """The ServeOptions config.pbtxt's parameters hold (their types from the tables)."""
+    from ..params import LoadOptions
+
+    def read(table, names):
+        out = {}
+        for name in names:
+            if name in values:
+                kind = table.fields()[name][1].kind
+                out[name] = values[name] == "true" if kind is bool else kind(values[name])
+        return out
+
+    return ServeOptions(**read(ServeOptions, ENGINE_OPTIONS), load=LoadOptions(**read(LoadOptions, LOAD_OPTIONS)))
+
+
+def config_pbtxt(name: str, instances: int, options: ServeOptions, backend: str) -> str:
     kind = "KIND_GPU" if backend == "tensorrt" else "KIND_CPU"
     inputs = ",\n".join(f'  {{ name: "{n}" data_type: {t} dims: [ {d} ]{" optional: true" if n != "text_input" else ""} }}'
                         for n, t, d in INPUTS)
-    parameters = {"artifact": "artifact", "backend": backend, "max_batch_size": max_batch_size, "max_queue": max_queue}
     return "\n".join([
         f'name: "{name}"',
         'backend: "python"',
@@ -47,21 +72,21 @@ def config_pbtxt(name: str, backend: str, instances: int, max_batch_size: int, m
         f"input [\n{inputs}\n]",
         'output [\n  { name: "text_output" data_type: TYPE_STRING dims: [ 1 ] }\n]',
         f"instance_group [ {{ count: {instances} kind: {kind} }} ]",
-        *(f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in parameters.items()),
+        *(f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}'
+          for k, v in parameters(options, backend).items()),
         "",
     ])
 
 
 def write_repository(artifact: str | Path, output: str | Path, name: str = "gemma", instances: int = 1,
-                     max_batch_size: int = 8, max_queue: int = 64, backend: str = "auto") -> Path:
+                     options: ServeOptions | None = None) -> Path:
     """Write the model repository; returns REPO/NAME. Refuses an artifact the scheduler cannot serve."""
+    options = options or ServeOptions()
     manifest = read_manifest(artifact)
     check_servable(manifest)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r} is not supported; supported: {', '.join(BACKENDS)}")
-    for option, value in (("instances", instances), ("max_batch_size", max_batch_size), ("max_queue", max_queue)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{option.replace('_', '-')} {value!r} must be a positive integer")
+    if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
+        raise ValueError(f"--instances {instances!r} must be a positive integer")
+    backend = options.load.backend
     if backend == "auto":
         backend = "tensorrt" if manifest.engines else "onnxruntime"
     model_dir = Path(output) / name
@@ -72,7 +97,7 @@ def write_repository(artifact: str | Path, output: str | Path, name: str = "gemm
     for relative in [*manifest.files, "manifest.json"]:
         _link_or_copy(manifest.path(relative), version / "artifact" / relative)
     shutil.copyfile(Path(__file__).with_name("triton_model.py"), version / "model.py")
-    (model_dir / "config.pbtxt").write_text(config_pbtxt(name, backend, instances, max_batch_size, max_queue))
+    (model_dir / "config.pbtxt").write_text(config_pbtxt(name, instances, options, backend))
     return model_dir
 
 

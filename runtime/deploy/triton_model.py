@@ -21,8 +21,9 @@ import triton_python_backend_utils as pb_utils
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_CHECK_SECONDS = 0.05  # sender.is_cancelled() is a round trip to the server: at most this often
-OPTIONS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-           "min_p": "min_p", "repetition_penalty": "repetition_penalty", "seed": "seed"}
+# the generate extension's input names that SamplingParams (runtime/params.py) spells otherwise
+NAMES = {"max_tokens": "max_new_tokens"}
+SAMPLING_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
 
 
 def _parameters(args) -> dict:
@@ -100,18 +101,17 @@ class TritonPythonModel:
         if parameters.get("site_packages"):  # another environment's packages (runtime), after this one's
             site.addsitedir(parameters["site_packages"])
         from runtime import load
+        from runtime.deploy.triton import options_from
         from runtime.serving.scheduler import Scheduler
 
         artifact = Path(pb_utils.get_model_dir()) / parameters.get("artifact", "artifact")
-        threads = int(parameters.get("threads") or 0) or None
-        self.model = load(artifact, backend=parameters.get("backend", "auto"),
-                          provider=parameters.get("provider", "cpu"), threads=threads)  # every file's sha256 checked
-        self.scheduler = Scheduler(self.model, int(parameters.get("max_batch_size", 8)),
-                                   int(parameters.get("max_queue", 64))).start()
+        options = options_from(parameters)
+        self.model = load(artifact, options.load)  # every file's sha256 checked
+        self.scheduler = Scheduler(self.model, options).start()
         pb_utils.Logger.log_info(f"gemma: serving {artifact} with {type(self.model.backend).__name__}")
 
     def execute(self, requests):
-        from runtime import GenerationOptions
+        from runtime import SamplingParams
         from runtime.serving.scheduler import QueueFull
 
         for request in requests:
@@ -120,10 +120,11 @@ class TritonPythonModel:
                 text = _value(request, "text_input")
                 if not isinstance(text, str) or not text:
                     raise ValueError("text_input must be a non-empty string")
-                given = {OPTIONS[name]: value for name in OPTIONS if (value := _value(request, name)) is not None}
-                options = GenerationOptions(**given, stop_strings=_value(request, "stop") or [])
+                given = {NAMES.get(name, name): value for name in SAMPLING_INPUTS
+                         if (value := _value(request, name)) is not None}
+                params = SamplingParams(**given, stop=tuple(_value(request, "stop") or ()))
                 reply = _Reply(sender, bool(_value(request, "stream")), self.scheduler)
-                reply.job = self.scheduler.submit(self.model.tokenizer.encode(text), options, reply)
+                reply.job = self.scheduler.submit(self.model.tokenizer.encode(text), params, reply)
             except QueueFull as e:
                 sender.send(_error(str(e), pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
             except (ValueError, TypeError) as e:  # an option out of range, a prompt over the context, a bad input

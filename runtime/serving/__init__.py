@@ -23,14 +23,19 @@ def create_app(artifact, options=None, load_now: bool = False):
 
 def serve(artifact, host: str = "127.0.0.1", port: int = 8000, options=None, grace_seconds: float = 30.0) -> None:
     """Serve until SIGTERM or SIGINT: then stop accepting, let the requests under way finish (up to
-    `grace_seconds`), and return."""
+    `grace_seconds`), and return. uvicorn's limits come from ServeOptions: connections at once
+    (`max_connections`, then 503), idle keep-alive (`keep_alive`), and the headers' deadline (`header_timeout`)."""
     import signal
 
     import uvicorn
 
+    from .options import ServeOptions
+
+    options = options or ServeOptions()
     app = create_app(artifact, options)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_seconds,
-                            lifespan="on")
+                            lifespan="on", http=_timed_h11(options.header_timeout),
+                            limit_concurrency=options.max_connections, timeout_keep_alive=options.keep_alive)
     log.warning("serving %s on http://%s:%d", artifact, host, port)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler it found: with this
     # one the process exits 0 instead of dying of it (which a service manager would count as a crash).
@@ -39,3 +44,22 @@ def serve(artifact, host: str = "127.0.0.1", port: int = 8000, options=None, gra
         uvicorn.Server(config).run()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _timed_h11(seconds: float):
+    """uvicorn's h11 protocol with a deadline for a connection's first request headers: uvicorn has none, so a client
+    sending them a byte at a time would hold a connection for ever (later requests on it have uvicorn's keep-alive
+    deadline)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.loop.call_later(seconds, self._headers_due)
+
+        def _headers_due(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                log.info("closing a connection that sent no request headers within %g s", seconds)
+                self.transport.close()
+
+    return TimedH11

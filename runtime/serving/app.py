@@ -1,19 +1,22 @@
 """The OpenAI-compatible app (FastAPI): it parses, checks, queues, and streams what the scheduler hands back.
 
-    app = create_app("artifacts/gemma3-270m-static", max_batch_size=8)   an ASGI app to mount or serve
+    app = create_app("artifacts/serve", ServeOptions(max_batch_size=8))   an ASGI app to mount or serve
     POST /v1/completions, /v1/chat/completions     `stream: true` as server-sent events ending in `data: [DONE]`
     GET  /v1/models, /health (200 once the model is loaded and the scheduler runs, 503 before), /metrics
 
-The HTTP layer never touches the backend: every request goes to the scheduler (scheduler.py), whose thread
-hands its events to the request's asyncio queue. A client that disconnects cancels its request, which frees
-its row at the next step. Bad input is a 400 with OpenAI's error body naming the field; an unknown model 404;
-a missing or wrong API key 401 (/health and /metrics stay open); a full queue 429 with Retry-After; a body over
-`max_body_bytes` 413. The model loads in a thread when the app starts, so /health answers 503 meanwhile.
+The HTTP layer never touches the backend: every request goes to the scheduler (scheduler.py), whose thread hands its
+events to the request's asyncio queue. A client that disconnects, streaming or not, cancels its request, which frees
+its row at the next step. Every failure is OpenAI's error body (`{"error": {...}}`), never a bare 500: bad input a
+400 naming the field, an unknown model or path 404, a wrong method 405, a missing or wrong API key 401 (/health and
+/metrics stay open), a full queue 429 with Retry-After, a body over `max_body_bytes` 413 (counted as it streams in,
+chunked or not), a body slower than `body_timeout` 408. Tokenizing and the chat template run off the event loop.
+The model loads in a thread when the app starts, so /health answers 503 meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -24,25 +27,27 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
+from ..params import ParamError
 from .metrics import Metrics
 from .options import API_KEY_ENV, ServeOptions
-from .protocol import (APIError, ChatRequest, CompletionRequest, Unsupported, chat_logprobs, completion_logprobs,
-                       new_id, now, usage)
+from .protocol import (APIError, ChatRequest, CompletionRequest, Unsupported, api_name, chat_logprobs,
+                       completion_logprobs, new_id, now, usage)
 from .scheduler import Failed, Finished, Piece, QueueFull, Scheduler
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat goes on to the context
+INVALID_JSON = "the body is not a valid JSON object: send one (UTF-8, Content-Type: application/json)"
 
 
 class State:
     """The loaded model and its scheduler, or why not yet."""
 
-    def __init__(self, artifact: Path, options: ServeOptions):
+    def __init__(self, artifact: Path, options: ServeOptions, model_name: str):
         self.artifact, self.options = artifact, options
-        self.metrics = Metrics()
+        self.metrics = Metrics(model_name)
         self.model = self.scheduler = None
         self.error: str | None = None
         self.loaded = threading.Event()
@@ -51,10 +56,8 @@ class State:
         from ..model import load
 
         try:
-            o = self.options
-            model = load(self.artifact, provider=o.provider, allow_cpu_fallback=o.allow_cpu_fallback,
-                         threads=o.threads, backend=o.backend)
-            self.scheduler = Scheduler(model, o.max_batch_size, o.max_queue, o.prefill_chunk, self.metrics).start()
+            model = load(self.artifact, self.options.load)
+            self.scheduler = Scheduler(model, self.options, self.metrics).start()
             self.model = model
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
@@ -70,8 +73,8 @@ class State:
 def create_app(artifact: str | Path, options: ServeOptions | None = None, load_now: bool = False) -> FastAPI:
     """The ASGI app serving `artifact`. The model loads in a thread at start-up (`load_now`: before returning)."""
     options = options or ServeOptions()
-    state = State(Path(artifact), options)
     model_name = options.model_name or Path(artifact).resolve().name
+    state = State(Path(artifact), options, model_name)
     api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
     if load_now:
         state.load()
@@ -89,14 +92,27 @@ def create_app(artifact: str | Path, options: ServeOptions | None = None, load_n
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        return _error_response(error)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
-        return JSONResponse(_validation_error(error).body(), status_code=400)
+        return _error_response(_validation_error(error))
 
-    app.add_middleware(_Guard, state=state, api_key=api_key, max_body_bytes=options.max_body_bytes,
-                       headers=options.response_headers)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):  # no such path (404), wrong method (405)...
+        message = {400: INVALID_JSON,  # a body FastAPI cannot decode (not UTF-8)
+                   404: f"no route {request.url.path}; this server serves /v1/completions, /v1/chat/completions, "
+                        "/v1/models, /health and /metrics",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(error.status_code, error.detail)
+        code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        return _error_response(APIError(error.status_code, message, code=code, headers=dict(error.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):  # a bug: the body says so, the log has the traceback
+        log.error("unexpected failure on %s", request.url.path, exc_info=error)
+        return _error_response(APIError(500, f"internal error: {type(error).__name__}", type="server_error"))
+
+    app.add_middleware(_Guard, state=state, api_key=api_key, options=options)
 
     @app.get("/health")
     async def health():
@@ -117,38 +133,63 @@ def create_app(artifact: str | Path, options: ServeOptions | None = None, load_n
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         model = _ready(state, body.model, model_name)
-        prompt = body.prompt
-        ids = list(prompt) if isinstance(prompt, list) else model.tokenizer.encode(prompt)
-        max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
-        return await _serve(state, request, body, ids, max_tokens, body.logprobs, chat=False, model_name=model_name)
+        prompt = _checked(body, body.prompt_text)
+        if prompt is None:
+            ids = list(body.prompt)
+            vocab = model.manifest.model.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"prompt: token ids must be in 0..{vocab - 1}", param="prompt")
+        else:
+            ids = await asyncio.to_thread(model.tokenizer.encode, prompt)
+        return await _serve(state, request, body, ids, model_name)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         model = _ready(state, body.model, model_name)
-        messages = [m.as_template_message() for m in body.messages]
-        try:
-            rendered = model.apply_chat_template(messages)
-        except ValueError as e:  # a template's raise_exception (roles that do not alternate...)
-            raise APIError(400, str(e), param="messages") from None
-        ids = model.tokenizer.encode(rendered, add_special_tokens=False)
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(model.context_length - len(ids), 1)
-        top = (body.top_logprobs or 0) if body.logprobs else None
-        return await _serve(state, request, body, ids, max_tokens, top, chat=True, model_name=model_name)
+        messages = _checked(body, lambda: [m.as_template_message() for m in body.messages])
+
+        def encode() -> list[int]:
+            try:
+                rendered = model.apply_chat_template(messages)
+            except ValueError as e:  # a template's raise_exception (roles that do not alternate...)
+                raise APIError(400, str(e), param="messages") from None
+            return model.tokenizer.encode(rendered, add_special_tokens=False)
+
+        ids = await asyncio.to_thread(encode)
+        return await _serve(state, request, body, ids, model_name)
 
     return app
+
+
+def _checked(body, make):
+    """`make()`, its ParamError a 400 naming the request's field."""
+    try:
+        return make()
+    except ParamError as e:
+        raise _param_error(body, e) from None
+
+
+def _param_error(body, error: ParamError) -> APIError:
+    param = api_name(body, error.param)
+    return APIError(400, error.named(param), param=param, code=error.code)
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 _ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
 class _Guard:
-    """ASGI middleware (pure, so that streams and disconnects pass through untouched): the API key and the body's
-    size before anything is parsed on /v1/; every response counted by route and status, and given the extra
-    headers."""
+    """ASGI middleware (pure, so that streams and disconnects pass through untouched). On /v1/: the API key, then the
+    body read whole before anything parses it, within `max_body_bytes` and `body_timeout` whatever its framing
+    (Content-Length or chunked). Every response is counted by route and status, and given the extra headers."""
 
-    def __init__(self, app, state: State, api_key: str | None, max_body_bytes: int, headers: dict):
-        self.app, self.state, self.api_key, self.max_body_bytes = app, state, api_key, max_body_bytes
-        self.headers = [(k.lower().encode(), str(v).encode()) for k, v in headers.items()]
+    def __init__(self, app, state: State, api_key: str | None, options: ServeOptions):
+        self.app, self.state, self.options = app, state, options
+        self.api_key = api_key.encode() if api_key else None
+        self.headers = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in options.response_headers]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -164,24 +205,66 @@ class _Guard:
             await send(message)
 
         try:
-            error = self._refuse(scope) if path.startswith("/v1/") else None
-            if error is not None:
-                response = JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-                return await response(scope, receive, send_with_headers)
+            if path.startswith("/v1/"):
+                error = self._unauthorized(scope)
+                if error is None:
+                    body, error = await self._read_body(receive)
+                if error is not None:
+                    return await _error_response(error)(scope, receive, send_with_headers)
+                receive = _replay(body, receive)
             await self.app(scope, receive, send_with_headers)
         finally:
             self.state.metrics.request(path if path in _ROUTES else "other", status)
 
-    def _refuse(self, scope) -> APIError | None:
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
-            return APIError(401, "missing or wrong API key: send Authorization: Bearer <key> (the server's "
-                                 f"--api-key or {API_KEY_ENV})", code="invalid_api_key")
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            return APIError(413, f"the request body is over {self.max_body_bytes} bytes; send a smaller prompt",
-                            code="request_too_large")
-        return None
+    def _unauthorized(self, scope) -> APIError | None:
+        if self.api_key is None:
+            return None
+        given = dict(scope["headers"]).get(b"authorization", b"")  # bytes: a header need not be UTF-8
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key):
+            return None
+        return APIError(401, f"missing or wrong API key: send Authorization: Bearer <key> (the server's --api-key or "
+                             f"{API_KEY_ENV})", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _read_body(self, receive) -> tuple[bytes, APIError | None]:
+        limit, chunks, size = self.options.max_body_bytes, [], 0
+        too_large = APIError(413, f"the request body is over {limit} bytes; send a smaller prompt",
+                             code="request_too_large")
+
+        async def read() -> APIError | None:
+            nonlocal size
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return APIError(400, "the client went away before sending its body")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    return too_large
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return None
+
+        try:
+            error = await asyncio.wait_for(read(), self.options.body_timeout)
+        except asyncio.TimeoutError:
+            error = APIError(408, f"the request body did not arrive within {self.options.body_timeout:g} s; send it "
+                                  "at once", code="request_timeout")
+        return b"".join(chunks), error
+
+
+def _replay(body: bytes, receive):
+    """A `receive` that hands the app the body read already, then waits for the client's disconnect."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def _ready(state: State, asked: str, model_name: str):
@@ -200,14 +283,13 @@ def _validation_error(error: RequestValidationError) -> APIError:
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, Unsupported):
         return APIError(400, f"{cause.param}: {cause}", param=cause.param, code="unsupported")
+    if first.get("type") in ("json_invalid", "model_attributes_type") or first.get("loc") == ("body",):
+        return APIError(400, INVALID_JSON, code="invalid_json")
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
-    if first.get("type") == "json_invalid":
-        return APIError(400, "the body is not valid JSON: send a JSON object (Content-Type: application/json)",
-                        code="invalid_json")
     message = first.get("msg", "invalid value")
     if param:
-        message = f"{param}: {message}" + (f" (got {first['input']!r})" if "input" in first and param else "")
+        message = f"{param}: {message}" + (f" (got {first['input']!r})" if "input" in first else "")
     return APIError(400, message + "; see the OpenAI API's reference for the field", param=param,
                     code="invalid_value")
 
@@ -226,75 +308,71 @@ class _Events:
         return await self.queue.get()
 
 
-async def _serve(state: State, request: Request, body, ids: list[int], max_tokens: int, logprobs, chat: bool,
-                 model_name: str):
+async def _serve(state: State, request: Request, body, ids: list[int], model_name: str):
     scheduler, model = state.scheduler, state.model
-    if any(not isinstance(t, int) or not 0 <= t < model.manifest.model.vocab_size for t in ids):
-        raise APIError(400, f"prompt: token ids must be in 0..{model.manifest.model.vocab_size - 1}", param="prompt")
+    params = _checked(body, body.to_params)
     events = _Events()
     try:
-        job = scheduler.submit(ids, body.generation_options(max_tokens), events, logprobs, body.ignore_eos)
+        jobs = scheduler.submit(ids, params, events, body.n)
     except QueueFull as e:
         raise APIError(429, f"{e}; retry after {RETRY_AFTER_SECONDS} s", type="rate_limit_error",
                        code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
-    except ValueError as e:  # the options, or a prompt over the context (ContextLengthError)
-        param = "max_tokens" if "max_new_tokens" in str(e) else "messages" if chat else "prompt"
-        raise APIError(400, str(e).replace("max_new_tokens", "max_tokens"), param=param,
-                       code="context_length_exceeded" if "context" in str(e) or "fit" in str(e) else None) from None
-    reply = _Reply(chat, model_name, model.tokenizer)
+    except ParamError as e:  # n, or a prompt over the context (ContextLengthError)
+        raise _param_error(body, e) from None
+    reply = _Reply(isinstance(body, ChatRequest), model_name, model.tokenizer, body.n, params.logprobs is not None)
     if body.stream:
-        return StreamingResponse(_stream(scheduler, job, events, reply, body.include_usage),
+        return StreamingResponse(_stream(scheduler, jobs, events, reply, body.include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    pieces = []
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        while True:
-            event = await _next_or_disconnect(events, request)
-            if event is None:  # the client went away: nothing to answer
-                scheduler.cancel(job)
+        while not reply.done:
+            event = asyncio.ensure_future(events.get())
+            await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not event.done():  # the client went away: nothing to answer, the rows freed at the next step
+                event.cancel()
+                scheduler.cancel(jobs)
                 return Response(status_code=499)
-            if isinstance(event, Piece):
-                pieces.append(event)
-            elif isinstance(event, Failed):
-                raise APIError(500, f"generation failed: {event.message}", type="server_error")
-            elif isinstance(event, Finished):
-                return reply.whole(pieces, event, logprobs is not None)
+            failed = reply.add(event.result())
+            if failed is not None:
+                scheduler.cancel(jobs)
+                raise APIError(500, f"generation failed: {failed.message}", type="server_error")
+        return reply.whole()
     except asyncio.CancelledError:
-        scheduler.cancel(job)
+        scheduler.cancel(jobs)
         raise
+    finally:
+        gone.cancel()
 
 
-async def _next_or_disconnect(events: _Events, request: Request, poll: float = 0.5):
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), timeout=poll)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                return None
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body was read already: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
-async def _stream(scheduler, job, events: _Events, reply: "_Reply", include_usage: bool):
-    """Server-sent events: a chunk per piece, the finish reason, the usage if asked, then [DONE]. A client that
-    disconnects cancels the request (the response is cancelled, and this generator closed)."""
+async def _stream(scheduler, jobs, events: _Events, reply: "_Reply", include_usage: bool):
+    """Server-sent events: a chunk per piece, each choice's finish reason, the usage if asked, then [DONE]. A client
+    that disconnects cancels the request (the response is cancelled, and this generator closed)."""
     try:
         if reply.chat:
-            yield _sse(reply.chunk({"role": "assistant", "content": ""}, None))
-        while True:
+            for index in range(reply.n):
+                yield _sse(reply.chunk(index, delta={"role": "assistant", "content": ""}))
+        while not reply.done:
             event = await events.get()
-            if isinstance(event, Piece):
-                yield _sse(reply.chunk(event, None))
-            elif isinstance(event, Failed):
-                yield _sse({"error": {"message": f"generation failed: {event.message}", "type": "server_error",
+            failed = reply.add(event, keep=False)
+            if failed is not None:
+                yield _sse({"error": {"message": f"generation failed: {failed.message}", "type": "server_error",
                                       "param": None, "code": None}})
                 break
+            if isinstance(event, Piece):
+                yield _sse(reply.chunk(event.index, piece=event))
             elif isinstance(event, Finished):
-                yield _sse(reply.chunk(None, event.reason))
-                if include_usage:
-                    yield _sse({**reply.chunk(None, None), "choices": [],
-                                "usage": usage(event.prompt_tokens, event.completion_tokens)})
-                break
+                yield _sse(reply.chunk(event.index, reason=event.reason))
+        if include_usage and reply.done:
+            yield _sse({**reply.chunk(0), "choices": [], "usage": reply.usage()})
         yield "data: [DONE]\n\n"
     finally:
-        scheduler.cancel(job)  # a no-op once finished; frees the row of a client that went away
+        scheduler.cancel(jobs)  # a no-op once finished; frees the rows of a client that went away
 
 
 def _sse(data: dict) -> str:
@@ -302,43 +380,64 @@ def _sse(data: dict) -> str:
 
 
 class _Reply:
-    """The response objects of one request, completion or chat, whole or in chunks."""
+    """The response objects of one request (n choices), completion or chat, whole or in chunks."""
 
-    def __init__(self, chat: bool, model_name: str, tokenizer):
-        self.chat, self.model_name, self.tokenizer = chat, model_name, tokenizer
+    def __init__(self, chat: bool, model_name: str, tokenizer, n: int, with_logprobs: bool):
+        self.chat, self.model_name, self.tokenizer, self.n = chat, model_name, tokenizer, n
+        self.with_logprobs = with_logprobs
         self.id, self.created = new_id("chatcmpl" if chat else "cmpl"), now()
-        self.offset = 0  # text emitted so far (completions' logprobs text_offset)
+        self.pieces: list[list[Piece]] = [[] for _ in range(n)]
+        self.finished: list[Finished | None] = [None] * n
+        self.offsets = [0] * n  # text emitted so far per choice (completions' logprobs text_offset)
+
+    @property
+    def done(self) -> bool:
+        return all(self.finished)
+
+    def add(self, event, keep: bool = True) -> Failed | None:
+        if isinstance(event, Piece) and keep:
+            self.pieces[event.index].append(event)
+        elif isinstance(event, Finished):
+            self.finished[event.index] = event
+        elif isinstance(event, Failed):
+            return event
+        return None
 
     def _decode(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)
 
-    def _logprobs(self, pieces):
+    def _logprobs(self, pieces, index: int):
+        if not self.with_logprobs:
+            return None
         if self.chat:
             return chat_logprobs(pieces, self._decode)
-        return completion_logprobs(pieces, self._decode, self.offset)
+        return completion_logprobs(pieces, self._decode, self.offsets[index])
 
-    def whole(self, pieces, finished: Finished, with_logprobs: bool) -> dict:
-        text = "".join(p.text for p in pieces)
-        logprobs = self._logprobs(pieces) if with_logprobs else None
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+    def usage(self) -> dict:
+        first = self.finished[0]
+        return usage(first.prompt_tokens, sum(f.completion_tokens for f in self.finished), first.cached_tokens)
+
+    def whole(self) -> dict:
+        choices = []
+        for index, (pieces, finished) in enumerate(zip(self.pieces, self.finished)):
+            content = "".join(p.text for p in pieces)
+            choice = {"index": index, "logprobs": self._logprobs(pieces, index),
                       "finish_reason": _reason(finished.reason)}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": _reason(finished.reason)}
+            choice.update({"message": {"role": "assistant", "content": content}} if self.chat else {"text": content})
+            choices.append(choice)
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model_name, "choices": [choice],
-                "usage": usage(finished.prompt_tokens, finished.completion_tokens)}
+                "created": self.created, "model": self.model_name, "choices": choices, "usage": self.usage()}
 
-    def chunk(self, piece, reason: str | None) -> dict:
-        """A streamed chunk: a Piece, a chat's opening role (a dict), or the finish reason (piece None)."""
-        logprobs = self._logprobs([piece]) if isinstance(piece, Piece) and piece.logprobs else None
-        if isinstance(piece, Piece):
-            self.offset += len(piece.text)
+    def chunk(self, index: int, piece: Piece | None = None, reason: str | None = None, delta: dict | None = None):
+        """A streamed chunk of choice `index`: a Piece, a chat's opening role (`delta`), or the finish reason."""
+        logprobs = self._logprobs([piece], index) if piece is not None and piece.logprobs else None
+        if piece is not None:
+            self.offsets[index] += len(piece.text)
         if self.chat:
-            delta = piece if isinstance(piece, dict) else {"content": piece.text} if piece else {}
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": _reason(reason)}
+            delta = delta if delta is not None else {"content": piece.text} if piece is not None else {}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": _reason(reason)}
         else:
-            choice = {"index": 0, "text": piece.text if piece else "", "logprobs": logprobs,
+            choice = {"index": index, "text": piece.text if piece is not None else "", "logprobs": logprobs,
                       "finish_reason": _reason(reason)}
         return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.created, "model": self.model_name, "choices": [choice]}

@@ -1,21 +1,26 @@
-"""The OpenAI API's requests, checked (pydantic), and its responses, built: /v1/completions, /v1/chat/completions.
+"""The OpenAI API's requests, typed (pydantic, strict), and its responses, built: /v1/completions, /v1/chat/completions.
 
-A field out of range, of the wrong type or missing is a 400 with OpenAI's error body naming it
-(`{"error": {"message", "type", "param", "code"}}`); a field OpenAI has and we do not do (n > 1, echo, suffix,
-logit_bias, the penalties, tools) is refused by name rather than ignored. Extensions beside OpenAI's fields, as
-vLLM takes them: top_k, min_p, repetition_penalty, ignore_eos.
+A request's fields are typed here and nowhere else: strict JSON types (`"5"` is not a number, `1` is not a boolean),
+no NaN or Infinity. What they may be is runtime.params.SamplingParams' to say: `to_params` turns a request into
+SamplingParams (the endpoint's defaults where a field is left out: `ENTRY_DEFAULTS`), whose check is the one place
+a value is refused; its ParamError names the field as SamplingParams does, and `API_NAMES` turns that into the
+request's own field name for the error body (`{"error": {"message", "type", "param", "code"}}`). A field OpenAI has
+and this server does not do is refused by name rather than ignored. Extensions beside OpenAI's fields, as vLLM
+takes them: top_k, min_p, repetition_penalty, ignore_eos.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MAX_STOP_STRINGS = 4  # OpenAI's limit
-MAX_LOGPROBS = 20
+from ..params import ENTRY_DEFAULTS, ParamError, SamplingParams
+
+# SamplingParams' names that a request spells otherwise
+API_NAMES = {"max_new_tokens": "max_tokens"}
 
 
 class APIError(Exception):
@@ -31,66 +36,14 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Sampling(BaseModel):
-    """What both endpoints take. Unknown fields are ignored, as OpenAI does; known ones we do not do are refused."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0)
-    stop: str | list[str] | None = None
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    top_k: int = Field(0, ge=-1)  # extension; 0 or -1: off
-    min_p: float = Field(0.0, ge=0.0, lt=1.0)  # extension
-    repetition_penalty: float = Field(1.0, gt=0.0)  # extension
-    ignore_eos: bool = False  # extension (vLLM's): go on past the end token, to max_tokens (benchmarks)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict | None = None
-    user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value):
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
-            raise ValueError(f"stop takes up to {MAX_STOP_STRINGS} non-empty strings")
-        return stops
-
-    @model_validator(mode="after")
-    def _unsupported(self):
-        refuse = {"n": self.n != 1, "presence_penalty": self.presence_penalty != 0,
-                  "frequency_penalty": self.frequency_penalty != 0, "logit_bias": bool(self.logit_bias)}
-        for name, asked in refuse.items():
-            if asked:
-                raise Unsupported(name, UNSUPPORTED[name])
-        return self
-
-    def generation_options(self, max_new_tokens: int):
-        from ..model import GenerationOptions
-
-        return GenerationOptions(max_new_tokens=max_new_tokens, temperature=self.temperature,
-                                 top_k=max(self.top_k, 0), top_p=self.top_p, min_p=self.min_p,
-                                 repetition_penalty=self.repetition_penalty, seed=self.seed,
-                                 stop_strings=list(self.stop or []))
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+class Unsupported(ValueError):
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 UNSUPPORTED = {
-    "n": "only n=1 is served: send the request n times (with different seeds)",
-    "best_of": "only best_of=1 is served",
+    "best_of": "only best_of=1 is served: send n instead",
     "echo": "echo is not served: the prompt is the caller's already",
     "suffix": "suffix (fill in the middle) is not served: Gemma's base models are not trained for it",
     "presence_penalty": "use repetition_penalty (an extension), presence_penalty is not served",
@@ -101,15 +54,79 @@ UNSUPPORTED = {
 }
 
 
-class Unsupported(ValueError):
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
+def text(value: str, param: str) -> str:
+    """`value` if it is valid Unicode text (a lone surrogate such as "\\ud800" is not: no tokenizer takes it)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ParamError(param, f"{param} holds {value[e.start:e.end]!r} at {e.start}, which is not valid Unicode "
+                                "text (a lone surrogate); send UTF-8 text") from None
+    return value
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """What both endpoints take. Unknown fields are ignored, as OpenAI does; known ones we do not do are refused.
+    None: not given (the endpoint's default, from runtime.params)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, ser_json_inf_nan="null")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = Field(None, allow_inf_nan=False)
+    top_p: float | None = Field(None, allow_inf_nan=False)
+    top_k: int | None = None  # extension
+    min_p: float | None = Field(None, allow_inf_nan=False)  # extension
+    repetition_penalty: float | None = Field(None, allow_inf_nan=False)  # extension
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    ignore_eos: bool | None = None  # extension (vLLM's): go on past the end token, to max_tokens (benchmarks)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, allow_inf_nan=False)
+    logit_bias: dict | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        refuse = {"presence_penalty": self.presence_penalty != 0, "frequency_penalty": self.frequency_penalty != 0,
+                  "logit_bias": bool(self.logit_bias)}
+        for name, asked in refuse.items():
+            if asked:
+                raise Unsupported(name, UNSUPPORTED[name])
+        return self
+
+    entry: ClassVar[str] = "completions"  # which of runtime.params.ENTRY_DEFAULTS
+
+    def _given(self) -> dict:
+        names = set(SamplingParams.fields()) - {"max_new_tokens", "stop", "logprobs"}
+        given = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        if self.max_tokens is not None:
+            given["max_new_tokens"] = self.max_tokens
+        if self.stop is not None:
+            stops = [self.stop] if isinstance(self.stop, str) else self.stop
+            given["stop"] = tuple(text(s, "stop") for s in stops)
+        return given
+
+    def to_params(self) -> SamplingParams:
+        """The request's SamplingParams (ParamError naming the field, as SamplingParams does)."""
+        return SamplingParams(**{**ENTRY_DEFAULTS[self.entry], **self._given()})
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int]
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -133,28 +150,43 @@ class CompletionRequest(_Sampling):
                 raise Unsupported(name, UNSUPPORTED[name])
         return self
 
+    def _given(self) -> dict:
+        given = super()._given()
+        if self.logprobs is not None:
+            given["logprobs"] = self.logprobs
+        return given
+
+    def prompt_text(self) -> str | None:
+        return text(self.prompt, "prompt") if isinstance(self.prompt, str) else None
+
 
 class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[ContentPart]
 
     def as_template_message(self) -> dict:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+        return {"role": "system" if self.role == "developer" else self.role, "content": text(content, "messages")}
 
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = None
     tools: list | None = None
     response_format: dict | None = None
+
+    entry: ClassVar[str] = "chat"
 
     @model_validator(mode="after")
     def _chat_only(self):
@@ -163,6 +195,30 @@ class ChatRequest(_Sampling):
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise Unsupported("response_format", UNSUPPORTED["response_format"])
         return self
+
+    def _given(self) -> dict:
+        given = super()._given()
+        if self.max_completion_tokens is not None:
+            given["max_new_tokens"] = self.max_completion_tokens
+        if self.logprobs:
+            given["logprobs"] = self.top_logprobs or 0
+        elif self.top_logprobs is not None:
+            raise ParamError("top_logprobs", "top_logprobs needs logprobs: true")
+        return given
+
+    def api_name(self, param: str) -> str:
+        if param == "max_new_tokens" and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        if param == "logprobs":
+            return "top_logprobs"
+        return {"prompt": "messages"}.get(param, API_NAMES.get(param, param))
+
+
+def api_name(body: _Sampling, param: str) -> str:
+    """The request's name for SamplingParams' (or the engine's) `param`."""
+    if isinstance(body, ChatRequest):
+        return body.api_name(param)
+    return API_NAMES.get(param, param)
 
 
 # -- responses --------------------------------------------------------------------------------------------
@@ -176,9 +232,10 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def completion_logprobs(pieces, decode, offset: int) -> dict:

@@ -1,27 +1,34 @@
-"""Continuous batching: one thread owns the backend and its KV buffers, and requests come and go between steps.
+"""The serving engine: continuous batching over one backend, in one thread.
 
-    scheduler = Scheduler(runtime.load(DIR), max_batch_size=8)
-    scheduler.start()
-    request = scheduler.submit(prompt_ids, options, on_event)     # QueueFull when --max-queue are waiting
-    ...  on_event(Piece(text, tokens, logprobs)) ... on_event(Finished(reason, prompt_tokens, completion_tokens))
-    scheduler.cancel(request)                                     # its row is free at the next step boundary
-    scheduler.stop()
+    scheduler = Scheduler(model, ServeOptions(...), metrics).start()
+    requests = scheduler.submit(prompt_ids, SamplingParams(...), on_event, n=1)   refused at once: QueueFull,
+                                                                                  ParamError, ContextLengthError
+    scheduler.cancel(request)
 
-A step of the loop:
-    1. rows whose request ended or was cancelled are freed;
-    2. waiting requests take the free rows (lowest first, so the rows in use stay packed at the front);
-    3. the request that waited longest feeds one chunk of its prompt (at most `prefill_chunk` tokens), with its
-       prefilling neighbours in the buffers when they have as much left (one run, each row at its own position):
-       while rows decode, the run holds one chunk's worth of tokens, so they wait for one chunk at most; when
-       none does, every ready row prefills at once; a row's last chunk gives its first token;
-    4. every row from 0 to the last decoding one decodes one token (runtime.generate.decode_rows: each row
-       after its own length; a row in between that is free or prefilling decodes a dummy token into its next
-       slot, which its own next write overwrites, and keeps its length).
-Each request has its own sampler (its options and seed: a seeded request samples the same whatever shares the
-batch), its own text stream (stop strings held back, runtime.generate.TextStream), and ends at an end token, a
-stop string, max_new_tokens or its cancellation. `on_event` is called from the scheduler's thread: the HTTP
-layer hands events to its event loop with call_soon_threadsafe; Triton's model.py sends them as they come.
+One state per request, as vLLM's v1 scheduler keeps it: its tokens (the prompt, then what it generated) and how
+many of them its row's KV holds (`computed`); no prefill or decode phase. A step
 
+    plan      which rows feed how many tokens: a request whose tokens are all computed but its last sampled one
+              decodes it (one run over the rows between the first and last such request); prompts catch up in
+              chunks, within a token budget while others decode, rows of one chunk size together (one more run)
+    execute   the runs, through the KV manager (runtime/kv.py), the one writer of the cache
+    update    each request whose tokens are all computed samples its next token from its logits, hands its text
+              on, and ends (an end token, a stop string, max tokens, a cancellation)
+
+            submit ──> waiting ──admit──> running ──update──> finished
+                                   │  row (prefix reused or copied)      │ the row keeps its tokens: the
+                                   │  computed = the prefix's length     │ prefix cache for the next request
+                                   └─ a follower waits for a running request that is computing its prefix
+
+Admission (`_admit`): a request takes a row and keeps the longest prefix of its prompt that any row holds: in
+place when that row is free (and holds little beyond it), else copied from it (a busy row, or a free one better
+kept) into the least recently used free row. A request whose prefix a running request is still computing follows
+it and copies the prefix once computed. n > 1: the siblings follow the first over the whole prompt and sample their
+first tokens from its logits, each with its own seed (seed + index, as vLLM).
+
+Each request has its own sampler (a seeded request samples the same whatever shares the batch), its own text
+stream (stop strings held back, runtime.generate.TextStream), and its events go to `on_event`, called from the
+scheduler's thread: the HTTP layer hands them to its event loop; Triton's model.py sends them as they come.
 The static KV layout only: every row has its own length (docs/serving.md has the export line).
 """
 
@@ -37,15 +44,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..generate import ContextLengthError, TextStream, decode_rows, fit_new_tokens, prefill_rows
+from ..generate import ContextLengthError, TextStream, fit_new_tokens
+from ..kv import KVCache
+from ..params import ParamError, SamplingParams
 from ..sampling import log_softmax_top
-from .options import DEFAULT_PREFILL_CHUNK
+from .options import ServeOptions
 
 log = logging.getLogger(__name__)
 
+COPY_MIN_TOKENS = 16  # a prefix shorter than this is computed again rather than copied (docs/serving.md)
+
 
 class QueueFull(RuntimeError):
-    """As many requests as --max-queue are waiting already; try again later (HTTP 429)."""
+    """As many requests as rows and --max-queue are in already; try again later (HTTP 429)."""
 
 
 class NotServable(ValueError):
@@ -55,11 +66,12 @@ class NotServable(ValueError):
 @dataclass(frozen=True)
 class Piece:
     """Text the completion gained, the tokens that made it since the last piece, and (when asked) their
-    log-probabilities."""
+    log-probabilities. `index`: the choice (n > 1)."""
 
     text: str
     tokens: tuple[int, ...]
     logprobs: tuple = ()  # per token: (logprob, ((token, logprob), ...) of the top alternatives)
+    index: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,49 +79,63 @@ class Finished:
     reason: str  # "stop" (end token or stop string), "length" (max_new_tokens), "cancelled"
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    index: int = 0
 
 
 @dataclass(frozen=True)
 class Failed:
     message: str
+    index: int = 0
 
 
 @dataclass(eq=False)
 class Request:
-    ids: list[int]
-    options: object  # runtime.GenerationOptions
+    """One completion's state: its tokens and how many its row's KV holds."""
+
+    prompt: list[int]
+    params: SamplingParams
     on_event: Callable[[object], None]
     max_new_tokens: int
-    logprobs: int | None = None  # top alternatives to report per token (0: only the chosen one's); None: none
-    ignore_eos: bool = False  # go on past end tokens, to max_new_tokens
     id: int = 0
+    index: int = 0  # the choice of an n > 1 request
+    tokens: list[int] = field(default_factory=list)  # the prompt, then the generated tokens
+    computed: int = 0  # tokens whose KV the row holds
+    row: int | None = None
+    cached: int = 0  # prompt tokens that came from the prefix cache
+    leader: Request | None = None  # the running request computing this one's prefix
+    follows: int = 0  # how many of the leader's tokens this one copies once computed
+    siblings: list[Request] = field(default_factory=list)  # n > 1: the choices that sample from this one's logits
+    cancelled: bool = False
+    finished: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
-    cancelled: bool = False
-
-
-@dataclass(eq=False)
-class _Row:
-    """A request in a row of the KV buffers."""
-
-    request: Request
-    index: int
-    sampler: Callable
-    text: TextStream
-    prefilled: int = 0
-    generated: list[int] = field(default_factory=list)
+    last_token_at: float = 0.0
+    sampler: Callable | None = None
+    text: TextStream | None = None
     pending: list[int] = field(default_factory=list)  # tokens whose text is held back (a character, a stop string)
     pending_logprobs: list = field(default_factory=list)
-    last_token_at: float = 0.0
+
+    def __post_init__(self):
+        self.tokens = list(self.prompt)
 
     @property
-    def decoding(self) -> bool:
-        return self.prefilled == len(self.request.ids)
+    def generated(self) -> int:
+        return len(self.tokens) - len(self.prompt)
 
     @property
-    def remaining(self) -> int:
-        """Prompt tokens still to prefill."""
-        return len(self.request.ids) - self.prefilled
+    def waiting_for_leader(self) -> bool:
+        return self.leader is not None
+
+
+@dataclass(frozen=True)
+class Run:
+    """One backend run of the plan: rows [start, stop), each feeding `size` tokens; `requests` the ones fed (the
+    other rows in the range are idle)."""
+
+    rows: slice
+    size: int
+    requests: tuple[Request, ...]
 
 
 def check_servable(manifest) -> None:
@@ -127,27 +153,22 @@ def check_servable(manifest) -> None:
 
 
 class Scheduler:
-    def __init__(self, model, max_batch_size: int = 8, max_queue: int = 64,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, metrics=None):
+    def __init__(self, model, options: ServeOptions | None = None, metrics=None):
         check_servable(model.manifest)
-        backend = model.backend
-        for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
-                            ("prefill_chunk", prefill_chunk)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} {value!r} must be a positive integer")
-        self.model, self.backend = model, backend
-        self.max_batch_size, self.max_queue = max_batch_size, max_queue
-        self.prefill_chunk = min(prefill_chunk, backend.max_chunk or prefill_chunk)
+        self.options = options = options or ServeOptions()
+        self.model = model
+        self.kv = KVCache(model.backend, options.max_batch_size)
+        self.prefill_chunk = min(options.prefill_chunk, model.backend.max_chunk or options.prefill_chunk)
         self.context_length = model.context_length
         self.metrics = metrics
-        backend.reset(max_batch_size, backend.max_length)
-        self.rows: list[_Row | None] = [None] * max_batch_size
+        self.owner: list[Request | None] = [None] * options.max_batch_size  # the request in each row
         self.waiting: collections.deque[Request] = collections.deque()
         self._ids = itertools.count(1)
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.prefilled_tokens = 0  # prompt tokens computed (not from the cache): what prefix reuse saves
 
     # -- the API the front ends use --------------------------------------------------------------------
 
@@ -160,35 +181,46 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    def submit(self, ids: list[int], options, on_event, logprobs: int | None = None,
-               ignore_eos: bool = False) -> Request:
-        """Queue a request; ValueError (the options, a prompt over the context) or QueueFull, at once."""
-        options.check()
-        if not ids:
-            raise ValueError("the prompt has no tokens")
-        max_new = fit_new_tokens(len(ids), options.max_new_tokens, self.context_length, static=True)
-        request = Request(list(ids), options, on_event, max_new, logprobs, ignore_eos, next(self._ids))
+    def submit(self, prompt: list[int], params: SamplingParams, on_event, n: int = 1) -> list[Request]:
+        """Queue a request (n choices of it); ParamError (n, a prompt over the context) or QueueFull, at once."""
+        if not prompt:
+            raise ParamError("prompt", "the prompt has no tokens")
+        rows = self.options.max_batch_size
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= rows:
+            raise ParamError("n", f"n {n!r} is out of range; this server decodes at most {rows} choices together "
+                                  "(--max-batch-size)")
+        max_new = fit_new_tokens(len(prompt), params.max_new_tokens, self.context_length, static=True)
+        first = next(self._ids)
+        group = []
+        for index in range(n):
+            seeded = params if params.seed is None or index == 0 else params.replace(seed=params.seed + index)
+            group.append(Request(list(prompt), seeded, on_event, max_new, first, index))
+        group[0].siblings = group[1:]
         with self._wake:
             if not self.alive:
                 raise RuntimeError("the scheduler is not running")
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting already (--max-queue {self.max_queue})")
-            self.waiting.append(request)
+            taken = sum(r is not None for r in self.owner) + len(self.waiting)
+            if taken + n > rows + self.options.max_queue:
+                raise QueueFull(f"{taken} requests are running or waiting already ({rows} rows, --max-queue "
+                                f"{self.options.max_queue})")
+            self.waiting.extend(group)
             self._wake.notify()
         self._gauges()
-        return request
+        return group
 
-    def cancel(self, request: Request) -> None:
-        """End the request: a waiting one leaves the queue, a running one frees its row at the next step."""
+    def cancel(self, request: Request | list[Request]) -> None:
+        """End the request (each of a list): a waiting one leaves the queue, a running one frees its row at the
+        next step."""
         with self._wake:
-            request.cancelled = True
+            for r in request if isinstance(request, list) else [request]:
+                r.cancelled = True
             self._wake.notify()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop after the requests under way (and waiting) have finished, or after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         with self._wake:
-            while (self.waiting or any(self.rows)) and self._thread is not None and self._thread.is_alive():
+            while (self.waiting or self.running) and self._thread is not None and self._thread.is_alive():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -200,7 +232,7 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return sum(row is not None for row in self.rows)
+        return sum(r is not None for r in self.owner)
 
     @property
     def queued(self) -> int:
@@ -211,22 +243,23 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stopping and not self.waiting and not any(self.rows):
+                while not self._stopping and not self.waiting and not self.running:
                     self._wake.wait()
                 if self._stopping:
-                    for request in [*self.waiting, *(r.request for r in self.rows if r)]:
+                    for request in [*self.waiting, *(r for r in self.owner if r)]:
                         self._end(request, "cancelled")
                     return
                 self._retire_cancelled()
                 self._admit()
             try:
-                self._step()
+                runs = self.plan()
+                outputs = [self.execute(run) for run in runs]
+                self.update(runs, outputs)
             except Exception as e:  # a bug or a failing backend: every request under way learns it, the loop goes on
                 log.exception("scheduler step failed")
-                for index, row in enumerate(self.rows):
-                    if row is not None:
-                        row.request.on_event(Failed(f"{type(e).__name__}: {e}"))
-                        self._free(index)
+                for request in [r for r in self.owner if r is not None]:
+                    request.on_event(Failed(f"{type(e).__name__}: {e}", request.index))
+                    self._free(request)
             self.steps += 1
             self._gauges()
 
@@ -234,118 +267,223 @@ class Scheduler:
         for request in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(request)
             self._end(request, "cancelled")
-        for index, row in enumerate(self.rows):
-            if row is not None and row.request.cancelled:
-                self._end(row.request, "cancelled", len(row.generated))
-                self._free(index)
+        for request in [r for r in self.owner if r is not None and r.cancelled]:
+            self._end(request, "cancelled")
+            self._free(request)
+
+    # -- admission: a row and the prefix it keeps ----------------------------------------------------------
 
     def _admit(self) -> None:
-        while self.waiting and None in self.rows:
-            request = self.waiting.popleft()
-            index = self.rows.index(None)
-            options = request.options
-            eos = () if request.ignore_eos else self.model.eos_token_ids
-            self.rows[index] = _Row(request, index, options.sampler(),
-                                    TextStream(self.model.tokenizer, eos, options.stop_strings))
-            self.backend.lengths[index] = 0  # the row's earlier request is forgotten: its slots are overwritten
+        while self.waiting:
+            head = self.waiting[0]
+            group = [head, *head.siblings] if head.index == 0 else [head]
+            free = [row for row, r in enumerate(self.owner) if r is None]
+            if len(free) < len(group):
+                return
+            for request in group:
+                self.waiting.remove(request)
+            self._place(head, free)
+            for sibling in group[1:]:  # they copy the first's whole prompt and sample from its logits
+                row = self._lru([row for row, r in enumerate(self.owner) if r is None])
+                self._take(sibling, row)
+                sibling.leader, sibling.follows = head, len(head.prompt)
 
-    def _step(self) -> None:
-        group, size = self._prefill_group()
-        if group:
-            chunk = np.array([row.request.ids[row.prefilled: row.prefilled + size] for row in group], np.int64)
-            logits = prefill_rows(self.backend, slice(group[0].index, group[-1].index + 1), chunk)
-            for row, row_logits in zip(group, logits):
-                row.prefilled += size
-                if row.decoding:
-                    self._sample(row, row_logits)
-        decoding = [row for row in self.rows if row is not None and row.decoding and row.generated]
-        if not decoding:
+    def _place(self, request: Request, free: list[int]) -> None:
+        """Give `request` a free row and the longest reusable prefix of its prompt it can have: kept in place in the
+        row, or copied from another (busy, or free and better kept). Each way scores the prompt tokens it saves less
+        the tokens it forgets (what the row held beyond the prefix; a copy costs COPY_MIN_TOKENS more); the best
+        score wins, then the least recently used row (docs/serving.md, "Prefix caching")."""
+        kv, prompt = self.kv, request.prompt
+        if not self.options.prefix_cache:
+            row = self._lru(free)
+            self._take(request, row)
+            kv.clear(row)
             return
-        last = max(row.index for row in decoding)
-        tokens = np.zeros(last + 1, np.int64)
-        for row in decoding:
-            tokens[row.index] = row.generated[-1]
-        kept = self.backend.lengths[: last + 1].copy()
-        logits = decode_rows(self.backend, tokens, slice(0, last + 1))
-        active = {row.index for row in decoding}
-        for index in range(last + 1):  # rows that only came along keep their length
-            if index not in active:
-                self.backend.lengths[index] = kept[index]
-        for row in decoding:
-            self._sample(row, logits[row.index])
+        ways = []  # (score, row, source, tokens kept)
+        for row in free:
+            n = kv.prefix(row, prompt)
+            ways.append((n - (len(kv.tokens[row]) - n), row, row, n))
+        source, n = kv.best_prefix(prompt, range(len(self.owner)))
+        if kv.can_copy and n >= COPY_MIN_TOKENS:
+            ways += [(n - COPY_MIN_TOKENS - len(kv.tokens[row]), row, source, n) for row in free if row != source]
+        _, row, source, n = max(ways, key=lambda way: (way[0], -kv.used_at[way[1]]))
+        self._take(request, row)
+        if source == row:
+            kv.keep(row, n)
+        else:
+            kv.copy(source, row, n)
+        request.computed = request.cached = n
+        leader, ahead = self._computing(request) if kv.can_copy else (None, 0)
+        if ahead >= max(n + 1, COPY_MIN_TOKENS):  # a running request is computing a longer prefix: wait for it
+            request.leader, request.follows = leader, ahead
+        if self.metrics:
+            self.metrics.prefix_query(len(prompt))
+            self.metrics.prefix_hit(n)
 
-    def _prefill_group(self) -> tuple[list[_Row], int]:
-        """The rows that prefill this step: the request that waited longest, and its neighbours in the buffers
-        that are prefilling too, with as many tokens left at least, each taking a chunk of the same size (their
-        own positions: runtime.generate.prefill_rows). While rows are decoding, the group holds one chunk's worth
-        of tokens (they wait for one chunk at most); when none is, as many rows as are ready (nobody waits)."""
-        prefilling = [row for row in self.rows if row is not None and not row.decoding]
-        if not prefilling:
-            return [], 0
-        oldest = min(prefilling, key=lambda r: r.request.submitted)
-        size = min(self.prefill_chunk, oldest.remaining, self.backend.chunk_limit(oldest.prefilled) or oldest.remaining)
-        decoding = any(row is not None and row.decoding for row in self.rows)
-        budget = max(1, self.prefill_chunk // size) if decoding else len(self.rows)
+    def _computing(self, follower: Request) -> tuple[Request | None, int]:
+        """The running request still computing the longest prefix of `follower`'s prompt, and that prefix's length."""
+        best, length = None, 0
+        for request in self.owner:
+            if (request is None or request is follower or request.leader is not None
+                    or request.computed >= len(request.prompt)):
+                continue
+            n = 0
+            for a, b in zip(request.prompt, follower.prompt[:-1]):
+                if a != b:
+                    break
+                n += 1
+            if n > length and n > request.computed:
+                best, length = request, n
+        return best, length
 
-        over_cache = self.backend.rows_prefill_over_cache
+    def _lru(self, rows: list[int]) -> int:
+        return min(rows, key=lambda row: (self.kv.used_at[row], row))
 
-        def joins(index: int) -> bool:
-            row = self.rows[index] if 0 <= index < len(self.rows) else None
-            return (row is not None and not row.decoding and row.remaining >= size
-                    and (self.backend.chunk_limit(row.prefilled) or size) >= size  # a ring's room
-                    and (over_cache or row.prefilled == 0 == oldest.prefilled))
+    def _take(self, request: Request, row: int) -> None:
+        request.row = row
+        self.owner[row] = request
+        eos = () if request.params.ignore_eos else self.model.eos_token_ids
+        request.sampler = request.params.sampler()
+        request.text = TextStream(self.model.tokenizer, eos, request.params.stop)
 
-        first = last = oldest.index
+    # -- plan, execute, update ---------------------------------------------------------------------------
+
+    def plan(self) -> list[Run]:
+        """The runs of this step: the rows feeding one token together, then one chunk of prompt (see the module's
+        doc)."""
+        running = [r for r in self.owner if r is not None and not r.waiting_for_leader]
+        decoding = [r for r in running if len(r.tokens) - r.computed == 1]
+        runs = []
+        if decoding:
+            runs.append(Run(slice(decoding[0].row, decoding[-1].row + 1), 1, tuple(decoding)))
+        prompting = [r for r in running if len(r.tokens) - r.computed > 1]
+        if prompting:
+            runs.append(self._prompt_run(prompting, busy=bool(decoding)))
+        return runs
+
+    def _prompt_run(self, prompting: list[Request], busy: bool) -> Run:
+        """The request that waited longest, and its neighbours in the rows whose prompts have as many tokens left at
+        least, each feeding a chunk of the same size. While rows decode the run holds one chunk's worth of tokens
+        (they wait for one chunk at most); when none does, as many rows as are ready."""
+        oldest = min(prompting, key=lambda r: r.submitted)
+        left = len(oldest.tokens) - oldest.computed
+        size = min(self.prefill_chunk, left, self.kv.chunk_limit(oldest.computed) or left)
+        budget = max(1, self.prefill_chunk // size) if busy else len(self.owner)
+        by_row = {r.row: r for r in prompting}
+        over_cache = self.kv.rows_over_cache
+
+        def joins(row: int) -> bool:
+            r = by_row.get(row)
+            return (r is not None and len(r.tokens) - r.computed >= size
+                    and (self.kv.chunk_limit(r.computed) or size) >= size  # a ring's room
+                    and (over_cache or r.computed == 0 == oldest.computed))
+
+        first = last = oldest.row
         while last - first + 1 < budget and (joins(first - 1) or joins(last + 1)):
             if joins(last + 1):
                 last += 1
             else:
                 first -= 1
-        return self.rows[first:last + 1], size
+        return Run(slice(first, last + 1), size, tuple(by_row[row] for row in range(first, last + 1)))
 
-    def _sample(self, row: _Row, logits: np.ndarray) -> None:
-        """The row's next token from the logits of its last one: emit its text, or end the request."""
-        request = row.request
-        history = np.array([request.ids + row.generated], np.int64) if request.options.use_history else None
-        token = int(row.sampler(logits[None], history)[0])
-        row.generated.append(token)
+    def execute(self, run: Run) -> np.ndarray:
+        """The run's logits [rows, V]: each fed request's tokens after what its row holds; idle rows in the range
+        compute a dummy token that their cache does not keep."""
+        n = run.rows.stop - run.rows.start
+        ids = np.zeros((n, run.size), np.int64)
+        active = np.zeros(n, bool)
+        for r in run.requests:
+            i = r.row - run.rows.start
+            ids[i] = r.tokens[r.computed:r.computed + run.size]
+            active[i] = True
+        logits = self.kv.feed(run.rows, ids, active=active)
+        return logits
+
+    def update(self, runs: list[Run], outputs: list[np.ndarray]) -> None:
+        for run, logits in zip(runs, outputs):
+            for r in run.requests:
+                r.computed += run.size
+                if not r.generated:
+                    self.prefilled_tokens += run.size
+                if r.computed < len(r.tokens) or r.finished:
+                    continue
+                row_logits = logits[r.row - run.rows.start]
+                siblings = [s for s in r.siblings if not s.finished] if not r.generated else []
+                for sibling in siblings:  # the prompt is computed: the other choices copy it
+                    self.kv.copy(r.row, sibling.row, len(r.prompt))
+                    sibling.computed = sibling.cached = len(sibling.prompt)
+                    sibling.leader = None
+                self._sample(r, row_logits)
+                for sibling in siblings:  # and sample their first token from the same logits
+                    self._sample(sibling, row_logits)
+        self._follow()
+
+    def _follow(self) -> None:
+        """Followers whose leader has computed their prefix copy it; those whose leader went away compute it."""
+        for request in [r for r in self.owner if r is not None and r.leader is not None]:
+            leader = request.leader
+            if leader.finished and request in leader.siblings:  # it ended before its prompt was computed
+                request.leader = None
+            elif leader.computed >= request.follows and request not in leader.siblings:
+                if leader.row is not None and self.kv.reusable(leader.row, request.follows):
+                    self.kv.copy(leader.row, request.row, request.follows)
+                    if self.metrics:
+                        self.metrics.prefix_hit(request.follows - request.cached)
+                    request.computed = request.cached = request.follows
+                request.leader = None
+            elif leader.finished:
+                request.leader = None
+
+    def _sample(self, request: Request, logits: np.ndarray) -> None:
+        """The request's next token from the logits of its last one: hand on its text, or end the request."""
+        params = request.params
+        history = np.array([request.tokens], np.int64) if params.use_history else None
+        token = int(request.sampler(logits[None], history)[0])
+        request.tokens.append(token)
+        now = time.perf_counter()
         if request.first_token_at is None:
-            request.first_token_at = time.perf_counter()
+            request.first_token_at = now
             if self.metrics:
-                self.metrics.first_token(request.first_token_at - request.submitted)
+                self.metrics.first_token(now - request.submitted)
         elif self.metrics:
-            self.metrics.token_latency(time.perf_counter() - row.last_token_at)
-        row.last_token_at = time.perf_counter()
-        row.pending.append(token)
-        if request.logprobs is not None:
-            row.pending_logprobs.append(log_softmax_top(logits, token, request.logprobs))
-        piece = row.text.push(token)
-        done = row.text.stopped or len(row.generated) >= request.max_new_tokens
+            self.metrics.token_latency(now - request.last_token_at)
+        request.last_token_at = now
+        request.pending.append(token)
+        if params.logprobs is not None:
+            request.pending_logprobs.append(log_softmax_top(logits, token, params.logprobs))
+        piece = request.text.push(token)
+        done = request.text.stopped or request.generated >= request.max_new_tokens
         if done:
-            piece += row.text.finish()
+            piece += request.text.finish()
         if piece or done:  # the tokens since the last piece go with the text they made
-            request.on_event(Piece(piece, tuple(row.pending), tuple(row.pending_logprobs)))
-            row.pending.clear()
-            row.pending_logprobs.clear()
+            request.on_event(Piece(piece, tuple(request.pending), tuple(request.pending_logprobs), request.index))
+            request.pending.clear()
+            request.pending_logprobs.clear()
         if done:
-            self._end(request, "stop" if row.text.stopped else "length", len(row.generated))
-            self._free(row.index)
+            self._end(request, "stop" if request.text.stopped else "length")
+            self._free(request)
 
-    def _end(self, request: Request, reason: str, generated: int = 0) -> None:
-        request.on_event(Finished(reason, len(request.ids), generated))
+    def _end(self, request: Request, reason: str) -> None:
+        if request.finished:
+            return
+        request.finished = True
+        generated = request.generated
+        request.on_event(Finished(reason, len(request.prompt), generated, request.cached, request.index))
         if self.metrics:
-            self.metrics.finished(reason, len(request.ids), generated)
+            self.metrics.finished(reason, len(request.prompt), generated, time.perf_counter() - request.submitted)
 
-    def _free(self, index: int) -> None:
-        self.rows[index] = None
-        self.backend.lengths[index] = 0  # a free row decodes a dummy token into slot 0 when it lies in the range
+    def _free(self, request: Request) -> None:
+        """The request leaves its row; the row keeps the tokens it computed (the prefix cache)."""
+        if request.row is not None and self.owner[request.row] is request:
+            self.owner[request.row] = None
+        request.row = None
         with self._wake:
             self._wake.notify_all()  # stop() may be waiting for the rows to empty
 
     def _gauges(self) -> None:
         if self.metrics:
-            self.metrics.rows(self.running, self.queued)
+            self.metrics.rows(self.running, self.queued, len(self.owner))
 
 
-__all__ = ["Scheduler", "check_servable", "Request", "Piece", "Finished", "Failed", "QueueFull", "NotServable", "ContextLengthError",
-           "DEFAULT_PREFILL_CHUNK"]
+__all__ = ["Scheduler", "check_servable", "Request", "Piece", "Finished", "Failed", "QueueFull", "NotServable",
+           "ContextLengthError"]

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from exporter import ExportOptions, export
 from exporter.cli import export_command, parity_command
-from runtime.generate import positions
+from runtime.kv import positions
 from runtime.tokenizer import left_pad
 from tests.families import ALL, FAMILY_OF
 

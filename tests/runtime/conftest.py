@@ -84,6 +84,14 @@ def tiny_text_artifacts(tiny_artifacts, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_torch():
+    """tiny-gemma3 in PyTorch: seed 0, as `random:tiny-gemma3` exports it."""
+    from models import presets, random_model
+
+    return random_model(presets.config("tiny-gemma3"))
+
+
+@pytest.fixture(scope="session")
 def real_artifact(request):
     """GEMMA_DEPLOY_REAL_ARTIFACT=DIR runs the runtime's `real` tests on an artifact exported earlier
     (gemma-export --model gemma3-270m); without it the session exports one (tests/conftest.py)."""

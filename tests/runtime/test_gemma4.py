@@ -9,6 +9,7 @@ import pytest
 
 import runtime
 from models import presets, random_model
+from runtime.serving.options import ServeOptions
 from runtime.serving.scheduler import Scheduler
 from tests.runtime.test_generate import torch_greedy
 from tests.runtime.test_scheduler import Collector
@@ -64,10 +65,10 @@ def test_greedy_matches_pytorch(artifacts, layout):
 def test_served_requests_are_each_what_they_give_alone(artifacts, tmp_path):
     model = runtime.load(add_text_files(artifacts["ring"], tmp_path / "text"))
     prompts = ["The capital of France is", "Paris", "a b c d e f g h the of and", "the of"]
-    options = runtime.GenerationOptions(max_new_tokens=12)
+    options = runtime.SamplingParams(max_new_tokens=12)
     alone = [model.generate_text(p, options) for p in prompts]
     collectors = [Collector() for _ in prompts]
-    scheduler = Scheduler(model, max_batch_size=3, prefill_chunk=3).start()
+    scheduler = Scheduler(model, ServeOptions(max_batch_size=3, prefill_chunk=3)).start()
     try:
         for prompt, collector in zip(prompts, collectors):
             scheduler.submit(model.tokenizer.encode(prompt), options, collector)

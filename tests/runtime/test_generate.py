@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import runtime
-from models import presets, random_model
 from runtime.generate import ContextLengthError
 from tests import reference
 from tests.reference import PROMPTS
@@ -15,11 +14,6 @@ from tests.reference import PROMPTS
 
 def torch_greedy(model, ids: np.ndarray, mask: np.ndarray, steps: int) -> np.ndarray:
     return reference.torch_greedy(model, torch.from_numpy(ids), torch.from_numpy(mask), steps).numpy()
-
-
-@pytest.fixture(scope="module")
-def tiny_torch():
-    return random_model(presets.config("tiny-gemma3"))  # seed 0, as `random:tiny-gemma3` exports it
 
 
 @pytest.mark.parametrize("layout", ["dynamic", "static"])
@@ -134,7 +128,7 @@ class TestRealModel:
         assert out.tolist() == expected.numpy().tolist()
 
     def test_text_pipeline_and_streaming(self, model):
-        options = runtime.GenerationOptions(max_new_tokens=20)
+        options = runtime.SamplingParams(max_new_tokens=20)
         text = model.generate_text("The capital of France is", options)
         assert text.startswith(" the capital of the country of France")
         assert "".join(model.stream("The capital of France is", options)) == text
@@ -144,13 +138,13 @@ class TestRealModel:
         assert len(batch) == 2 and batch[0][0]["generated_text"].startswith("The capital of France is the capital")
 
     def test_stop_strings(self, model):
-        options = runtime.GenerationOptions(max_new_tokens=30, stop_strings=["France."])
+        options = runtime.SamplingParams(max_new_tokens=30, stop=("France.",))
         text = model.generate_text("The capital of France is", options)
         assert text == " the capital of the country of "
         assert "".join(model.stream("The capital of France is", options)) == text
 
     def test_chat_keeps_the_cache_between_turns(self, model):
-        options = runtime.GenerationOptions(max_new_tokens=12)
+        options = runtime.SamplingParams(max_new_tokens=12)
         chat = model.chat_session(options)
         first = "".join(chat.send("Name a color."))
         after_first = list(chat.cached)

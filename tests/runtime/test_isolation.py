@@ -53,8 +53,8 @@ def test_runtime_generates_without_torch(tiny_text_artifacts):
 import numpy as np, runtime
 model = runtime.load({str(tiny_text_artifacts['dynamic'])!r})
 out = model.generate(np.array([[2, 10, 11, 12]]), max_new_tokens=5, eos_token_id=[])
-text = ''.join(model.stream('Paris', runtime.GenerationOptions(max_new_tokens=5)))
-print(out.shape, text == model.generate_text('Paris', runtime.GenerationOptions(max_new_tokens=5)))
+text = ''.join(model.stream('Paris', runtime.SamplingParams(max_new_tokens=5)))
+print(out.shape, text == model.generate_text('Paris', runtime.SamplingParams(max_new_tokens=5)))
 """
     result = run(code)
     assert result.returncode == 0, result.stderr

@@ -110,17 +110,17 @@ def test_a_manifest_whose_slots_do_not_fit_is_refused(case, tmp_path):
         read_manifest(folder, verify=False)
 
 
-def test_a_chat_turn_keeps_a_ring_prefix_only_within_a_chunk(case):
-    """The ring holds a row's latest tokens: a prefix at most a chunk (8) behind the row's end is still whole."""
+def test_a_chat_turn_keeps_a_ring_prefix_only_while_the_ring_holds_its_window(case):
+    """The ring (window 8, chunks of 8, 16 slots) holds a row's latest 16 tokens: of 30, a prefix of m is whole
+    when the window before position m is still there, m >= 30 - 8 - 1 (runtime/kv.py)."""
     _, sliding_cache, model = case
-    backend = model.backend
-    backend.reset(1, 40)
     model.generate(np.arange(3, 33)[None], max_new_tokens=1, eos_token_id=[])  # the cache holds 30 tokens
-    assert backend.keepable(24) == 24
-    assert backend.keepable(20) == (0 if sliding_cache == "ring" else 20)
+    cache = model.cache
+    assert cache.lengths[0] == 30 and cache.reusable(0, 24) and cache.reusable(0, 21)
+    assert cache.reusable(0, 20) == (sliding_cache != "ring")
     if sliding_cache == "ring":
-        with pytest.raises(ValueError, match="its ring has overwritten some of them"):
-            backend.trim(20)
+        with pytest.raises(ValueError, match="cannot keep 20 tokens"):
+            cache.keep(0, 20)
 
 
 def long_ids(tokenizer, n: int) -> np.ndarray:

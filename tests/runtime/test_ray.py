@@ -63,7 +63,7 @@ def complete(client, prompt):
 
 def test_both_replicas_answer_each_as_gemma_run_generate(client, real_static_artifact):
     alone = runtime.load(real_static_artifact)
-    expected = [alone.generate_text(p, runtime.GenerationOptions(max_new_tokens=16)) for p in PROMPTS]
+    expected = [alone.generate_text(p, runtime.SamplingParams(max_new_tokens=16)) for p in PROMPTS]
     answers = [None] * len(PROMPTS)
 
     def send(i):

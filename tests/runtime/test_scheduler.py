@@ -1,22 +1,29 @@
-"""The serving scheduler in this process, on tiny-gemma3 with the tiny tokenizer: requests that arrive together
+"""The serving engine in this process, on tiny-gemma3 with the tiny tokenizer: requests that arrive together
 with prompts of different lengths, prefilled in chunks (neighbouring rows together where the graph allows) and
 decoded together, each give what they give alone; on the unfused static graph, its sliding-window layers on a ring
 of 16 slots (window 8, chunks of at most 8 that do not cross its end), and on the GroupQueryAttention one with
-every layer's cache full (the kernel takes one row when a chunk continues a cache)."""
+every layer's cache full (the kernel takes one row when a chunk continues a cache). The prefix cache, n > 1 and
+followers change what is computed, never what is generated."""
 
 from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 import runtime
+from runtime import SamplingParams
+from runtime.kv import KVCache
+from runtime.serving.options import ServeOptions
 from runtime.serving.scheduler import Failed, Finished, Piece, QueueFull, Scheduler
 
 from .conftest import add_text_files
 
 PROMPTS = ["The capital of France is", "Paris", "a b c d e f g h the of and", "the of", "France is the capital",
            "is a in to"]
+LONG = "the capital of France is Paris and the capital of"  # 13 tokens
+SHARED = LONG + " Italy is Rome and the capital of"  # 29 tokens: past the ring's 16 slots and a copy's worth
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +36,7 @@ def fused(tmp_path_factory):
     return add_text_files(root / "plain", root / "text")
 
 
-@pytest.fixture(params=["unfused", "fused"])
+@pytest.fixture(scope="module", params=["unfused", "fused"])
 def model(request, tiny_text_artifacts, fused):
     folder = tiny_text_artifacts["static"] if request.param == "unfused" else fused
     loaded = runtime.load(folder)
@@ -39,47 +46,61 @@ def model(request, tiny_text_artifacts, fused):
 
 
 class Collector:
-    def __init__(self):
-        self.pieces, self.finished, self.done = [], None, threading.Event()
+    """A request's events; `text` per choice."""
+
+    def __init__(self, n: int = 1):
+        self.pieces = [[] for _ in range(n)]
+        self.finished: list = [None] * n
+        self.done = threading.Event()
 
     def __call__(self, event):
         if isinstance(event, Piece):
-            self.pieces.append(event.text)
+            self.pieces[event.index].append(event.text)
         elif isinstance(event, (Finished, Failed)):  # a Failed is no Finished: the assertions on it fail
-            self.finished = event
-            self.done.set()
+            self.finished[event.index] = event
+            if all(f is not None for f in self.finished):
+                self.done.set()
 
     @property
     def text(self) -> str:
-        return "".join(self.pieces)
+        return "".join(self.pieces[0])
+
+    def texts(self) -> list[str]:
+        return ["".join(p) for p in self.pieces]
 
 
-def options(**kw):
-    return runtime.GenerationOptions(**{"max_new_tokens": 12, **kw})
+def params(**kw) -> SamplingParams:
+    return SamplingParams(**{"max_new_tokens": 12, **kw})
 
 
-def test_requests_arriving_together_are_each_what_they_give_alone(model):
-    alone = [model.generate_text(p, options()) for p in PROMPTS]
-    scheduler = Scheduler(model, max_batch_size=4, max_queue=8, prefill_chunk=3).start()
+def serve(model, prompts, each=None, **options) -> list[Collector]:
+    """Submit every prompt at once (each with `each(i)` params, else greedy), wait, stop; the collectors."""
+    scheduler = Scheduler(model, ServeOptions(**options)).start()
     try:
-        collectors = [Collector() for _ in PROMPTS]
-        for prompt, collector in zip(PROMPTS, collectors):  # 6 requests, 4 rows: two wait for a free row
-            scheduler.submit(model.tokenizer.encode(prompt), options(), collector)
+        collectors = [Collector() for _ in prompts]
+        for i, (prompt, collector) in enumerate(zip(prompts, collectors)):
+            scheduler.submit(model.tokenizer.encode(prompt), each(i) if each else params(), collector)
         assert all(c.done.wait(60) for c in collectors)
     finally:
         scheduler.stop()
+    return collectors
+
+
+def test_requests_arriving_together_are_each_what_they_give_alone(model):
+    alone = [model.generate_text(p, params()) for p in PROMPTS]
+    collectors = serve(model, PROMPTS, max_batch_size=4, max_queue=8, prefill_chunk=3)  # two wait for a row
     assert [c.text for c in collectors] == alone
-    assert all(c.finished.prompt_tokens == len(model.tokenizer.encode(p)) for c, p in zip(collectors, PROMPTS))
+    assert all(c.finished[0].prompt_tokens == len(model.tokenizer.encode(p)) for c, p in zip(collectors, PROMPTS))
 
 
 def test_a_seeded_request_samples_the_same_whatever_shares_the_batch(model):
-    sampled = options(temperature=0.9, top_p=0.9, seed=3)
+    sampled = params(temperature=0.9, top_p=0.9, seed=3)
     alone = model.generate_text(PROMPTS[0], sampled)
-    scheduler = Scheduler(model, max_batch_size=3, prefill_chunk=4).start()
+    scheduler = Scheduler(model, ServeOptions(max_batch_size=3, prefill_chunk=4)).start()
     try:
         others = [Collector() for _ in range(2)]
         for prompt, collector in zip(PROMPTS[1:], others):
-            scheduler.submit(model.tokenizer.encode(prompt), options(temperature=1.0, seed=None), collector)
+            scheduler.submit(model.tokenizer.encode(prompt), params(temperature=1.0), collector)
         mine = Collector()
         scheduler.submit(model.tokenizer.encode(PROMPTS[0]), sampled, mine)
         assert mine.done.wait(60) and all(c.done.wait(60) for c in others)
@@ -88,8 +109,57 @@ def test_a_seeded_request_samples_the_same_whatever_shares_the_batch(model):
     assert mine.text == alone
 
 
-def test_cancel_frees_the_row_and_a_full_queue_is_refused(model):
-    scheduler = Scheduler(model, max_batch_size=1, max_queue=1).start()
+@pytest.mark.parametrize("prefix_cache", [True, False], ids=["cache", "no-cache"])
+def test_the_prefix_cache_changes_what_is_computed_not_what_is_generated(model, prefix_cache):
+    """The same prompts twice, then prompts that share a long prefix with earlier ones: every completion is the
+    request's alone; with the cache the repeats compute only their last tokens. (Four new tokens: a ring row that
+    went on more than a chunk past a prefix no longer holds it, test_a_ring_prefix_is_reusable... below.)"""
+    prompts = [LONG, "is a in to Paris of", LONG, LONG + " Spain"]
+    alone = [model.generate_text(p, params(max_new_tokens=4)) for p in prompts]
+    scheduler = Scheduler(model, ServeOptions(max_batch_size=2, prefix_cache=prefix_cache)).start()
+    try:
+        results = []
+        for prompt in prompts:  # one after the other: each finds what the earlier ones left in the rows
+            collector = Collector()
+            scheduler.submit(model.tokenizer.encode(prompt), params(max_new_tokens=4), collector)
+            assert collector.done.wait(60)
+            results.append(collector)
+    finally:
+        scheduler.stop()
+    assert [c.text for c in results] == alone
+    long = len(model.tokenizer.encode(LONG))
+    expected = [0, 0, long - 1, long] if prefix_cache else [0, 0, 0, 0]  # all but the last token of a repeat
+    assert [c.finished[0].cached_tokens for c in results] == expected
+
+
+def test_followers_and_n_choices_copy_the_prefix_and_match_their_seed_alone(model):
+    """Requests sharing a prefix submitted together: the later ones follow the first and copy its prefix once
+    computed. n = 3: one prefill, three choices, choice i equal to the request alone with seed + i."""
+    if not model.backend.can_copy_rows:
+        pytest.skip("copies need the CPU provider")
+    shared = [SHARED + " Spain", SHARED + " Germany", SHARED + " Greece"]
+    alone = [model.generate_text(p, params()) for p in shared]
+    collectors = serve(model, shared, max_batch_size=4)
+    assert [c.text for c in collectors] == alone
+    assert collectors[0].finished[0].cached_tokens == 0
+    assert all(c.finished[0].cached_tokens >= len(model.tokenizer.encode(SHARED)) for c in collectors[1:])
+
+    sampled = params(temperature=1.0, seed=5)
+    by_seed = [model.generate_text(PROMPTS[2], sampled.replace(seed=5 + i)) for i in range(3)]
+    scheduler = Scheduler(model, ServeOptions(max_batch_size=4)).start()
+    try:
+        three = Collector(3)
+        scheduler.submit(model.tokenizer.encode(PROMPTS[2]), sampled, three, n=3)
+        assert three.done.wait(60)
+    finally:
+        scheduler.stop()
+    assert three.texts() == by_seed and len(set(by_seed)) > 1
+    prompt = len(model.tokenizer.encode(PROMPTS[2]))
+    assert [f.cached_tokens for f in three.finished][1:] == [prompt, prompt]
+
+
+def test_cancel_frees_the_row_and_the_queue_holds_rows_plus_max_queue(model):
+    scheduler = Scheduler(model, ServeOptions(max_batch_size=1, max_queue=1)).start()
     try:
         running, go = threading.Event(), threading.Event()
 
@@ -101,18 +171,38 @@ def test_cancel_frees_the_row_and_a_full_queue_is_refused(model):
                     go.wait(30)
 
         long, waiting = Holding(), Collector()
-        first = scheduler.submit(model.tokenizer.encode(PROMPTS[0]), options(max_new_tokens=40), long)
+        first = scheduler.submit(model.tokenizer.encode(PROMPTS[0]), params(max_new_tokens=40), long)
         assert running.wait(30) and scheduler.running == 1
-        scheduler.submit(model.tokenizer.encode(PROMPTS[1]), options(), waiting)
+        scheduler.submit(model.tokenizer.encode(PROMPTS[1]), params(), waiting)
         with pytest.raises(QueueFull, match="--max-queue 1"):
-            scheduler.submit(model.tokenizer.encode(PROMPTS[2]), options(), Collector())
+            scheduler.submit(model.tokenizer.encode(PROMPTS[2]), params(), Collector())
         scheduler.cancel(first)
         go.set()
-        assert long.done.wait(60) and long.finished.reason == "cancelled" and long.finished.completion_tokens < 40
-        assert waiting.done.wait(60) and waiting.text == model.generate_text(PROMPTS[1], options())
+        assert long.done.wait(60) and long.finished[0].reason == "cancelled"
+        assert long.finished[0].completion_tokens < 40
+        assert waiting.done.wait(60) and waiting.text == model.generate_text(PROMPTS[1], params())
         assert scheduler.running == 0 and scheduler.queued == 0
     finally:
         scheduler.stop()
+
+
+def test_a_burst_is_admitted_up_to_rows_plus_queue(model):
+    """20 requests at once on 4 rows and a queue of 8: 12 are taken (the rows are free), 8 refused."""
+    scheduler = Scheduler(model, ServeOptions(max_batch_size=4, max_queue=8)).start()
+    taken, refused = [], 0
+    try:
+        for i in range(20):
+            try:
+                collector = Collector()
+                scheduler.submit(model.tokenizer.encode(PROMPTS[i % len(PROMPTS)]), params(max_new_tokens=4),
+                                 collector)
+                taken.append(collector)
+            except QueueFull:
+                refused += 1
+        assert all(c.done.wait(60) for c in taken)
+    finally:
+        scheduler.stop()
+    assert (len(taken), refused) == (12, 8)
 
 
 def test_a_dynamic_layout_artifact_is_refused_with_the_export_line(tiny_text_artifacts):
@@ -120,3 +210,43 @@ def test_a_dynamic_layout_artifact_is_refused_with_the_export_line(tiny_text_art
 
     with pytest.raises(NotServable, match="dynamic KV layout.*--kv-cache static"):
         Scheduler(runtime.load(tiny_text_artifacts["dynamic"]))
+
+
+# -- the ring and the prefix cache -----------------------------------------------------------------------------
+
+
+def test_a_ring_prefix_is_reusable_exactly_while_the_ring_holds_its_window(tiny_text_artifacts):
+    """Window W = 8, ring R = 16 (chunks of C = 8). A row holding n = 30 tokens keeps positions 14..29 in its ring. A
+    prefix of m tokens is reusable when the first query after it (position m) finds its window, positions m-7..m-1,
+    in the ring: m >= n - C - 1 = 21. At m = 21 the logits after the kept prefix equal a fresh computation's; at
+    m = 20 position 13 is gone (its slot holds 29), so reusing it would give other logits: it is refused."""
+    model = runtime.load(tiny_text_artifacts["static"])
+    kv = model.manifest.kv
+    assert (kv.sliding_window, kv.ring_size, kv.ring_chunk) == (8, 16, 8)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(7, 500, size=30)
+    cont = rng.integers(7, 500, size=3)  # within every chunk limit below
+
+    def fresh(prefix):
+        cache = KVCache(model.backend, 1)
+        for start in range(0, len(prefix), 8):
+            cache.feed(slice(0, 1), prefix[None, start:start + 8])
+        return cache.feed(slice(0, 1), cont[None])[0]
+
+    def reused(m, force=False):
+        cache = KVCache(model.backend, 1)
+        for start in range(0, 30, 8):
+            cache.feed(slice(0, 1), tokens[None, start:start + 8])
+        assert cache.reusable(0, m) == (m >= 21)
+        if force:  # what keep() refuses: cut the row anyway
+            del cache.tokens[0][m:]
+            cache.lengths[0] = m
+        else:
+            cache.keep(0, m)
+        return cache.feed(slice(0, 1), cont[None])[0]
+
+    np.testing.assert_allclose(reused(21), fresh(tokens[:21]), atol=1e-5)
+    np.testing.assert_allclose(reused(29), fresh(tokens[:29]), atol=1e-5)
+    assert np.abs(reused(20, force=True) - fresh(tokens[:20])).max() > 1e-3
+    with pytest.raises(ValueError, match="cannot keep 20 tokens"):
+        reused(20)

@@ -61,7 +61,7 @@ def complete(client, prompt, **kw):
 
 
 def test_completion_chat_stream_stop_and_seed(client, alone):
-    options = runtime.GenerationOptions(max_new_tokens=20)
+    options = runtime.SamplingParams(max_new_tokens=20)
     expected = alone.generate_text(PROMPTS[0], options)
     reply = complete(client, PROMPTS[0])
     assert reply.choices[0].text == expected and expected.startswith(" the capital of the country of France")
@@ -80,7 +80,7 @@ def test_completion_chat_stream_stop_and_seed(client, alone):
     messages = [{"role": "user", "content": "Name a color."}]
     rendered = alone.apply_chat_template(messages)
     chat = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0)
-    assert chat.choices[0].message.content == alone.generate_text(rendered, runtime.GenerationOptions(max_new_tokens=12),
+    assert chat.choices[0].message.content == alone.generate_text(rendered, runtime.SamplingParams(max_new_tokens=12),
                                                                    chat=True)
     assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
     streamed = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0, stream=True)
@@ -88,7 +88,7 @@ def test_completion_chat_stream_stop_and_seed(client, alone):
 
     seeded = [complete(client, PROMPTS[1], temperature=0.9, top_p=0.95, seed=7).choices[0].text for _ in range(2)]
     assert seeded[0] == seeded[1] != complete(client, PROMPTS[1], temperature=0.9, top_p=0.95, seed=8).choices[0].text
-    assert seeded[0] == alone.generate_text(PROMPTS[1], runtime.GenerationOptions(max_new_tokens=20, temperature=0.9,
+    assert seeded[0] == alone.generate_text(PROMPTS[1], runtime.SamplingParams(max_new_tokens=20, temperature=0.9,
                                                                                   top_p=0.95, seed=7))
 
 
@@ -113,7 +113,7 @@ def test_staggered_requests_are_each_what_they_give_alone(client, alone):
     from runtime.cli import main
 
     by_itself = [complete(client, p, max_tokens=24).choices[0].text for p in PROMPTS]
-    assert by_itself[0] == alone.generate_text(PROMPTS[0], runtime.GenerationOptions(max_new_tokens=24))
+    assert by_itself[0] == alone.generate_text(PROMPTS[0], runtime.SamplingParams(max_new_tokens=24))
     printed = CliRunner().invoke(main, ["generate", str(alone.manifest.folder), PROMPTS[2], "-n", "24"]).output
     assert printed == by_itself[2] + "\n"
     sampled_alone = complete(client, PROMPTS[3], max_tokens=24, temperature=0.8, seed=11).choices[0].text

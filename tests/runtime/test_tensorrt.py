@@ -85,7 +85,7 @@ def test_gemma_run_tensorrt_backend_without_tensorrt_exits_3(tiny_artifacts):
 
 
 def test_unknown_backend_is_refused(tiny_artifacts):
-    with pytest.raises(ValueError, match="backend 'tensorrtt' is not supported; supported: auto, onnxruntime"):
+    with pytest.raises(ValueError, match="backend 'tensorrtt' is not supported; expected one of auto, onnxruntime"):
         load(tiny_artifacts["dynamic"], backend="tensorrtt")
 
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import runtime
-from models import presets, random_model
 from tests import reference
 
 from .conftest import END_OF_TURN
@@ -31,7 +30,7 @@ def dynamic(tiny_text_artifacts):
 
 
 def options(**kw):
-    return runtime.GenerationOptions(**{"max_new_tokens": 24, **kw})
+    return runtime.SamplingParams(**{"max_new_tokens": 24, **kw})
 
 
 def test_text_is_the_decoded_tokens(model):
@@ -53,8 +52,8 @@ def test_stop_strings_cut_the_completion_before_them(model):
     stop = full[len(full) // 2 : len(full) // 2 + 3]  # a piece from the middle of what the model writes
     expected = full[: full.find(stop)]
     assert len(expected) < len(full)
-    assert model.generate_text(PROMPT, options(max_new_tokens=40, stop_strings=["\x00never", stop])) == expected
-    assert "".join(model.stream(PROMPT, options(max_new_tokens=40, stop_strings=[stop]))) == expected
+    assert model.generate_text(PROMPT, options(max_new_tokens=40, stop=("\x00never", stop))) == expected
+    assert "".join(model.stream(PROMPT, options(max_new_tokens=40, stop=(stop,)))) == expected
 
 
 def test_batch_rows_equal_single_prompts(model):
@@ -67,7 +66,7 @@ def test_batch_stop_strings_end_each_row(dynamic):
     prompts = [PROMPT, "Paris"]
     full = dynamic.generate_text(prompts, options(max_new_tokens=30))
     stop = full[0][5:8]
-    cut = dynamic.generate_text(prompts, options(max_new_tokens=30, stop_strings=[stop]))
+    cut = dynamic.generate_text(prompts, options(max_new_tokens=30, stop=(stop,)))
     assert cut == [text if stop not in text else text[: text.find(stop)] for text in full]
 
 
@@ -113,7 +112,7 @@ def test_chat_reuses_the_cache_and_answers_as_a_fresh_run(model):
     reused = len(full) - chat.prefilled
     first_prompt = model.tokenizer.encode(model.apply_chat_template(chat.messages[:2]), add_special_tokens=False)
     assert reused >= len(first_prompt) and full[:reused] == held[:reused]
-    assert model.backend.past_length == len(chat.cached)
+    assert model.cache.lengths[0] == len(chat.cached)
     assert chat.messages[2] == {"role": "assistant", "content": first}
     assert second == model.generate_text(rendered, options(max_new_tokens=5), chat=True)
 
@@ -143,18 +142,19 @@ def test_end_of_turn_ends_a_reply(dynamic):
         dynamic.eos_token_ids = [1, END_OF_TURN]
 
 
-def test_backend_all_logits_and_trim(model):
-    backend = model.backend
+def test_all_logits_and_keeping_a_prefix(model):
+    """Every position's logits, then the row cut back to 3 tokens and the last two fed again: the same logits as in
+    one pass (runtime/kv.py: a copy of the past in the dynamic layout, a shorter length in the static one)."""
+    cache = model.new_cache(1, 8)
     ids = np.array([[2, 30, 31, 32, 33]])
-    backend.reset(1, 8)
-    every = backend.forward(ids, np.ones_like(ids), np.arange(5)[None], all_logits=True)
+    every = cache.feed(slice(0, 1), ids, all_logits=True)
     assert every.shape == (1, 5, 512)
-    backend.trim(3)  # forget the last two, feed them again: same logits as in one pass
-    last = backend.forward(ids[:, 3:], np.ones((1, 5), np.int64), np.arange(3, 5)[None])
+    cache.keep(0, 3)
+    last = cache.feed(slice(0, 1), ids[:, 3:])
     np.testing.assert_allclose(last, every[:, -1], atol=1e-5)
-    assert backend.past_length == 5
-    with pytest.raises(ValueError, match="cannot trim the cache to 9 slots; it holds 5"):
-        backend.trim(9)
+    assert cache.lengths[0] == 5 and cache.tokens[0] == ids[0].tolist()
+    with pytest.raises(ValueError, match="row 0 cannot keep 9 tokens"):
+        cache.keep(0, 9)
 
 
 def test_generation_config_supplies_defaults(tiny_text_artifacts, tmp_path):
@@ -173,11 +173,6 @@ def test_generation_config_supplies_defaults(tiny_text_artifacts, tmp_path):
     explicit = model.generate(ids, max_new_tokens=10, do_sample=True, top_k=5, temperature=0.7, seed=4, eos_token_id=[])
     greedy = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=[])
     assert (by_default == explicit).all() and not (by_default == greedy).all()
-
-
-@pytest.fixture(scope="module")
-def tiny_torch():
-    return random_model(presets.config("tiny-gemma3"))  # seed 0, as `random:tiny-gemma3` exports it
 
 
 def test_repetition_penalty_as_transformers_generate_does(dynamic, tiny_torch):

@@ -105,7 +105,7 @@ def test_generate_is_gemma_run_generates_text(triton, alone):
 def test_grpc_streaming_through_tritonclient(triton, alone):
     import tritonclient.grpc as grpcclient
 
-    expected = alone.generate_text(PROMPTS[1], runtime.GenerationOptions(max_new_tokens=16))
+    expected = alone.generate_text(PROMPTS[1], runtime.SamplingParams(max_new_tokens=16))
     received, done = [], threading.Event()
 
     def callback(result, error):
@@ -138,7 +138,7 @@ def test_grpc_streaming_through_tritonclient(triton, alone):
 
 
 def test_concurrent_requests_are_each_answered_right(triton, alone):
-    expected = [alone.generate_text(p, runtime.GenerationOptions(max_new_tokens=16)) for p in PROMPTS]
+    expected = [alone.generate_text(p, runtime.SamplingParams(max_new_tokens=16)) for p in PROMPTS]
     replies = [None] * len(PROMPTS)
 
     def send(i):
