@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts.bench_serve import level, prompts  # noqa: E402
-from tests.servers import Server, free_port  # noqa: E402
+from tests.servers import Server, free_port, processes  # noqa: E402
 
 
 def rss_mib(pids) -> list[float]:
@@ -43,17 +43,6 @@ def rss_mib(pids) -> list[float]:
         except OSError:
             pass
     return values
-
-
-def processes(prefix: bytes) -> set[int]:
-    found = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if prefix in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.add(int(pid))
-        except OSError:
-            pass
-    return found
 
 
 async def triton_level(url: str, prompt_texts: list[str], clients: int, new_tokens: int) -> dict:
@@ -91,6 +80,7 @@ def main() -> int:
 
     import runtime
     from runtime.deploy.triton import write_repository
+    from runtime.serving.options import ServeOptions
 
     model = runtime.load(args.artifact, verify=False)
     ids = prompts(args.clients, args.prompt_length, model.manifest.model.vocab_size)
@@ -101,7 +91,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     venv = Path(subprocess.run(["bash", str(ROOT / "scripts" / "setup_triton.sh")], capture_output=True, text=True,
                                check=True).stdout.strip().splitlines()[-1])
-    write_repository(args.artifact, work / "repo", max_batch_size=8)
+    write_repository(args.artifact, work / "repo", options=ServeOptions(max_batch_size=8))
     site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     ports = {name: free_port() for name in ("serve", "ray", "triton", "grpc", "metrics")}

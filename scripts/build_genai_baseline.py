@@ -11,7 +11,6 @@ AutoConfig's result flattened back to `rope_theta` / `rope_local_base_freq`.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import runpy
 import shutil

@@ -9,12 +9,11 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 import runtime
-from tests.servers import Server, free_port, wait_until
+from tests.servers import Server, free_port, processes, wait_until
 
 pytestmark = pytest.mark.real
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
@@ -27,14 +26,7 @@ PROMPTS = ["The capital of France is", "LLMs generate text through a process kno
 
 def replicas() -> set[int]:
     """PIDs of this machine's Serve replica processes (Ray titles them ray::ServeReplica:APP:DEPLOYMENT)."""
-    found = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ServeReplica:gemma"):
-                found.add(int(pid))
-        except OSError:
-            pass
-    return found
+    return processes(b"ray::ServeReplica:gemma")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
-"""gemma-run serve on the real model, through the official openai client and plain HTTP: completions, chat,
-streaming, stop strings and seeds; continuous batching (staggered requests each as alone); a client that goes
-away; bad input and faults (the server keeps serving); SIGTERM. Servers run as processes on 127.0.0.1."""
+"""gemma-run serve on the real model, as a process on 127.0.0.1, through the official openai client: completions,
+chat, streaming, stop strings, seeds and logprobs with the real tokenizer and text; continuous batching (staggered
+requests each as alone); the prefix cache (greedy outputs as without it; a 10-turn chat computes each new turn
+only); a streaming client that goes away; SIGTERM. The HTTP contract itself (every status code, the error body,
+limits) is tests/runtime/test_app.py's, in-process on a tiny artifact."""
 
 from __future__ import annotations
 
@@ -99,8 +101,7 @@ def test_logprobs_are_the_runtimes_log_softmax(client, alone):
     logprobs = reply.choices[0].logprobs
     assert len(logprobs.token_logprobs) == 3 and all(len(top) == 2 for top in logprobs.top_logprobs)
     ids = np.array([alone.tokenizer.encode(PROMPTS[0])])
-    alone.backend.reset(1, 16)
-    logits = alone.backend.forward(ids, np.ones_like(ids), np.arange(ids.shape[1])[None])[0]
+    logits = alone.new_cache(1, 16).feed(slice(0, 1), ids)[0]
     expected = -np.log(np.exp(logits - logits.max()).sum(dtype=np.float64))  # log-softmax of the top token
     assert logprobs.token_logprobs[0] == pytest.approx(expected, abs=1e-4)  # greedy: the top token's
 
@@ -161,92 +162,41 @@ def test_a_client_that_disconnects_frees_its_row(server, client):
     wait_until(lambda: metric(server, "gemma_running_rows") == 0, 30, "every row free again")
 
 
-@pytest.fixture(scope="module")
-def small_server(real_static_artifact, tmp_path_factory):
-    """One row and one waiting request: the queue fills at once."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve-small") / "server.log"
-    with running(serve_command(real_static_artifact, port, "--max-batch-size", 1, "--max-queue", 1, "--grace", 20),
-                 f"http://127.0.0.1:{port}/health", log) as process:
-        process.url = f"http://127.0.0.1:{port}"
-        yield process
+def test_the_prefix_cache_changes_what_is_computed_not_what_is_generated(client, alone):
+    """A shared ~1,500-token prefix with different questions, and a 10-turn chat re-sent whole each turn: greedy
+    replies equal the runtime's alone (without any cache), and each turn's prompt comes from the cache but for its
+    new tokens (usage.prompt_tokens_details.cached_tokens)."""
+    system = (PROMPTS[6] * 4)[:6000]
+    for question in ("What is the river called?", "Who lived there first?"):
+        prompt = f"{system}\n\nQuestion: {question}\nAnswer:"
+        reply = complete(client, prompt, max_tokens=12)
+        assert reply.choices[0].text == alone.generate_text(prompt, runtime.SamplingParams(max_new_tokens=12))
+    assert reply.usage.prompt_tokens_details.cached_tokens >= len(alone.tokenizer.encode(system)) - 2
+
+    messages = []
+    for turn in range(10):
+        messages.append({"role": "user", "content": f"Tell me one fact about the number {turn + 2}."})
+        chat = client.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0)
+        answer = chat.choices[0].message.content
+        rendered = alone.apply_chat_template(messages)
+        assert answer == alone.generate_text(rendered, runtime.SamplingParams(max_new_tokens=16), chat=True)
+        computed = chat.usage.prompt_tokens - chat.usage.prompt_tokens_details.cached_tokens
+        new = len(alone.tokenizer.encode(messages[-1]["content"], add_special_tokens=False))
+        if turn:  # the new user turn, its template tokens and the end of the last reply as the template writes it
+            assert computed <= new + 12, (turn, computed, new)
+        messages.append({"role": "assistant", "content": answer})
 
 
-def post(server, path, body, headers=None):
-    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(f"{server.url}{path}", content=data, timeout=60,
-                      headers={"Content-Type": "application/json", **(headers or {})})
-
-
-@pytest.mark.parametrize("body, status, param, words", [
-    (b"{not json", 400, None, "not valid JSON"),
-    ({"prompt": "x"}, 400, "model", "model: Field required"),
-    ({"model": NAME, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens", "max_tokens: Input should be a valid"),
-    ({"model": NAME, "prompt": "x", "temperature": 3}, 400, "temperature", "less than or equal to 2"),
-    ({"model": NAME, "prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
-    ({"model": NAME, "prompt": "x", "n": 2}, 400, "n", "only n=1"),
-    ({"model": NAME, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "up to 4"),
-    ({"model": NAME, "prompt": "word " * 8300}, 400, "prompt", "context holds 8192"),
-    ({"model": NAME, "prompt": "x", "max_tokens": 9000}, 400, "max_tokens", "lower max_tokens to"),
-    ({"model": "gpt-4", "prompt": "x"}, 404, "model", "does not exist"),
-])
-def test_bad_requests_get_openai_errors_and_the_server_goes_on(small_server, body, status, param, words):
-    response = post(small_server, "/v1/completions", body)
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
-    assert words in error["message"], error["message"]
-    assert get(f"{small_server.url}/health")[0] == 200
-    ok = post(small_server, "/v1/completions", {"model": NAME, "prompt": "Hi", "max_tokens": 2, "temperature": 0})
-    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
-
-
-def test_api_key_body_size_and_a_full_queue(server, small_server):
-    assert post(server, "/v1/completions", {"model": NAME, "prompt": "x"}).status_code == 401  # no key
-    wrong = post(server, "/v1/completions", {"model": NAME, "prompt": "x"}, {"Authorization": "Bearer nope"})
-    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
-    assert get(f"{server.url}/health")[0] == 200 and get(f"{server.url}/v1/models")[0] == 401
-    assert json.loads(get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})[1])["data"][0]["id"] == NAME
-
-    huge = post(small_server, "/v1/completions", {"model": NAME, "prompt": "x" * (2 << 20)})
-    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
-
-    statuses, headers = [], []
-
-    def send():
-        response = post(small_server, "/v1/completions", {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 40})
-        statuses.append(response.status_code)
-        headers.append(response.headers.get("retry-after"))
-
-    threads = [threading.Thread(target=send) for _ in range(4)]  # one row, one waiting: the rest are refused
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert sorted(statuses).count(200) >= 2 and 429 in statuses
-    assert headers[statuses.index(429)] == "1"
-    assert get(f"{small_server.url}/health")[0] == 200
-
-
-def test_a_dynamic_layout_artifact_is_refused_with_the_export_line(real_artifact):
-    from click.testing import CliRunner
-
-    from runtime.cli import main
-
-    result = CliRunner().invoke(main, ["serve", str(real_artifact), "--port", str(free_port())])
-    assert result.exit_code == 2
-    assert "dynamic KV layout" in result.output and "--kv-cache static" in result.output
-
-
-def test_sigterm_finishes_the_requests_under_way_and_exits_0(small_server):
-    """Last: it stops the small server."""
+def test_sigterm_finishes_the_requests_under_way_and_exits_0(server):
+    """Last: it stops the server."""
     body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 30, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{small_server.url}/v1/completions", json=body, timeout=60) as response:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers, timeout=60) as response:
         lines = response.iter_lines()
         first = next(lines)
-        small_server.process.send_signal(signal.SIGTERM)
+        server.process.send_signal(signal.SIGTERM)
         rest = [line for line in [first, *lines] if line]  # events are separated by blank lines
     assert rest[-1] == "data: [DONE]"
     text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in rest if line.startswith("data: {"))
     assert text.startswith(" the capital of the country of France")
-    assert small_server.process.wait(timeout=30) == 0
+    assert server.process.wait(timeout=30) == 0

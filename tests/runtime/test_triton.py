@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import numpy as np
 import pytest
 
 import runtime
-from tests.servers import Server, free_port, get
+from runtime.serving.options import ServeOptions
+from tests.servers import Server, free_port, get, processes
 
 pytestmark = pytest.mark.real
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,14 +39,7 @@ def shared_memory() -> set[str]:
 
 
 def stubs() -> set[int]:
-    found = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if b"triton_python_backend_stub" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.add(int(pid))
-        except OSError:
-            pass
-    return found
+    return processes(b"triton_python_backend_stub")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +47,7 @@ def triton(triton_venv, real_static_artifact, tmp_path_factory):
     from runtime.deploy.triton import write_repository
 
     root = tmp_path_factory.mktemp("triton")
-    write_repository(real_static_artifact, root / "repo", max_batch_size=4)
+    write_repository(real_static_artifact, root / "repo", options=ServeOptions(max_batch_size=4))
     site = subprocess.run([str(triton_venv / "bin" / "python"), "-c",
                            "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
