@@ -191,8 +191,9 @@ class TextStream:
     concatenate to the decoded completion, cut before the first stop string; `stopped` is set once a stop string
     or an end token ended it."""
 
-    def __init__(self, tokenizer, eos_token_ids, stop_strings=()):
-        self.decoder = tokenizer.stream_decoder()
+    def __init__(self, tokenizer, eos_token_ids, stop_strings=(), special_tokens: bool = False):
+        """`special_tokens`: keep them in the text (a native tool call's markers), else skipped as decode() does."""
+        self.decoder = tokenizer.stream_decoder(skip_special_tokens=not special_tokens)
         self.eos = set(eos_token_ids)
         self.stop_strings = list(stop_strings)
         self.text, self.emitted = "", 0

@@ -1,7 +1,7 @@
 """gemma-run serve alone, through Triton, and on Ray Serve, side by side in one run: start-up time, memory per
 replica, and the throughput of concurrent streaming clients.
 
-    python scripts/bench_deploy.py DIR [--clients 8] [--prompt-length 128] [--new-tokens 64] [--rounds 3]
+    python scripts/bench_deploy.py DIR [--clients 8] [--prompt-words 96] [--new-tokens 64] [--rounds 3]
         [--ray-replicas 2] [--json]
 
 The three servers of one static-layout artifact run at once (each with --max-batch-size 8): `gemma-run serve`,
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_serve import level, prompts  # noqa: E402
+from scripts.bench_serve import Endpoint, completion, passage, together  # noqa: E402
 from tests.servers import Server, free_port, processes  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def rss_mib(pids) -> list[float]:
 
 
 async def triton_level(url: str, prompt_texts: list[str], clients: int, new_tokens: int) -> dict:
-    """The same figures as bench_serve.level, through /generate_stream (one event per piece)."""
+    """The same figures as bench_serve.together, through /generate_stream (one event per piece)."""
     import httpx
     import numpy as np
 
@@ -71,23 +71,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--prompt-length", type=int, default=128)
+    parser.add_argument("--prompt-words", type=int, default=96, help="words of held-out text a prompt (~1.3 tokens each)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ray-replicas", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    import runtime
     from runtime.deploy.triton import write_repository
     from runtime.serving.options import ServeOptions
 
-    model = runtime.load(args.artifact, verify=False)
-    ids = prompts(args.clients, args.prompt_length, model.manifest.model.vocab_size)
-    # text prompts that re-encode to the same ids, for Triton's text_input; every server then decodes the same tokens
-    texts = [model.tokenizer.decode(row[1:], skip_special_tokens=False) for row in ids]
-    ids = [model.tokenizer.encode(t) for t in texts]
-    del model
+    texts = [passage(args.prompt_words, 500 * i) for i in range(args.clients)]  # every server gets the same text
     work = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     venv = Path(subprocess.run(["bash", str(ROOT / "scripts" / "setup_triton.sh")], capture_output=True, text=True,
                                check=True).stdout.strip().splitlines()[-1])
@@ -117,11 +111,12 @@ def main() -> int:
             servers[name].wait_ready(ready, 600)
             report[name] = {"startup_s": time.perf_counter() - start}
         name = args.artifact.resolve().name
+        bodies = [completion(text, args.new_tokens) for text in texts]
         runs = {
-            "serve": lambda: asyncio.run(level(f"http://127.0.0.1:{ports['serve']}", name, ids, args.clients,
-                                               args.new_tokens)),
-            "ray": lambda: asyncio.run(level(f"http://127.0.0.1:{ports['ray']}", name, ids, args.clients,
-                                             args.new_tokens)),
+            "serve": lambda: asyncio.run(together(Endpoint("serve", f"http://127.0.0.1:{ports['serve']}", name),
+                                                  "/v1/completions", bodies)),
+            "ray": lambda: asyncio.run(together(Endpoint("ray", f"http://127.0.0.1:{ports['ray']}", name),
+                                                "/v1/completions", bodies)),
             "triton": lambda: asyncio.run(triton_level(f"http://127.0.0.1:{ports['triton']}", texts, args.clients,
                                                        args.new_tokens)),
         }
@@ -145,7 +140,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{args.artifact.name}: {args.clients} concurrent streams, prompt {args.prompt_length}, {args.new_tokens} new "
+    print(f"{args.artifact.name}: {args.clients} concurrent streams, prompts of {args.prompt_words} words, {args.new_tokens} new "
           f"tokens, median of {args.rounds} rounds taken in turn")
     print(f"{'server':>8} {'start-up':>9} {'RSS per replica MiB':>20} {'tok/s':>8} {'x serve':>8} {'TTFT p50':>9} "
           f"{'ITL p95':>8}")

@@ -34,7 +34,7 @@ from .metrics import Metrics
 from .options import API_KEY_ENV, ServeOptions
 from .protocol import (APIError, ChatRequest, CompletionRequest, Unsupported, api_name, chat_logprobs,
                        completion_logprobs, new_id, now, usage)
-from .scheduler import Failed, Finished, Piece, QueueFull, Scheduler
+from .scheduler import Failed, Finished, Output, Piece, QueueFull, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,20 @@ class State:
         self.artifact, self.options = artifact, options
         self.metrics = Metrics(model_name)
         self.model = self.scheduler = None
+        self.tool_format, self.native_tools = None, False  # runtime/serving/tools.py, from the artifact once loaded
         self.error: str | None = None
         self.loaded = threading.Event()
 
     def load(self) -> None:
         from ..model import load
+        from . import tools
 
         try:
             model = load(self.artifact, self.options.load)
             self.scheduler = Scheduler(model, self.options, self.metrics).start()
+            self.scheduler.warm_grammar()
+            self.tool_format = tools.detect_format(model.tokenizer.token_id)
+            self.native_tools = model.chat_template is not None and tools.template_renders_tools(model.chat_template)
             self.model = model
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
@@ -132,33 +137,96 @@ def create_app(artifact: str | Path, options: ServeOptions | None = None, load_n
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        model = _ready(state, body.model, model_name)
-        prompt = _checked(body, body.prompt_text)
-        if prompt is None:
-            ids = list(body.prompt)
-            vocab = model.manifest.model.vocab_size
-            if any(not 0 <= t < vocab for t in ids):
-                raise APIError(400, f"prompt: token ids must be in 0..{vocab - 1}", param="prompt")
-        else:
-            ids = await asyncio.to_thread(model.tokenizer.encode, prompt)
-        return await _serve(state, request, body, ids, model_name)
+        _ready(state, body.model, model_name)
+        prepared = await asyncio.to_thread(_prepared, state, body, _completion_prompt)
+        return await _serve(state, request, body, prepared, model_name)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        model = _ready(state, body.model, model_name)
-        messages = _checked(body, lambda: [m.as_template_message() for m in body.messages])
+        _ready(state, body.model, model_name)
+        prepared = await asyncio.to_thread(_prepared, state, body, _chat_prompt)
+        return await _serve(state, request, body, prepared, model_name)
 
-        def encode() -> list[int]:
-            try:
-                rendered = model.apply_chat_template(messages)
-            except ValueError as e:  # a template's raise_exception (roles that do not alternate...)
-                raise APIError(400, str(e), param="messages") from None
-            return model.tokenizer.encode(rendered, add_special_tokens=False)
-
-        ids = await asyncio.to_thread(encode)
-        return await _serve(state, request, body, ids, model_name)
-
+    # The chat page: its three files at / (no API key: the page asks for it on a 401). Routes, not a mount at /,
+    # which would answer every other path (a GET on /v1/completions would be a 404 instead of a 405).
+    for name, media_type in PAGE.items():
+        app.add_api_route("/" if name == "index.html" else f"/{name}", _page_file(name, media_type), methods=["GET"],
+                          include_in_schema=False)
     return app
+
+
+PAGE = {"index.html": "text/html; charset=utf-8", "chat.js": "text/javascript; charset=utf-8",
+        "chat.css": "text/css; charset=utf-8"}
+
+
+def _page_file(name: str, media_type: str):
+    body = (Path(__file__).with_name("static") / name).read_bytes()
+
+    async def page():
+        return Response(body, media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+    return page
+
+
+class Prepared:
+    """A request made ready for the scheduler off the event loop: its prompt's ids, its Output (a compiled grammar,
+    special tokens, end tokens) and its tools (runtime/serving/tools.py), if any."""
+
+    def __init__(self, ids: list[int], output: Output, tools=None):
+        self.ids, self.output, self.tools = ids, output, tools
+
+
+def _prepared(state: State, body, prompt) -> Prepared:
+    """Tokenize (the chat template and the tools rendered first), compile the constraint; every refusal an APIError
+    naming the request's field. Runs in a worker thread."""
+    from . import grammar, tools
+
+    try:
+        ids, request_tools = prompt(state, body)
+        spec = grammar.spec_from_request(body.model_dump())
+        forced = tools.forced_spec(state.tool_format, request_tools) if request_tools is not None else None
+        if spec is not None and forced is not None:
+            raise APIError(400, "tool_choice forces a call, which response_format would constrain too: send one",
+                           param="response_format")
+        spec = spec or forced
+        if spec is not None and body.ignore_eos:
+            raise APIError(400, "ignore_eos goes on past the end a grammar needs: drop it", param="ignore_eos")
+        compiled = grammar.compile(spec, state.scheduler.grammar_info) if spec is not None else None
+    except ParamError as e:
+        raise _param_error(body, e) from None
+    except (grammar.GrammarError, tools.ToolError) as e:
+        raise APIError(400, str(e), param=e.param, code="invalid_value") from None
+    except ImportError as e:  # llguidance is in the serve extra
+        raise APIError(400, f"structured outputs need llguidance: pip install 'gemma-deploy[serve]' ({e})",
+                       param="response_format") from None
+    native = request_tools is not None and request_tools.active and isinstance(state.tool_format, tools.Native)
+    end = tuple(i for t in (state.tool_format.end_tokens if native else ())
+                for i in [state.model.tokenizer.token_id(t)] if i is not None)
+    return Prepared(ids, Output(compiled, special_tokens=native, end_tokens=end), request_tools)
+
+
+def _completion_prompt(state: State, body: CompletionRequest):
+    prompt = body.prompt_text()
+    if prompt is not None:
+        return state.model.tokenizer.encode(prompt), None
+    vocab = state.model.manifest.model.vocab_size
+    if any(not 0 <= t < vocab for t in body.prompt):
+        raise APIError(400, f"prompt: token ids must be in 0..{vocab - 1}", param="prompt")
+    return list(body.prompt), None
+
+
+def _chat_prompt(state: State, body: ChatRequest):
+    from . import tools
+
+    model = state.model
+    request_tools = tools.check_tools(body.tools, body.tool_choice)
+    messages, variables = tools.prompt_messages(state.tool_format, [m.as_template_message() for m in body.messages],
+                                                request_tools, state.native_tools)
+    try:
+        rendered = model.apply_chat_template(messages, **variables)
+    except ValueError as e:  # a template's raise_exception (roles that do not alternate...)
+        raise APIError(400, str(e), param="messages") from None
+    return model.tokenizer.encode(rendered, add_special_tokens=False), request_tools
 
 
 def _checked(body, make):
@@ -308,18 +376,19 @@ class _Events:
         return await self.queue.get()
 
 
-async def _serve(state: State, request: Request, body, ids: list[int], model_name: str):
+async def _serve(state: State, request: Request, body, prepared: Prepared, model_name: str):
     scheduler, model = state.scheduler, state.model
     params = _checked(body, body.to_params)
     events = _Events()
     try:
-        jobs = scheduler.submit(ids, params, events, body.n)
+        jobs = scheduler.submit(prepared.ids, params, events, body.n, prepared.output)
     except QueueFull as e:
         raise APIError(429, f"{e}; retry after {RETRY_AFTER_SECONDS} s", type="rate_limit_error",
                        code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
     except ParamError as e:  # n, or a prompt over the context (ContextLengthError)
         raise _param_error(body, e) from None
-    reply = _Reply(isinstance(body, ChatRequest), model_name, model.tokenizer, body.n, params.logprobs is not None)
+    reply = _Reply(isinstance(body, ChatRequest), model_name, model.tokenizer, body.n, params.logprobs is not None,
+                   state.tool_format, prepared.tools)
     if body.stream:
         return StreamingResponse(_stream(scheduler, jobs, events, reply, body.include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -356,7 +425,7 @@ async def _stream(scheduler, jobs, events: _Events, reply: "_Reply", include_usa
     try:
         if reply.chat:
             for index in range(reply.n):
-                yield _sse(reply.chunk(index, delta={"role": "assistant", "content": ""}))
+                yield _sse(reply.chunk(index, {"role": "assistant", "content": ""}))
         while not reply.done:
             event = await events.get()
             failed = reply.add(event, keep=False)
@@ -365,11 +434,13 @@ async def _stream(scheduler, jobs, events: _Events, reply: "_Reply", include_usa
                                       "param": None, "code": None}})
                 break
             if isinstance(event, Piece):
-                yield _sse(reply.chunk(event.index, piece=event))
+                for chunk in reply.chunks(event.index, piece=event):
+                    yield _sse(chunk)
             elif isinstance(event, Finished):
-                yield _sse(reply.chunk(event.index, reason=event.reason))
+                for chunk in reply.chunks(event.index, reason=event.reason):
+                    yield _sse(chunk)
         if include_usage and reply.done:
-            yield _sse({**reply.chunk(0), "choices": [], "usage": reply.usage()})
+            yield _sse({**reply.chunk(0, {}), "choices": [], "usage": reply.usage()})
         yield "data: [DONE]\n\n"
     finally:
         scheduler.cancel(jobs)  # a no-op once finished; frees the rows of a client that went away
@@ -380,15 +451,22 @@ def _sse(data: dict) -> str:
 
 
 class _Reply:
-    """The response objects of one request (n choices), completion or chat, whole or in chunks."""
+    """The response objects of one request (n choices), completion or chat, whole or in chunks. With tools, each
+    choice's text goes through a tools.ToolStream: its calls come out as `tool_calls` (deltas when streaming)."""
 
-    def __init__(self, chat: bool, model_name: str, tokenizer, n: int, with_logprobs: bool):
+    def __init__(self, chat: bool, model_name: str, tokenizer, n: int, with_logprobs: bool, tool_format=None,
+                 tools=None):
+        from . import tools as tool_calls
+
         self.chat, self.model_name, self.tokenizer, self.n = chat, model_name, tokenizer, n
         self.with_logprobs = with_logprobs
         self.id, self.created = new_id("chatcmpl" if chat else "cmpl"), now()
         self.pieces: list[list[Piece]] = [[] for _ in range(n)]
         self.finished: list[Finished | None] = [None] * n
         self.offsets = [0] * n  # text emitted so far per choice (completions' logprobs text_offset)
+        active = tools is not None and tools.active
+        self.streams = [tool_calls.ToolStream(tool_format, tools) for _ in range(n)] if active else None
+        self.called = [False] * n
 
     @property
     def done(self) -> bool:
@@ -420,27 +498,58 @@ class _Reply:
     def whole(self) -> dict:
         choices = []
         for index, (pieces, finished) in enumerate(zip(self.pieces, self.finished)):
-            content = "".join(p.text for p in pieces)
-            choice = {"index": index, "logprobs": self._logprobs(pieces, index),
-                      "finish_reason": _reason(finished.reason)}
-            choice.update({"message": {"role": "assistant", "content": content}} if self.chat else {"text": content})
-            choices.append(choice)
+            text = "".join(p.text for p in pieces)
+            reason = _reason(finished.reason)
+            choice = {"index": index, "logprobs": self._logprobs(pieces, index)}
+            if not self.chat:
+                choice["text"] = text
+            elif self.streams is None:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                stream = self.streams[index]
+                stream.push(text)
+                stream.finish()
+                parsed = stream.reply()
+                choice["message"] = {"role": "assistant", "content": parsed.content,
+                                     **({"tool_calls": parsed.tool_calls} if parsed.tool_calls else {})}
+                reason = parsed.finish_reason or reason
+            choices.append({**choice, "finish_reason": reason})
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model_name, "choices": choices, "usage": self.usage()}
 
-    def chunk(self, index: int, piece: Piece | None = None, reason: str | None = None, delta: dict | None = None):
-        """A streamed chunk of choice `index`: a Piece, a chat's opening role (`delta`), or the finish reason."""
+    def chunks(self, index: int, piece: Piece | None = None, reason: str | None = None) -> list[dict]:
+        """The streamed chunks of choice `index` for a Piece, or for its finish (`reason`)."""
         logprobs = self._logprobs([piece], index) if piece is not None and piece.logprobs else None
         if piece is not None:
             self.offsets[index] += len(piece.text)
-        if self.chat:
-            delta = delta if delta is not None else {"content": piece.text} if piece is not None else {}
-            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": _reason(reason)}
-        else:
-            choice = {"index": index, "text": piece.text if piece is not None else "", "logprobs": logprobs,
-                      "finish_reason": _reason(reason)}
+        if not self.chat:
+            return [self._chunk(index, {"text": piece.text if piece is not None else "", "logprobs": logprobs},
+                                reason)]
+        if self.streams is None:
+            delta = {"content": piece.text} if piece is not None else {}
+            return [self._chunk(index, {"delta": delta, "logprobs": logprobs}, reason)]
+        stream = self.streams[index]
+        content, calls = stream.push(piece.text) if piece is not None else stream.finish()
+        out = []
+        if content:
+            out.append(self._chunk(index, {"delta": {"content": content}, "logprobs": logprobs}, None))
+        if calls:
+            self.called[index] = True
+            out.append(self._chunk(index, {"delta": {"tool_calls": calls}, "logprobs": None}, None))
+        if reason is not None:
+            final = "tool_calls" if self.called[index] else _reason(reason)
+            out.append({**self._chunk(index, {"delta": {}, "logprobs": None}, None),
+                        "choices": [{"index": index, "delta": {}, "logprobs": None, "finish_reason": final}]})
+        return out
+
+    def chunk(self, index: int, delta: dict) -> dict:
+        """A chat's opening chunk (its `delta`), or the frame of the usage chunk."""
+        return self._chunk(index, {"delta": delta, "logprobs": None}, None)
+
+    def _chunk(self, index: int, fields: dict, reason: str | None) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.model_name, "choices": [choice]}
+                "created": self.created, "model": self.model_name,
+                "choices": [{"index": index, **fields, "finish_reason": _reason(reason)}]}
 
 
 def _reason(reason: str | None) -> str | None:

@@ -49,8 +49,6 @@ UNSUPPORTED = {
     "presence_penalty": "use repetition_penalty (an extension), presence_penalty is not served",
     "frequency_penalty": "use repetition_penalty (an extension), frequency_penalty is not served",
     "logit_bias": "logit_bias is not served",
-    "tools": "tools and function calls are not served",
-    "response_format": "only the text response format is served",
 }
 
 
@@ -74,7 +72,8 @@ class _Sampling(BaseModel):
     """What both endpoints take. Unknown fields are ignored, as OpenAI does; known ones we do not do are refused.
     None: not given (the endpoint's default, from runtime.params)."""
 
-    model_config = ConfigDict(extra="ignore", strict=True, ser_json_inf_nan="null")
+    # extra fields are kept (and ignored) so that grammar.spec_from_request sees the legacy guided_* ones
+    model_config = ConfigDict(extra="allow", strict=True, ser_json_inf_nan="null")
 
     model: str
     max_tokens: int | None = None
@@ -93,6 +92,8 @@ class _Sampling(BaseModel):
     frequency_penalty: float = Field(0.0, allow_inf_nan=False)
     logit_bias: dict | None = None
     user: str | None = None
+    response_format: dict | None = None  # text, json_object, json_schema (runtime/serving/grammar.py)
+    structured_outputs: dict | None = None  # vLLM's: json, regex, choice, grammar, json_object
 
     @model_validator(mode="after")
     def _unsupported(self):
@@ -170,12 +171,21 @@ class ContentPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[ContentPart]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[dict] | None = None  # an assistant's calls, {"id", "type": "function", "function": {...}}
+    tool_call_id: str | None = None  # a tool message's answer to one of them
+    name: str | None = None
 
     def as_template_message(self) -> dict:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text(content, "messages")}
+        """The message as chat templates and runtime/serving/tools.py take it (developer is system)."""
+        content = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
+        message = {"role": "system" if self.role == "developer" else self.role,
+                   "content": text(content, "messages") if content is not None else None}
+        message.update({k: getattr(self, k) for k in ("tool_calls", "tool_call_id", "name") if getattr(self, k)})
+        if message["content"] is None and not self.tool_calls:
+            raise ParamError("messages", f"a {self.role} message needs content")
+        return message
 
 
 class ChatRequest(_Sampling):
@@ -183,18 +193,11 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list | None = None
-    response_format: dict | None = None
+    tools: list | None = None  # runtime/serving/tools.py checks them
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
     entry: ClassVar[str] = "chat"
-
-    @model_validator(mode="after")
-    def _chat_only(self):
-        if self.tools:
-            raise Unsupported("tools", UNSUPPORTED["tools"])
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise Unsupported("response_format", UNSUPPORTED["response_format"])
-        return self
 
     def _given(self) -> dict:
         given = super()._given()

@@ -89,6 +89,17 @@ class Failed:
     index: int = 0
 
 
+@dataclass(frozen=True)
+class Output:
+    """How a request's tokens become its output beyond SamplingParams: a grammar they must follow
+    (runtime/serving/grammar.py: structured outputs, a forced tool call), special tokens kept in the text (a native
+    tool call's), and end tokens of the request's format beside the model's."""
+
+    grammar: object | None = None  # grammar.Grammar
+    special_tokens: bool = False
+    end_tokens: tuple[int, ...] = ()
+
+
 @dataclass(eq=False)
 class Request:
     """One completion's state: its tokens and how many its row's KV holds."""
@@ -97,6 +108,7 @@ class Request:
     params: SamplingParams
     on_event: Callable[[object], None]
     max_new_tokens: int
+    output: Output = Output()
     id: int = 0
     index: int = 0  # the choice of an n > 1 request
     tokens: list[int] = field(default_factory=list)  # the prompt, then the generated tokens
@@ -112,6 +124,7 @@ class Request:
     first_token_at: float | None = None
     last_token_at: float = 0.0
     sampler: Callable | None = None
+    matcher: object | None = None  # grammar.Matcher: which tokens may come next
     text: TextStream | None = None
     pending: list[int] = field(default_factory=list)  # tokens whose text is held back (a character, a stop string)
     pending_logprobs: list = field(default_factory=list)
@@ -167,6 +180,9 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._grammar_info = None
+        self._masks = None  # grammar.MaskBatch, made for the first constrained request
+        self._masked = False
         self.steps = 0
         self.prefilled_tokens = 0  # prompt tokens computed (not from the cache): what prefix reuse saves
 
@@ -181,7 +197,8 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    def submit(self, prompt: list[int], params: SamplingParams, on_event, n: int = 1) -> list[Request]:
+    def submit(self, prompt: list[int], params: SamplingParams, on_event, n: int = 1,
+               output: Output = Output()) -> list[Request]:
         """Queue a request (n choices of it); ParamError (n, a prompt over the context) or QueueFull, at once."""
         if not prompt:
             raise ParamError("prompt", "the prompt has no tokens")
@@ -194,7 +211,7 @@ class Scheduler:
         group = []
         for index in range(n):
             seeded = params if params.seed is None or index == 0 else params.replace(seed=params.seed + index)
-            group.append(Request(list(prompt), seeded, on_event, max_new, first, index))
+            group.append(Request(list(prompt), seeded, on_event, max_new, output, first, index))
         group[0].siblings = group[1:]
         with self._wake:
             if not self.alive:
@@ -248,11 +265,14 @@ class Scheduler:
                 if self._stopping:
                     for request in [*self.waiting, *(r for r in self.owner if r)]:
                         self._end(request, "cancelled")
+                    if self._masks is not None:
+                        self._masks.close()
                     return
                 self._retire_cancelled()
                 self._admit()
             try:
                 runs = self.plan()
+                self._start_masks(runs)
                 outputs = [self.execute(run) for run in runs]
                 self.update(runs, outputs)
             except Exception as e:  # a bug or a failing backend: every request under way learns it, the loop goes on
@@ -342,9 +362,11 @@ class Scheduler:
     def _take(self, request: Request, row: int) -> None:
         request.row = row
         self.owner[row] = request
-        eos = () if request.params.ignore_eos else self.model.eos_token_ids
+        output = request.output
+        eos = () if request.params.ignore_eos else (*self.model.eos_token_ids, *output.end_tokens)
         request.sampler = request.params.sampler()
-        request.text = TextStream(self.model.tokenizer, eos, request.params.stop)
+        request.matcher = output.grammar.matcher() if output.grammar is not None else None
+        request.text = TextStream(self.model.tokenizer, eos, request.params.stop, output.special_tokens)
 
     # -- plan, execute, update ---------------------------------------------------------------------------
 
@@ -399,7 +421,44 @@ class Scheduler:
         logits = self.kv.feed(run.rows, ids, active=active)
         return logits
 
+    def _start_masks(self, runs: list[Run]) -> None:
+        """The grammar masks of the requests that sample after this step, computed while the model runs
+        (grammar.MaskBatch, llguidance's threads): collected in update()."""
+        sampling = [r for run in runs for r in run.requests if r.computed + run.size == len(r.tokens)]
+        sampling += [s for r in sampling if not r.generated for s in r.siblings if not s.finished]
+        constrained = [(r.row, r.matcher) for r in sampling if r.matcher is not None]
+        self._masked = bool(constrained)
+        if constrained:
+            if self._masks is None:
+                from . import grammar
+
+                self._masks = grammar.MaskBatch(self.grammar_info, len(self.owner))
+            self._masks.start(constrained)
+
+    @property
+    def grammar_info(self):
+        """llguidance's view of the tokenizer (runtime/serving/grammar.py), built on first use (about 2 s for a
+        262k vocabulary: `warm_grammar` builds it ahead)."""
+        with self._wake:
+            if self._grammar_info is None:
+                from . import grammar
+
+                self._grammar_info = grammar.TokenizerInfo(self.model.tokenizer, self.model.eos_token_ids,
+                                                           self.model.manifest.model.vocab_size)
+        return self._grammar_info
+
+    def warm_grammar(self) -> None:
+        """Build the grammar engine's tokenizer in a thread, so the first structured request does not wait."""
+        def build():
+            try:
+                self.grammar_info.ll
+            except Exception as e:  # llguidance missing: a structured request will say so
+                log.info("the grammar engine is not available: %s", e)
+
+        threading.Thread(target=build, name="gemma-grammar", daemon=True).start()
+
     def update(self, runs: list[Run], outputs: list[np.ndarray]) -> None:
+        masks = self._masks.wait() if self._masked else None
         for run, logits in zip(runs, outputs):
             for r in run.requests:
                 r.computed += run.size
@@ -413,9 +472,9 @@ class Scheduler:
                     self.kv.copy(r.row, sibling.row, len(r.prompt))
                     sibling.computed = sibling.cached = len(sibling.prompt)
                     sibling.leader = None
-                self._sample(r, row_logits)
+                self._sample(r, row_logits, masks)
                 for sibling in siblings:  # and sample their first token from the same logits
-                    self._sample(sibling, row_logits)
+                    self._sample(sibling, row_logits, masks)
         self._follow()
 
     def _follow(self) -> None:
@@ -434,11 +493,21 @@ class Scheduler:
             elif leader.finished:
                 request.leader = None
 
-    def _sample(self, request: Request, logits: np.ndarray) -> None:
-        """The request's next token from the logits of its last one: hand on its text, or end the request."""
+    def _sample(self, request: Request, logits: np.ndarray, masks: np.ndarray | None = None) -> None:
+        """The request's next token from the logits of its last one (its grammar's mask applied): hand on its text,
+        or end the request."""
         params = request.params
+        if request.matcher is not None:
+            from .grammar import apply_mask
+
+            logits = apply_mask(np.array(logits, np.float32), masks[request.row])
         history = np.array([request.tokens], np.int64) if params.use_history else None
         token = int(request.sampler(logits[None], history)[0])
+        if request.matcher is not None and not request.matcher.accept(token):
+            request.on_event(Failed(f"the grammar refused token {token}: {request.matcher.error}", request.index))
+            self._end(request, "cancelled")
+            self._free(request)
+            return
         request.tokens.append(token)
         now = time.perf_counter()
         if request.first_token_at is None:
@@ -452,7 +521,8 @@ class Scheduler:
         if params.logprobs is not None:
             request.pending_logprobs.append(log_softmax_top(logits, token, params.logprobs))
         piece = request.text.push(token)
-        done = request.text.stopped or request.generated >= request.max_new_tokens
+        grammar_done = request.matcher is not None and request.matcher.done  # only an end token could come
+        done = request.text.stopped or grammar_done or request.generated >= request.max_new_tokens
         if done:
             piece += request.text.finish()
         if piece or done:  # the tokens since the last piece go with the text they made
@@ -460,7 +530,7 @@ class Scheduler:
             request.pending.clear()
             request.pending_logprobs.clear()
         if done:
-            self._end(request, "stop" if request.text.stopped else "length")
+            self._end(request, "stop" if request.text.stopped or grammar_done else "length")
             self._free(request)
 
     def _end(self, request: Request, reason: str) -> None:
@@ -485,5 +555,5 @@ class Scheduler:
             self.metrics.rows(self.running, self.queued, len(self.owner))
 
 
-__all__ = ["Scheduler", "check_servable", "Request", "Piece", "Finished", "Failed", "QueueFull", "NotServable",
+__all__ = ["Scheduler", "check_servable", "Request", "Output", "Piece", "Finished", "Failed", "QueueFull", "NotServable",
            "ContextLengthError"]

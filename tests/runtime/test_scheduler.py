@@ -187,11 +187,23 @@ def test_cancel_frees_the_row_and_the_queue_holds_rows_plus_max_queue(model):
 
 
 def test_a_burst_is_admitted_up_to_rows_plus_queue(model):
-    """20 requests at once on 4 rows and a queue of 8: 12 are taken (the rows are free), 8 refused."""
+    """20 requests at once on 4 rows and a queue of 8 (the scheduler held at the first one's first piece, so none
+    ends meanwhile): 12 are taken, free rows counted, 8 refused."""
     scheduler = Scheduler(model, ServeOptions(max_batch_size=4, max_queue=8)).start()
-    taken, refused = [], 0
+    held, go = threading.Event(), threading.Event()
+
+    class Holding(Collector):
+        def __call__(self, event):
+            super().__call__(event)
+            if isinstance(event, Piece) and not held.is_set():
+                held.set()
+                go.wait(30)
+
+    taken, refused = [Holding()], 0
     try:
-        for i in range(20):
+        scheduler.submit(model.tokenizer.encode(PROMPTS[0]), params(max_new_tokens=4), taken[0])
+        assert held.wait(30)
+        for i in range(19):
             try:
                 collector = Collector()
                 scheduler.submit(model.tokenizer.encode(PROMPTS[i % len(PROMPTS)]), params(max_new_tokens=4),
@@ -199,8 +211,10 @@ def test_a_burst_is_admitted_up_to_rows_plus_queue(model):
                 taken.append(collector)
             except QueueFull:
                 refused += 1
+        go.set()
         assert all(c.done.wait(60) for c in taken)
     finally:
+        go.set()
         scheduler.stop()
     assert (len(taken), refused) == (12, 8)
 
