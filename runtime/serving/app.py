@@ -2,7 +2,9 @@
 
     app = create_app("artifacts/serve", ServeOptions(max_batch_size=8))   an ASGI app to mount or serve
     POST /v1/completions, /v1/chat/completions     `stream: true` as server-sent events ending in `data: [DONE]`
+    POST /v1/responses                             OpenAI's Responses API, stateless (runtime/serving/responses.py)
     GET  /v1/models, /health (200 once the model is loaded and the scheduler runs, 503 before), /metrics
+    GET  /                                         a chat page (runtime/serving/static)
 
 The HTTP layer never touches the backend: every request goes to the scheduler (scheduler.py), whose thread hands its
 events to the request's asyncio queue. A client that disconnects, streaming or not, cancels its request, which frees
@@ -34,6 +36,7 @@ from .metrics import Metrics
 from .options import API_KEY_ENV, ServeOptions
 from .protocol import (APIError, ChatRequest, CompletionRequest, Unsupported, api_name, chat_logprobs,
                        completion_logprobs, new_id, now, usage)
+from .responses import ResponsesRequest
 from .scheduler import Failed, Finished, Output, Piece, QueueFull, Scheduler
 
 log = logging.getLogger(__name__)
@@ -147,6 +150,11 @@ def create_app(artifact: str | Path, options: ServeOptions | None = None, load_n
         prepared = await asyncio.to_thread(_prepared, state, body, _chat_prompt)
         return await _serve(state, request, body, prepared, model_name)
 
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request):
+        _ready(state, body.model, model_name)
+        return await _serve_response(state, request, body, model_name)
+
     # The chat page: its three files at / (no API key: the page asks for it on a 401). Routes, not a mount at /,
     # which would answer every other path (a GET on /v1/completions would be a 404 instead of a 405).
     for name, media_type in PAGE.items():
@@ -246,7 +254,7 @@ def _error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
-_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", "/health", "/metrics", "/")
 
 
 class _Guard:
@@ -376,41 +384,107 @@ class _Events:
         return await self.queue.get()
 
 
-async def _serve(state: State, request: Request, body, prepared: Prepared, model_name: str):
-    scheduler, model = state.scheduler, state.model
+def _submit(state: State, body, prepared: Prepared, events: "_Events"):
+    """The request's choices queued with the scheduler; its params. 429 when full, 400 naming the field."""
     params = _checked(body, body.to_params)
-    events = _Events()
     try:
-        jobs = scheduler.submit(prepared.ids, params, events, body.n, prepared.output)
+        return state.scheduler.submit(prepared.ids, params, events, body.n, prepared.output), params
     except QueueFull as e:
         raise APIError(429, f"{e}; retry after {RETRY_AFTER_SECONDS} s", type="rate_limit_error",
                        code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
     except ParamError as e:  # n, or a prompt over the context (ContextLengthError)
         raise _param_error(body, e) from None
-    reply = _Reply(isinstance(body, ChatRequest), model_name, model.tokenizer, body.n, params.logprobs is not None,
-                   state.tool_format, prepared.tools)
+
+
+async def _serve(state: State, request: Request, body, prepared: Prepared, model_name: str):
+    events = _Events()
+    jobs, params = _submit(state, body, prepared, events)
+    reply = _Reply(isinstance(body, ChatRequest), model_name, state.model.tokenizer, body.n,
+                   params.logprobs is not None, state.tool_format, prepared.tools)
     if body.stream:
-        return StreamingResponse(_stream(scheduler, jobs, events, reply, body.include_usage),
+        return StreamingResponse(_stream(state.scheduler, jobs, events, reply, body.include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    if not await _collect(state.scheduler, jobs, events, request, reply):
+        return Response(status_code=499)  # the client went away: nothing to answer, the rows freed at the next step
+    return reply.whole()
+
+
+async def _collect(scheduler, jobs, events: "_Events", request: Request, reply) -> bool:
+    """A whole response's events, into `reply.add`, until it is done; False if the client went away first (the
+    request is then cancelled)."""
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         while not reply.done:
             event = asyncio.ensure_future(events.get())
             await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not event.done():  # the client went away: nothing to answer, the rows freed at the next step
+            if not event.done():
                 event.cancel()
                 scheduler.cancel(jobs)
-                return Response(status_code=499)
+                return False
             failed = reply.add(event.result())
             if failed is not None:
                 scheduler.cancel(jobs)
                 raise APIError(500, f"generation failed: {failed.message}", type="server_error")
-        return reply.whole()
+        return True
     except asyncio.CancelledError:
         scheduler.cancel(jobs)
         raise
     finally:
         gone.cancel()
+
+
+# -- /v1/responses: a chat request underneath (runtime/serving/responses.py) -------------------------------------
+
+
+async def _serve_response(state: State, request: Request, body, model_name: str):
+    from . import responses, tools
+
+    chat = _checked(body, lambda: responses.to_chat(body))
+    as_chat = ChatRequest.model_validate({
+        "model": body.model, "messages": chat.messages, "tools": chat.tools, "tool_choice": chat.tool_choice,
+        "response_format": chat.response_format, "max_tokens": chat.max_tokens,
+        **({"ignore_eos": body.ignore_eos} if body.ignore_eos is not None else {})})
+    try:
+        prepared = await asyncio.to_thread(_prepared, state, as_chat, _chat_prompt)
+    except APIError as e:  # named as a chat request names it: rename for this one
+        e.param = body.api_name(e.param) if e.param else e.param
+        e.message = e.message.replace("response_format", "text.format")
+        raise
+    events = _Events()
+    jobs, _ = _submit(state, body, prepared, events)
+    out = responses.ResponseBuilder(model_name, body)
+    active = prepared.tools is not None and prepared.tools.active
+    stream = tools.ToolStream(state.tool_format, prepared.tools) if active else None
+    if body.stream:
+        return StreamingResponse(_response_events(state.scheduler, jobs, events, out, stream),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    reply = _Reply(True, model_name, state.model.tokenizer, 1, False)
+    if not await _collect(state.scheduler, jobs, events, request, reply):
+        return Response(status_code=499)
+    text = "".join(p.text for p in reply.pieces[0])
+    parsed = tools.parse_reply(state.tool_format, text, prepared.tools) if active else None
+    return out.whole(parsed.content if parsed else text, parsed.tool_calls if parsed else [], reply.finished[0])
+
+
+async def _response_events(scheduler, jobs, events: "_Events", out, stream):
+    """The Responses API's typed events for one request (no [DONE]: the last is response.completed)."""
+    try:
+        for event in out.start():
+            yield event
+        while True:
+            event = await events.get()
+            if isinstance(event, Piece):
+                pieces = out.add(*stream.push(event.text)) if stream else out.add(event.text, [])
+            elif isinstance(event, Finished):
+                pieces = (out.add(*stream.finish()) if stream else []) + out.end(event)
+            else:
+                pieces = out.fail(f"generation failed: {event.message}")
+            for piece in pieces:
+                yield piece
+            if not isinstance(event, Piece):
+                break
+    finally:
+        scheduler.cancel(jobs)
 
 
 async def _disconnected(request: Request) -> None:

@@ -217,9 +217,10 @@ class ChatRequest(_Sampling):
         return {"prompt": "messages"}.get(param, API_NAMES.get(param, param))
 
 
-def api_name(body: _Sampling, param: str) -> str:
-    """The request's name for SamplingParams' (or the engine's) `param`."""
-    if isinstance(body, ChatRequest):
+def api_name(body, param: str) -> str:
+    """The request's name for SamplingParams' (or the engine's) `param`: a request type that spells fields its own
+    way says so with an `api_name` method (chat, responses)."""
+    if hasattr(body, "api_name"):
         return body.api_name(param)
     return API_NAMES.get(param, param)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -29,8 +30,16 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def artifact(tiny_text_artifacts):
-    return tiny_text_artifacts["static"]
+def artifact(tmp_path_factory):
+    """tiny-gemma3, static layout with 1,024 slots a row (a prompt with tool declarations is ~700 tokens)."""
+    from exporter import ExportOptions, export
+
+    from .conftest import add_text_files
+
+    root = tmp_path_factory.mktemp("app")
+    export("random:tiny-gemma3", root / "plain", ExportOptions(kv_cache="static", max_length=1024, verify=False,
+                                                                progress=False))
+    return add_text_files(root / "plain", root / NAME)
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +153,8 @@ BAD = [
     ({"model": NAME, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "up to 4"),
     ({"model": NAME, "prompt": "x", "best_of": 2}, 400, "best_of", "send n instead"),
     ({"model": NAME, "prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias", "not served"),
-    ({"model": NAME, "prompt": "word " * 200}, 400, "prompt", "context holds 64"),
-    ({"model": NAME, "prompt": "x", "max_tokens": 90}, 400, "max_tokens", "lower max_tokens to"),
+    ({"model": NAME, "prompt": "word " * 1000}, 400, "prompt", "context holds 1024"),
+    ({"model": NAME, "prompt": "x", "max_tokens": 2000}, 400, "max_tokens", "lower max_tokens to"),
     ({"model": NAME, "prompt": [1, 2, 99999]}, 400, "prompt", "token ids must be in 0..511"),
     ({"model": NAME, "prompt": "a \ud800 b"}, 400, "prompt", "not valid Unicode text"),
     ({"model": "gpt-4", "prompt": "x"}, 404, "model", "does not exist"),
@@ -169,7 +178,7 @@ def test_bad_completions_get_openai_errors_and_the_server_goes_on(client, body, 
     ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_completion_tokens", ">= 1"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 30}, "top_logprobs",
      "<= 20"),
-    ({"messages": [{"role": "user", "content": "x " * 100}]}, "messages", "context holds 64"),
+    ({"messages": [{"role": "user", "content": "x " * 1000}]}, "messages", "context holds 1024"),
 ])
 def test_bad_chats_name_the_chat_field(client, body, param, words):
     response = post(client, "/v1/chat/completions", {"model": NAME, **body})
@@ -348,3 +357,99 @@ def test_headers_sent_a_byte_at_a_time_are_cut_off(socket_server):
     with socket.create_connection(("127.0.0.1", socket_server), timeout=5) as s:
         s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert s.recv(100).startswith(b"HTTP/1.1 200")
+
+
+# -- structured outputs, tools, the Responses API, the page -------------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer",
+          "minimum": 1, "maximum": 9}}, "required": ["city", "days"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": SCHEMA}}
+
+
+def test_response_format_json_schema_always_parses_and_validates(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    for seed in range(3):
+        body = {"model": NAME, "messages": [{"role": "user", "content": "Plan a trip"}], "max_tokens": 40,
+                "temperature": 1.0, "seed": seed,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "trip", "schema": SCHEMA}}}
+        reply = post(client, "/v1/chat/completions", body).json()
+        jsonschema.validate(json.loads(reply["choices"][0]["message"]["content"]), SCHEMA)
+        assert reply["choices"][0]["finish_reason"] == "stop"  # the grammar ended it, within max_tokens
+    regex = complete(client, structured_outputs={"regex": "[0-9]{3}-[a-z]{2}"}, max_tokens=20).json()
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", regex["choices"][0]["text"])
+    choice = complete(client, structured_outputs={"choice": ["yes", "no"]}).json()
+    assert choice["choices"][0]["text"] in ("yes", "no")
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+     "response_format", ""),
+    ({"response_format": {"type": "xml"}}, "response_format", "not served"),
+    ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs", ""),
+    ({"guided_json": {"type": "object"}}, "guided_json", "structured_outputs.json"),
+    ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos", "drop it"),
+])
+def test_a_constraint_the_engine_cannot_take_is_a_400_naming_it(client, body, param, words):
+    response = complete(client, **body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param and words in response.json()["error"]["message"]
+    assert_healthy(client)
+
+
+def test_required_and_named_tool_calls_parse_and_validate(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        reply = post(client, "/v1/chat/completions", {"model": NAME, "messages": messages, "tools": [WEATHER],
+                                                      "tool_choice": choice, "max_tokens": 200, "temperature": 0})
+        message = reply.json()["choices"][0]["message"]
+        assert reply.json()["choices"][0]["finish_reason"] == "tool_calls", reply.json()
+        call = message["tool_calls"][0]
+        assert call["function"]["name"] == "get_weather" and call["id"].startswith("call_")
+        jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMA)
+    streamed = events(post(client, "/v1/chat/completions", {"model": NAME, "messages": messages, "tools": [WEATHER],
+                                                            "tool_choice": "required", "max_tokens": 200,
+                                                            "temperature": 0, "stream": True}))
+    deltas = [d for c in streamed for d in c["choices"][0]["delta"].get("tool_calls", [])]
+    arguments = "".join(d["function"].get("arguments", "") for d in deltas)
+    assert deltas[0]["function"]["name"] == "get_weather" and json.loads(arguments) == json.loads(
+        call["function"]["arguments"])
+    assert streamed[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    # the call and its result go back into the conversation
+    history = [*messages, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": call["id"], "content": '{"temp": 21}'}]
+    answer = post(client, "/v1/chat/completions", {"model": NAME, "messages": history, "tools": [WEATHER],
+                                                   "max_tokens": 6, "temperature": 0})
+    assert answer.status_code == 200, answer.text
+    bad = post(client, "/v1/chat/completions", {"model": NAME, "messages": messages, "tools": [{"type": "function"}]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tools[0]"
+
+
+def test_the_responses_api_through_the_openai_client(client, alone):
+    openai = pytest.importorskip("openai")
+    api = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
+    expected = alone.generate_text(alone.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                                              {"role": "user", "content": "Hi"}]),
+                                   SamplingParams(max_new_tokens=6), chat=True)
+    response = api.responses.create(model=NAME, instructions="Be brief.", input="Hi", max_output_tokens=6,
+                                    temperature=0)
+    assert response.output_text == expected and response.status == "incomplete"  # it hit max_output_tokens
+    assert response.usage.output_tokens == 6
+    streamed = list(api.responses.create(model=NAME, instructions="Be brief.", input="Hi", max_output_tokens=6,
+                                         temperature=0, stream=True))
+    assert streamed[0].type == "response.created" and streamed[-1].type == "response.incomplete"
+    assert "".join(e.delta for e in streamed if e.type == "response.output_text.delta") == expected
+    assert streamed[-1].response.output_text == expected
+    structured = api.responses.create(model=NAME, input="Plan a trip", max_output_tokens=40, temperature=0,
+                                      text={"format": {"type": "json_schema", "name": "trip", "schema": SCHEMA}})
+    assert json.loads(structured.output_text)["city"] in ("Paris", "Rome")
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        api.responses.create(model=NAME, input="Hi", previous_response_id="resp_1")
+
+
+def test_the_chat_page_is_served_at_the_root(keyed):
+    page = keyed.get("/")  # no API key: the page asks for it when the API answers 401
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'src="chat.js"' in page.text
+    assert keyed.get("/chat.js").status_code == 200 and keyed.get("/chat.css").status_code == 200

@@ -187,6 +187,43 @@ def test_the_prefix_cache_changes_what_is_computed_not_what_is_generated(client,
         messages.append({"role": "assistant", "content": answer})
 
 
+def test_structured_answers_and_forced_tool_calls_validate(client):
+    """The base 270M under each held-out schema (nested objects, enums, bounded arrays, nullable fields, patterns),
+    the requests together in one batch, greedy: every answer ends within max_tokens and validates; a required tool
+    call parses and its arguments follow the function's parameters."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from tests.runtime.test_grammar import SCHEMAS
+
+    answers = {}
+
+    def ask(name):
+        answers[name] = client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": f"A {name} record, as JSON."}], max_tokens=300,
+            temperature=0, response_format={"type": "json_schema",
+                                            "json_schema": {"name": name, "schema": SCHEMAS[name], "strict": True}})
+
+    threads = [threading.Thread(target=ask, args=(name,)) for name in SCHEMAS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    for name, schema in SCHEMAS.items():
+        choice = answers[name].choices[0]
+        assert choice.finish_reason == "stop", (name, choice.message.content)
+        jsonschema.validate(json.loads(choice.message.content), schema)
+
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                                "parameters": {"type": "object", "properties": {
+                                                    "city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                                                    "required": ["city", "unit"], "additionalProperties": False}}}
+    called = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Weather in Rome?"}],
+                                            tools=[weather], tool_choice="required", max_tokens=100, temperature=0)
+    call = called.choices[0].message.tool_calls[0]
+    assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), weather["function"]["parameters"])
+
+
 def test_sigterm_finishes_the_requests_under_way_and_exits_0(server):
     """Last: it stops the server."""
     body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 30, "temperature": 0, "stream": True}
