@@ -140,11 +140,14 @@ def candidates(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
     return idx, np.take_along_axis(logits, idx, axis=-1) / temperature, None
 
 
-def categorical(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def categorical(logits: np.ndarray, rng: np.random.Generator, in_place: bool = False) -> np.ndarray:
     """One draw per row from softmax(logits), -inf entries never drawn: the inverse of the cumulative
     distribution at a uniform variate. A full vocabulary row is searched in two levels (block sums,
-    then inside one block) to keep the pass over 262k entries to one exp and one sum."""
-    weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    then inside one block) to keep the pass over 262k entries to one exp and one sum. `in_place`: the logits are
+    a scratch array this call may overwrite (no 1 MB allocation a row)."""
+    weights = logits if in_place else logits.copy()
+    weights -= weights.max(axis=-1, keepdims=True)
+    np.exp(weights, out=weights)
     u = rng.random(logits.shape[0])
     B, V = weights.shape
     if V % CHUNK or V < 8 * CHUNK:
@@ -195,14 +198,17 @@ def sampler_for(params) -> Sampler:
         penalize = penalty != 1.0 and history is not None and history.size
         if temperature == 0.0 and not penalize:
             return greedy(logits)
-        logits = np.array(logits, dtype=np.float32)  # our own copy [B, V]: the penalty works in place
+        # Our own copy [B, V], the temperature applied: the penalty then works on it in place (it divides or
+        # multiplies by a positive factor by sign, which a positive temperature keeps: the order does not matter).
+        logits = np.multiply(logits, np.float32(1.0 / temperature) if temperature else np.float32(1.0),
+                             dtype=np.float32)
         if penalize:
             apply_repetition_penalty(logits, history, penalty)
         if temperature == 0.0:
             return greedy(logits)
         if not truncate:
-            return categorical(logits / temperature, rng)
-        idx, sub, log_total = candidates(logits, temperature, top_k, top_p, min_p)
+            return categorical(logits, rng, in_place=True)
+        idx, sub, log_total = candidates(logits, 1.0, top_k, top_p, min_p)  # the temperature is applied
         sub = top_k_filter(sub, top_k)
         sub = top_p_filter(sub, top_p, log_total)
         sub = min_p_filter(sub, min_p)
