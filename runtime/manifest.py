@@ -261,6 +261,19 @@ def _check_io(path: Path, manifest: Manifest) -> None:
         raise ArtifactError(f"{path}: kv.layers and kv.shapes must have an entry for each of the kv.num_layers "
                             f"{kv.num_layers} layers that store KV, got {len(kv.layers)} and {len(kv.shapes)}; the "
                             "manifest is inconsistent, export the artifact again")
+    model = manifest.model
+    if kv.layers != model.kv_layers or kv.shapes != tuple(model.kv_shapes[i] for i in kv.layers):
+        raise ArtifactError(f"{path}: kv.layers {list(kv.layers)} and kv.shapes {[list(s) for s in kv.shapes]} "
+                            f"disagree with the model's layers that store KV ({list(model.kv_layers)}, each "
+                            "[num_kv_heads, head_dim] from model.kv_shapes); the manifest is inconsistent, export the "
+                            "artifact again")
+    sizes = {"model.hidden_size": model.hidden_size, "model.num_attention_heads": model.num_attention_heads,
+             "model.vocab_size": model.vocab_size, "kv.num_kv_heads": kv.num_kv_heads, "kv.head_dim": kv.head_dim,
+             **{f"kv.shapes[{i}]": min(shape) for i, shape in enumerate(kv.shapes)}}
+    for name, size in sizes.items():
+        if size < 1:
+            raise ArtifactError(f"{path}: {name} must be positive, got {size}; the manifest is inconsistent, export "
+                                "the artifact again")
     if kv.layout == "static" and not (kv.max_length or 0) > 0:
         raise ArtifactError(f"{path}: kv.max_length {kv.max_length!r} must be a positive integer for the static layout")
     if kv.layout == "static" and (len(kv.slots) != kv.num_layers or not all(0 < n <= kv.max_length for n in kv.slots)):

@@ -86,7 +86,7 @@ def test_io_names_must_match_the_kv_description(artifact):
         read_manifest(artifact)
     edit_manifest(artifact, lambda m: m["kv"].update(num_layers=len(m["kv"]["layers"]) - 1,
                                                        layers=m["kv"]["layers"][1:], shapes=m["kv"]["shapes"][1:]))
-    with pytest.raises(ArtifactError, match=r"graph.inputs does not match kv \(\d+ layers"):
+    with pytest.raises(ArtifactError, match=r"kv.layers \[1, 2, 3, 4, 5\] and kv.shapes .* disagree with the model"):
         read_manifest(artifact)
 
 
@@ -177,3 +177,24 @@ def test_write_manifest_lists_every_file_and_reads_back(tmp_path):
     assert manifest.kv.num_layers == 2 and manifest.kv.sliding_window_layers == (0,)
     assert manifest.kv.present_names == [f"present.{i}.{t}" for i in range(2) for t in ("key", "value")]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m["kv"].update(shapes=[[1, 0]] + m["kv"]["shapes"][1:]), r"disagree with the model's layers"),
+    (lambda m: m["model"].update(kv_shapes=[[1, 0]] * len(m["model"]["kv_shapes"]),
+                                 ) or m["kv"].update(shapes=[[1, 0]] * len(m["kv"]["shapes"])), r"must be positive"),
+    (lambda m: m["kv"].update(layers=list(reversed(m["kv"]["layers"]))), r"disagree with the model's layers"),
+    (lambda m: m["model"].update(vocab_size=0), r"model.vocab_size must be positive"),
+])
+def test_a_kv_section_inconsistent_with_the_model_is_refused_with_one_line(artifact, edit, words):
+    """Types alone passed these; the run then failed inside ONNX Runtime with a traceback (exit 1)."""
+    from click.testing import CliRunner
+
+    from runtime.cli import main
+
+    edit_manifest(artifact, edit)
+    with pytest.raises(ArtifactError, match=words):
+        read_manifest(artifact, verify=False)
+    result = CliRunner().invoke(main, ["generate", str(artifact), "hi"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+
