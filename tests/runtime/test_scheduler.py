@@ -264,3 +264,41 @@ def test_a_ring_prefix_is_reusable_exactly_while_the_ring_holds_its_window(tiny_
     assert np.abs(reused(20, force=True) - fresh(tokens[:20])).max() > 1e-3
     with pytest.raises(ValueError, match="cannot keep 20 tokens"):
         reused(20)
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """The other families' tiny configs in the static layout (Gemma 2 and 4 with rings of window 8 + 8 slots)."""
+    from exporter import ExportOptions, export
+
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for name in ("tiny-gemma-2b", "tiny-gemma2", "tiny-gemma4"):
+        export(f"random:{name}", root / name, ExportOptions(kv_cache="static", max_length=64, verify=False,
+                                                            progress=False))
+        out[name] = add_text_files(root / name, root / f"{name}-text")
+    return out
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma-2b", "tiny-gemma2", "tiny-gemma4"])
+def test_the_prefix_cache_and_followers_on_every_family(families, name):
+    """Repeats, prompts sharing a prefix, and followers computing it together: each completion is the request's alone
+    (tiny-gemma3 is the tests above)."""
+    model = runtime.load(families[name])
+    prompts = [SHARED + " Spain", SHARED + " Germany", LONG, LONG + " Rome"]
+    alone = [model.generate_text(p, params(max_new_tokens=4)) for p in prompts]
+    together = serve(model, prompts[:2], lambda i: params(max_new_tokens=4), max_batch_size=3)
+    assert [c.text for c in together] == alone[:2]
+    assert together[1].finished[0].cached_tokens >= len(model.tokenizer.encode(SHARED))
+    one_by_one = []
+    scheduler = Scheduler(model, ServeOptions(max_batch_size=2)).start()
+    try:
+        for prompt in prompts[2:]:
+            collector = Collector()
+            scheduler.submit(model.tokenizer.encode(prompt), params(max_new_tokens=4), collector)
+            assert collector.done.wait(60)
+            one_by_one.append(collector)
+    finally:
+        scheduler.stop()
+    assert [c.text for c in one_by_one] == alone[2:]
+    assert one_by_one[1].finished[0].cached_tokens == len(model.tokenizer.encode(LONG))
