@@ -98,8 +98,8 @@ def ngram_draft(tokens: Sequence[int], k: int, min_n: int = 1, max_n: int = 4) -
 
     O(len(tokens) * n) per call (numpy over every window): the reference NgramProposer is tested against, and a
     stateless choice for short sequences. vLLM's proposer (a KMP pass, numba) takes the earliest occurrence of the
-    longest match; the most recent one is taken here: in a copy task the latest occurrence is the text being
-    copied, and on this project's held-out copy prompts it accepted more (docs/speculative.md)."""
+    longest match; the most recent one is taken here (the text being copied, or the loop being repeated): on the
+    held-out copy prompts it drafted as well or slightly better (docs/speculative.md)."""
     _check_ngram_sizes(min_n, max_n)
     if k <= 0:
         return []
@@ -170,13 +170,6 @@ class NgramProposer:
 # -- verification ------------------------------------------------------------------------------------
 
 
-def _is_greedy(params) -> bool:
-    """SamplingParams' own rule (runtime.params: a temperature below GREEDY_BELOW); temperature 0 for option
-    objects without it."""
-    greedy = getattr(params, "greedy", None)
-    return bool(params.temperature == 0.0 if greedy is None else greedy)
-
-
 def processed_logits(row: np.ndarray, params, history: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
     """The target's processed logits for one position, as runtime.sampling's sampler computes them before its draw:
     (candidate token ids [1, m], or None for the whole row; logits [1, m] with the excluded tokens at -inf).
@@ -185,7 +178,7 @@ def processed_logits(row: np.ndarray, params, history: np.ndarray | None) -> tup
     logits = np.array(row[None], dtype=np.float32)  # our own copy [1, V]: the penalty works in place
     if params.repetition_penalty != 1.0 and history is not None and history.size:
         apply_repetition_penalty(logits, history, params.repetition_penalty)
-    if _is_greedy(params):
+    if params.greedy:
         return None, logits
     temperature, top_k = params.temperature, max(params.top_k, 0)
     if not (top_k or params.top_p < 1.0 or params.min_p > 0.0):
@@ -234,7 +227,7 @@ def verify(draft: Sequence[int], target_logits: np.ndarray, params, rng: np.rand
     vocab = target_logits.shape[1]
     if any(not 0 <= t < vocab for t in draft):
         raise ValueError(f"draft {draft} has a token outside the vocabulary [0, {vocab})")
-    greedy = _is_greedy(params)
+    greedy = params.greedy
     penalize = params.repetition_penalty != 1.0
     if penalize and history is None:
         raise ValueError(f"repetition_penalty {params.repetition_penalty} needs the request's tokens: pass "

@@ -35,6 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from runtime.params import SamplingParams  # noqa: E402
 from runtime.speculative import NgramProposer, SpecDecodeStats, ngram_draft, verify  # noqa: E402
 
 log = logging.getLogger("bench_speculative")
@@ -136,15 +137,6 @@ def bench_proposer(lengths: list[int], k: int = 4, repeats: int = 200) -> list[d
 # -- verification's cost -------------------------------------------------------------------------------------
 
 
-def sampling_params(**options):
-    """The runtime's options object (SamplingParams; GenerationOptions before runtime/params.py)."""
-    try:
-        from runtime.params import SamplingParams
-    except ImportError:
-        from runtime.model import GenerationOptions as SamplingParams
-    return SamplingParams(**options)
-
-
 def accepted_draft(logits: np.ndarray, params, seed: int, history: list[int]) -> list[int]:
     """The k tokens a verify call with np.random.default_rng(seed) accepts whole: the target's own draws (n-gram
     drafts are checked by drawing from p with the request's Generator, runtime/speculative.py)."""
@@ -176,13 +168,13 @@ def bench_verify(vocab: int = 262144, k: int = 4, repeats: int = 20, seed: int =
     }
     rows = []
     for name, options in settings.items():
-        params = sampling_params(**options)
+        params = SamplingParams(**options)
         draft = accepted_draft(logits, params, seed, history)
         call = lambda d: verify(d, logits, params, np.random.default_rng(seed), history=history)  # noqa: E731
         assert len(call(draft)[0]) == k and not call([worst] * k)[0]
         rows.append({"setting": name, "accept_all_ms": 1e3 * time_per_call(lambda: call(draft), repeats),
                      "reject_first_ms": 1e3 * time_per_call(lambda: call([worst] * k), repeats)})
-    params = sampling_params(temperature=1.0)
+    params = SamplingParams(temperature=1.0)
     q = np.full((k, vocab), 1.0 / vocab)  # a draft model's q, dense: p(x) / q(x) = V p(x)
     draft = accepted_draft(logits, params, seed, history)
     call = lambda d: verify(d, logits, params, np.random.default_rng(seed), draft_probs=q)  # noqa: E731

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from runtime.sampling import make_sampler
+from runtime.params import SamplingParams as Params
 from runtime.speculative import (
     DraftModelProposer,
     NgramProposer,
@@ -19,10 +19,6 @@ from runtime.speculative import (
     verify,
 )
 
-try:
-    from runtime.params import SamplingParams as Params
-except ImportError:  # the options' older home
-    from runtime.model import GenerationOptions as Params
 
 
 # -- a tiny model: logits of the next token from the last two ------------------------------------------------
@@ -56,8 +52,7 @@ class TinyModel:
 
 def plain_decode(model: TinyModel, prompt: list[int], params, n: int) -> list[int]:
     """The reference: one token per step from runtime.sampling's sampler (history = every token so far)."""
-    sample = make_sampler(params.temperature, params.top_k, params.top_p, params.min_p, params.repetition_penalty,
-                          params.seed)
+    sample = params.sampler()
     tokens = list(prompt)
     for _ in range(n):
         tokens.append(int(sample(model.logits(tokens)[None], np.array([tokens]))[0]))
