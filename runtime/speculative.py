@@ -171,19 +171,20 @@ class NgramProposer:
 
 
 def processed_logits(row: np.ndarray, params, history: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
-    """The target's processed logits for one position, as runtime.sampling's sampler computes them before its draw:
-    (candidate token ids [1, m], or None for the whole row; logits [1, m] with the excluded tokens at -inf).
-    softmax of the logits is p. `row` [V]; `history` [1, n] the tokens before this position (repetition penalty).
-    Greedy: the penalized row itself (p is a point mass on its argmax)."""
-    logits = np.array(row[None], dtype=np.float32)  # our own copy [1, V]: the penalty works in place
+    """The target's processed logits for one position, as runtime.sampling's sampler computes them before its draw
+    (the same functions, order and float32 arithmetic: the temperature multiplied in first, then the penalty, then
+    the candidates and filters): (candidate token ids [1, m], or None for the whole row; logits [1, m], excluded
+    tokens at -inf, our own array). softmax of the logits is p. `row` [V]; `history` [1, n] the tokens before this
+    position (repetition penalty). Greedy: the penalized row (p is a point mass on its argmax)."""
+    temperature = 0.0 if params.greedy else params.temperature
+    logits = np.multiply(row[None], np.float32(1.0 / temperature) if temperature else np.float32(1.0),
+                         dtype=np.float32)  # [1, V]
     if params.repetition_penalty != 1.0 and history is not None and history.size:
         apply_repetition_penalty(logits, history, params.repetition_penalty)
-    if params.greedy:
+    top_k = max(params.top_k, 0)
+    if not temperature or not (top_k or params.top_p < 1.0 or params.min_p > 0.0):
         return None, logits
-    temperature, top_k = params.temperature, max(params.top_k, 0)
-    if not (top_k or params.top_p < 1.0 or params.min_p > 0.0):
-        return None, logits / temperature
-    idx, sub, log_total = candidates(logits, temperature, top_k, params.top_p, params.min_p)
+    idx, sub, log_total = candidates(logits, 1.0, top_k, params.top_p, params.min_p)  # the temperature is applied
     sub = top_k_filter(sub, top_k)
     sub = top_p_filter(sub, params.top_p, log_total)
     sub = min_p_filter(sub, params.min_p)
@@ -191,8 +192,8 @@ def processed_logits(row: np.ndarray, params, history: np.ndarray | None) -> tup
 
 
 def _draw(idx: np.ndarray | None, logits: np.ndarray, rng: np.random.Generator) -> int:
-    """One token from softmax(logits [1, m]): the sampler's own draw (one uniform)."""
-    choice = categorical(logits, rng)
+    """One token from softmax(logits [1, m]): the sampler's own draw (one uniform); `logits` is scratch after it."""
+    choice = categorical(logits, rng, in_place=True)
     return int(choice[0] if idx is None else idx[0, choice[0]])
 
 
