@@ -17,7 +17,7 @@ leading tokens that equal the greedy continuation are accepted, one more token c
 next draft starts after it (greedy speculation emits exactly these tokens, so the replay is the real run's
 schedule). It reports vLLM's counters (runtime.speculative.SpecDecodeStats) per k: acceptance rate per position,
 mean acceptance length (tokens per target run), target runs against plain decoding's one per token, for the
-proposer's settings and for vLLM's earliest-occurrence variant. Heavy jobs: run under the machine's lock.
+proposer's settings and for vLLM's earliest-occurrence variant. Run on an idle machine.
 """
 
 from __future__ import annotations
