@@ -54,6 +54,26 @@ def time_generation(model, ids: np.ndarray, new_tokens: int) -> dict:
     }
 
 
+def time_speculative(model, ids: np.ndarray, new_tokens: int, **speculative) -> dict:
+    """time_generation's figures through the engine with speculative decoding, one row (ignore_eos: exactly
+    `new_tokens` tokens), and the drafts' acceptance rate."""
+    from .params import SamplingParams
+
+    if ids.shape[0] != 1:
+        raise ValueError("--speculative measures one row: drop --batch-size")
+    engine = model.engine(**speculative)
+    before = engine.spec_stats.num_draft_tokens, engine.spec_stats.num_accepted_tokens
+    start, first = time.perf_counter(), None
+    for _ in engine.generate(ids[0].tolist(), SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)):
+        first = first or time.perf_counter()
+    end = time.perf_counter()
+    drafted = engine.spec_stats.num_draft_tokens - before[0]
+    accepted = engine.spec_stats.num_accepted_tokens - before[1]
+    return {"prefill_ms": 1000 * (first - start), "decode_tokens_per_s": (new_tokens - 1) / (end - first),
+            "step_ms": 0.0, "overhead_ms": 0.0, "overhead_fraction": 0.0,
+            "acceptance_rate": accepted / drafted if drafted else 0.0}
+
+
 def _median_seconds(run, repeats: int) -> float:
     run()  # warm: page the memory in
     times = []
@@ -87,15 +107,19 @@ def peak_rss_bytes() -> int:
 
 
 def benchmark(model, prompt_length: int, new_tokens: int, batch_size: int = 1, runs: int = 5, warmup: int = 1,
-              bandwidth_mb: int = 256) -> dict:
-    """The figures of `gemma-run bench`, medians over `runs` after `warmup` unmeasured runs."""
+              bandwidth_mb: int = 256, **speculative) -> dict:
+    """The figures of `gemma-run bench`, medians over `runs` after `warmup` unmeasured runs. With `speculative`
+    (stream()'s keywords) through the engine: random prompt ids give n-gram drafts little to match, so this measures
+    the machinery's cost; scripts/bench_speculative.py measures the gain on prompts that ground the output."""
     limit = model.context_length
     if prompt_length + new_tokens > limit:
         raise ValueError(f"--prompt-length {prompt_length} + --new-tokens {new_tokens} exceed the context of {limit}")
     ids = prompt_ids(model, prompt_length, batch_size)
+    timed = (lambda: time_speculative(model, ids, new_tokens, **speculative)) if speculative else (
+        lambda: time_generation(model, ids, new_tokens))
     for _ in range(warmup):
-        time_generation(model, ids, new_tokens)
-    samples = [time_generation(model, ids, new_tokens) for _ in range(runs)]
+        timed()
+    samples = [timed() for _ in range(runs)]
     median = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
     bandwidth = read_bandwidth(bandwidth_mb)
     weights = weight_bytes(model)
@@ -120,6 +144,8 @@ def benchmark(model, prompt_length: int, new_tokens: int, batch_size: int = 1, r
         "bandwidth_bound_tokens_per_s": round(bound, 2),
         "fraction_of_bound": round(median["decode_tokens_per_s"] / batch_size / bound, 3),
         "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
+        **({"speculative": speculative["speculative"], "acceptance_rate": round(median["acceptance_rate"], 3)}
+           if speculative else {}),
     }
 
 

@@ -17,7 +17,7 @@ from .params import LoadOptions, SamplingParams
 log = logging.getLogger("gemma-run")
 
 
-def _table(cls, skip=(), short=None):
+def _table(cls, skip=(), short=None, only=None):
     """click options for the fields of a runtime.params table (SamplingParams, LoadOptions, ServeOptions): each
     field's flag, type, default and help from the table, where its bounds are checked (ParamError) when the command
     makes the options."""
@@ -25,7 +25,7 @@ def _table(cls, skip=(), short=None):
 
     def apply(f):
         for name, (default, bound) in reversed(list(cls.fields().items())):
-            if name in skip:
+            if name in skip or (only is not None and name not in only):
                 continue
             flags = ["--" + name.replace("_", "-"), *([short[name]] if name in short else [])]
             help = bound.help[:1].upper() + bound.help[1:] + "." if bound.help else None
@@ -47,6 +47,24 @@ def _table(cls, skip=(), short=None):
 
 _sampling_options = _table(SamplingParams, skip=("logprobs",), short={"max_new_tokens": "-n", "temperature": "-t"})
 _load_options = _table(LoadOptions, skip=("verify",))
+
+
+SPECULATIVE = ("speculative", "num_speculative_tokens")
+
+
+def _speculative_options(f):
+    from .serving.options import ServeOptions
+
+    return _table(ServeOptions, only=SPECULATIVE)(f)
+
+
+def _speculative(kw: dict) -> dict:
+    """--speculative and --num-speculative-tokens, checked by ServeOptions' table, as stream() takes them."""
+    from .serving.options import ServeOptions
+
+    given = {name: kw.pop(name) for name in SPECULATIVE}
+    ServeOptions(**given)
+    return given if given["speculative"] else {}
 
 
 def _pick(cls, kw: dict, **fixed):
@@ -96,6 +114,7 @@ def main(verbose):
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("prompt", required=False)
 @_sampling_options
+@_speculative_options
 @_load_options
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--chat", is_flag=True, help="Apply the artifact's chat template to the prompt.")
@@ -111,14 +130,15 @@ def generate(artifact, prompt, stream, chat, as_json, **kw):
 
     def run():
         options = _pick(SamplingParams, kw)
+        speculative = _speculative(kw)
         model = _load(artifact, kw)
         text = model.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         if stream and not as_json:
-            for piece in model.stream(text, options, chat=chat):
+            for piece in model.stream(text, options, chat=chat, **speculative):
                 click.echo(piece, nl=False)
             click.echo()
             return
-        completion = model.generate_text(text, options, chat=chat)
+        completion = model.generate_text(text, options, chat=chat, **speculative)
         if as_json:
             t = model.last_timings
             timings = {"seconds": round(t["seconds"], 4), "run_seconds": round(t["run_seconds"], 4),
@@ -134,6 +154,7 @@ def generate(artifact, prompt, stream, chat, as_json, **kw):
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @_sampling_options
+@_speculative_options
 @_load_options
 @click.option("--system", default=None, help="System prompt.")
 def chat(artifact, system, **kw):
@@ -141,7 +162,8 @@ def chat(artifact, system, **kw):
 
     def run():
         options = _pick(SamplingParams, kw)
-        session = _load(artifact, kw).chat_session(options, system=system)
+        speculative = _speculative(kw)
+        session = _load(artifact, kw).chat_session(options, system=system, **speculative)
         interactive = sys.stdin is not None and sys.stdin.isatty()
         while True:
             if interactive:
@@ -170,6 +192,7 @@ def chat(artifact, system, **kw):
 @click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--runs", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
+@_speculative_options
 @_load_options
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -184,8 +207,9 @@ def bench(artifact, prompt_length, new_tokens, batch_size, runs, warmup, as_json
                 import matplotlib  # noqa: F401
             except ImportError:
                 raise ValueError("--plot needs matplotlib: pip install 'gemma-deploy[plot]'") from None
+        speculative = _speculative(kw)
         model = _load(artifact, kw)
-        report = benchmark(model, prompt_length, new_tokens, batch_size, runs, warmup)
+        report = benchmark(model, prompt_length, new_tokens, batch_size, runs, warmup, **speculative)
         if plot is not None:
             report["context_sweep"] = context_sweep(model, plot, new_tokens=16)
         click.echo(json.dumps(report, indent=2) if as_json else format_report(report))

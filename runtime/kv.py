@@ -71,9 +71,9 @@ class KVCache:
     # -- feeding tokens ----------------------------------------------------------------------------------
 
     def feed(self, rows: slice, ids: np.ndarray, all_logits: bool = False, active: np.ndarray | None = None,
-             mask: np.ndarray | None = None) -> np.ndarray:
+             mask: np.ndarray | None = None, keep: int = 1) -> np.ndarray:
         """Run `ids` [n, S] through rows [start, stop), each after what it holds; the rows then hold them too.
-        Logits [n, V] of each row's last token ([n, S, V] with all_logits).
+        Logits [n, V] of each row's last token ([n, keep, V] of its last `keep`, [n, S, V] with all_logits).
 
         Static layout: `active` [n] (default all) says which rows take their tokens; an inactive row in the range
         (a free row between busy ones: runs cover contiguous rows) computes a dummy token into the slot after its
@@ -82,7 +82,7 @@ class KVCache:
         n, S = ids.shape
         if not self.static:
             mask = np.ones((n, int(self.lengths[0]) + S), np.int64) if mask is None else mask
-            logits = self.backend.forward(ids, mask, positions(mask)[:, -S:], all_logits)
+            logits = self.backend.forward(ids, mask, positions(mask)[:, -S:], all_logits, keep=keep)
             self.lengths[:] = mask.shape[1]
             if n == 1:
                 self.tokens[0].extend(ids[0].tolist())
@@ -97,7 +97,7 @@ class KVCache:
                 del self.tokens[row][at:]
         total = start + S
         mask = (np.arange(int(total.max()))[None] < total[:, None]).astype(np.int64)  # [n, T] left-aligned
-        logits = self.backend.forward(ids, mask, start[:, None] + np.arange(S)[None], all_logits, rows=rows)
+        logits = self.backend.forward(ids, mask, start[:, None] + np.arange(S)[None], all_logits, rows=rows, keep=keep)
         now = time.monotonic()
         for i, row in enumerate(index):
             written = np.arange(start[i], total[i])
@@ -170,6 +170,19 @@ class KVCache:
             self.used_at[target] = time.monotonic()
         self.lengths[target] = n
         del self.tokens[target][n:]
+
+    def rollback(self, row: int, length: int) -> None:
+        """Static layout: forget the tokens of `row` past `length` (speculative decoding's rejected drafts). Their
+        slots hold what was written for them until the row's next tokens overwrite them; on a ring those slots had
+        held positions at least a window older than `length` (a run feeds at most a chunk: chunk_limit), which no
+        later query of the row can see, so nothing it still needs is lost (tests/runtime/test_scheduler.py)."""
+        if not 0 <= length <= self.lengths[row]:
+            raise ValueError(f"cannot roll row {row} back to {length} tokens; it holds {int(self.lengths[row])}")
+        if self.ring_size:
+            gone = np.arange(length, self.lengths[row])
+            self.ring_held[row, gone % self.ring_size] = -1  # not the row's tokens: never reused as such
+        del self.tokens[row][length:]
+        self.lengths[row] = length
 
     def assume(self, row: int, length: int) -> None:
         """Benchmarks: let `row` count `length` tokens of whatever its slots hold (a decode after a long context,

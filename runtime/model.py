@@ -73,6 +73,7 @@ class GemmaRuntime(TransformersGenerate):
             self.chat_template = ChatTemplate.from_dir(folder, special)
         self.last_timings: dict = {}
         self.cache: KVCache | None = None  # the backend's rows as the last call left them
+        self._engine = None  # the serving engine, driven by this runtime's calls (speculative decoding)
 
     def new_cache(self, rows: int, max_length: int | None = None) -> KVCache:
         """Forget what the backend's cache holds and size it for `rows` rows (the KV manager: runtime/kv.py)."""
@@ -118,12 +119,16 @@ class GemmaRuntime(TransformersGenerate):
         return self._require_tokenizer().encode_batch(prompts, add_special_tokens=not chat)
 
     def generate_text(self, prompts: str | list[str], params: SamplingParams | None = None,
-                      chat: bool = False) -> str | list[str]:
+                      chat: bool = False, **speculative) -> str | list[str]:
         """The completion of a prompt, or of each prompt of a list (one left-padded batch): the new text
-        up to the end token, cut before the first stop string."""
+        up to the end token, cut before the first stop string. With `speculative` (as stream_ids takes it) the
+        prompts go one after the other through the engine."""
         params = params or SamplingParams()
         single = isinstance(prompts, str)
         prompts = [prompts] if single else list(prompts)
+        if speculative.get("speculative"):
+            texts = ["".join(self.stream(p, params, chat, **speculative)) for p in prompts]
+            return texts[0] if single else texts
         ids, mask = self.encode(prompts, chat)
         tokenizer = self._require_tokenizer()
         stop = loop.StopStrings(tokenizer, params.stop, len(prompts)) if params.stop else None
@@ -139,17 +144,44 @@ class GemmaRuntime(TransformersGenerate):
         cut = loop.stop_index(text, stop_strings)
         return text if cut is None else text[:cut]
 
-    def stream(self, prompt: str, params: SamplingParams | None = None, chat: bool = False) -> Iterator[str]:
-        """Text pieces of one completion as they are generated; they concatenate to generate_text's."""
+    def stream(self, prompt: str, params: SamplingParams | None = None, chat: bool = False,
+               **speculative) -> Iterator[str]:
+        """Text pieces of one completion as they are generated; they concatenate to generate_text's. `speculative`,
+        `num_speculative_tokens`: as stream_ids takes them."""
         ids, _ = self.encode([prompt], chat)
-        yield from self.stream_ids(ids[0].tolist(), params)
+        yield from self.stream_ids(ids[0].tolist(), params, **speculative)
+
+    def engine(self, speculative: str | None = None, num_speculative_tokens: int = 4):
+        """The serving engine (runtime/serving/scheduler.py) over this runtime's backend, one row, driven by the
+        caller's thread: what generation takes with speculative decoding (a static-layout artifact). Its rows keep
+        their tokens between calls (a chat's earlier turns are reused) until another call takes the backend."""
+        from .serving.options import ServeOptions
+        from .serving.scheduler import Scheduler
+
+        options = ServeOptions(max_batch_size=1, speculative=speculative,
+                               num_speculative_tokens=num_speculative_tokens)
+        if self._engine is None or self._engine.options != options or self._engine.kv is not self.cache:
+            self._engine = Scheduler(self, options)
+            self.cache = self._engine.kv
+        return self._engine
 
     def stream_ids(self, ids: list[int], params: SamplingParams | None = None, cache: KVCache | None = None,
-                   tokens: list[int] | None = None) -> Iterator[str]:
+                   tokens: list[int] | None = None, speculative: str | None = None,
+                   num_speculative_tokens: int = 4) -> Iterator[str]:
         """Text pieces of the completion of one tokenized sequence. With `cache` (a one-row cache of this runtime,
         session.py's) the row keeps the longest prefix of `ids` it holds and only the rest is fed; the generated
-        token ids go to `tokens`."""
+        token ids go to `tokens`. With `speculative` ("ngram"), the engine drafts tokens and verifies them in one
+        run (the output is the same: docs/speculative.md)."""
         params = params or SamplingParams()
+        if speculative is not None:
+            start, count = time.perf_counter(), 0
+            try:
+                for piece in self.engine(speculative, num_speculative_tokens).generate(list(ids), params):
+                    count += 1
+                    yield piece
+            finally:
+                self._record(start, count)
+            return
         max_new = self.fit(params, len(ids))
         if cache is None or cache is not self.cache:
             cache = self.new_cache(1, len(ids) + max_new)
@@ -166,10 +198,10 @@ class GemmaRuntime(TransformersGenerate):
         finally:
             self._record(start, len(generated))
 
-    def chat_session(self, params: SamplingParams | None = None, system: str | None = None):
+    def chat_session(self, params: SamplingParams | None = None, system: str | None = None, **speculative):
         from .session import ChatSession
 
-        return ChatSession(self, params or SamplingParams(), system)
+        return ChatSession(self, params or SamplingParams(), system, **speculative)
 
 
 def _read_json(path: Path) -> dict:

@@ -153,9 +153,9 @@ class SamplingParams(Options):
 
     def sampler(self):
         """`sample(logits [B, V], history [B, n] | None) -> tokens [B]` (runtime/sampling.py)."""
-        from .sampling import sampler_for
+        from .sampling import Sampler
 
-        return sampler_for(self)
+        return Sampler(self)
 
     @classmethod
     def from_transformers(cls, max_new_tokens: int | None, do_sample: bool = False, temperature: float = 1.0,

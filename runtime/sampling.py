@@ -12,11 +12,8 @@ inverts the cumulative distribution. The filters themselves (`top_k_filter`, `to
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import numpy as np
-
-Sampler = Callable[..., np.ndarray]
 
 CHUNK = 512  # block size of the two-level searches over a full vocabulary row
 
@@ -186,33 +183,46 @@ def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, m
                           repetition_penalty=repetition_penalty, seed=seed).sampler()
 
 
-def sampler_for(params) -> Sampler:
-    """The sampler of checked SamplingParams; temperature 0 (or below GREEDY_BELOW) means greedy, the truncation
-    options then being moot."""
+def process(logits: np.ndarray, params, history: np.ndarray | None = None):
+    """The logits [B, V] as the sampler draws from them, in transformers' order: the repetition penalty over
+    `history` [B, n], the temperature, then top-k, top-p and min-p over the candidates that can survive them.
+    Returns (candidate token ids [B, m], or None for whole rows; logits [B, m], excluded tokens at -inf, our own
+    array). Greedy (temperature 0): the penalized rows, whose argmax is the token. runtime/speculative.py's verify
+    processes the target's rows with this too."""
     temperature = 0.0 if params.greedy else params.temperature
-    top_k, top_p, min_p, penalty = max(params.top_k, 0), params.top_p, params.min_p, params.repetition_penalty
-    rng = np.random.default_rng(params.seed)
-    truncate = bool(top_k) or top_p < 1.0 or min_p > 0.0
+    # Our own copy, the temperature applied: the penalty then works on it in place (it divides or multiplies by a
+    # positive factor by sign, which a positive temperature keeps: the order does not matter).
+    logits = np.multiply(logits, np.float32(1.0 / temperature) if temperature else np.float32(1.0), dtype=np.float32)
+    if params.repetition_penalty != 1.0 and history is not None and history.size:
+        apply_repetition_penalty(logits, history, params.repetition_penalty)
+    top_k = max(params.top_k, 0)
+    if not temperature or not (top_k or params.top_p < 1.0 or params.min_p > 0.0):
+        return None, logits
+    idx, sub, log_total = candidates(logits, 1.0, top_k, params.top_p, params.min_p)  # the temperature is applied
+    sub = top_k_filter(sub, top_k)
+    sub = top_p_filter(sub, params.top_p, log_total)
+    return idx, min_p_filter(sub, params.min_p)
 
-    def sample(logits: np.ndarray, history: np.ndarray | None = None) -> np.ndarray:
-        penalize = penalty != 1.0 and history is not None and history.size
-        if temperature == 0.0 and not penalize:
-            return greedy(logits)
-        # Our own copy [B, V], the temperature applied: the penalty then works on it in place (it divides or
-        # multiplies by a positive factor by sign, which a positive temperature keeps: the order does not matter).
-        logits = np.multiply(logits, np.float32(1.0 / temperature) if temperature else np.float32(1.0),
-                             dtype=np.float32)
-        if penalize:
-            apply_repetition_penalty(logits, history, penalty)
-        if temperature == 0.0:
-            return greedy(logits)
-        if not truncate:
-            return categorical(logits, rng, in_place=True)
-        idx, sub, log_total = candidates(logits, 1.0, top_k, top_p, min_p)  # the temperature is applied
-        sub = top_k_filter(sub, top_k)
-        sub = top_p_filter(sub, top_p, log_total)
-        sub = min_p_filter(sub, min_p)
-        choice = categorical(sub, rng)
-        return np.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
 
-    return sample
+def draw(idx: np.ndarray | None, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One token per row from softmax(logits [B, m]) (one uniform each); `logits` is scratch after it."""
+    choice = categorical(logits, rng, in_place=True)
+    return choice if idx is None else np.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+
+
+class Sampler:
+    """`sample(logits [B, V], history [B, n] | None) -> tokens [B]` for checked SamplingParams; temperature 0 (or below
+    GREEDY_BELOW) is greedy. `rng` is the request's own Generator (seeded: the same draws whatever shares a batch)."""
+
+    def __init__(self, params):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history: np.ndarray | None = None) -> np.ndarray:
+        params = self.params
+        if params.greedy and (params.repetition_penalty == 1.0 or history is None or not history.size):
+            return greedy(logits)
+        idx, processed = process(logits, params, history)
+        if params.greedy:
+            return greedy(processed)
+        return draw(idx, processed, self.rng)

@@ -14,12 +14,15 @@ from .params import SamplingParams
 
 
 class ChatSession:
-    def __init__(self, model, params: SamplingParams, system: str | None = None):
+    def __init__(self, model, params: SamplingParams, system: str | None = None, **speculative):
+        """`speculative`: speculative and num_speculative_tokens, as GemmaRuntime.stream_ids takes them (the turns then
+        go through the engine, whose row keeps the conversation the same way)."""
         model._require_tokenizer()
         model.apply_chat_template([{"role": "user", "content": "ping"}])  # fails now if there is no template
         self.model = model
         self.params = params
         self.system = system
+        self.speculative = speculative
         self.cache = None  # the one-row cache of the last turn (stale once the runtime made another)
         self.prefilled = 0  # tokens the last turn fed (the rest came from the cache)
         self.reset()
@@ -39,11 +42,13 @@ class ChatSession:
         messages = [*self.messages, {"role": "user", "content": text}]
         ids = model.tokenizer.encode(model.apply_chat_template(messages, add_generation_prompt=True),
                                      add_special_tokens=False)
-        if self.cache is None or self.cache is not model.cache:
+        if self.speculative.get("speculative"):
+            self.cache = model.engine(**self.speculative).kv
+        elif self.cache is None or self.cache is not model.cache:
             self.cache = model.new_cache(1)
         self.prefilled = len(ids) - self.cache.prefix(0, ids)
         reply = ""
-        for piece in model.stream_ids(ids, self.params, cache=self.cache):
+        for piece in model.stream_ids(ids, self.params, cache=self.cache, **self.speculative):
             reply += piece
             yield piece
         self.messages = [*messages, {"role": "assistant", "content": reply}]

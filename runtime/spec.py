@@ -38,6 +38,9 @@ ELEMENT_TYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# text generation's optional input (transformers' logits_to_keep, optimum's and onnxruntime-genai's spelling): the
+# graph computes the logits of that many trailing positions (1: decode; k + 1: speculative verification)
+LOGITS_TO_KEEP = "num_logits_to_keep"
 
 
 def choices(allowed) -> dict:

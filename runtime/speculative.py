@@ -40,14 +40,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from .sampling import (
-    apply_repetition_penalty,
-    candidates,
-    categorical,
-    min_p_filter,
-    top_k_filter,
-    top_p_filter,
-)
+from .sampling import categorical, draw, process
 
 # -- proposers ---------------------------------------------------------------------------------------
 
@@ -171,30 +164,14 @@ class NgramProposer:
 
 
 def processed_logits(row: np.ndarray, params, history: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
-    """The target's processed logits for one position, as runtime.sampling's sampler computes them before its draw
-    (the same functions, order and float32 arithmetic: the temperature multiplied in first, then the penalty, then
-    the candidates and filters): (candidate token ids [1, m], or None for the whole row; logits [1, m], excluded
-    tokens at -inf, our own array). softmax of the logits is p. `row` [V]; `history` [1, n] the tokens before this
-    position (repetition penalty). Greedy: the penalized row (p is a point mass on its argmax)."""
-    temperature = 0.0 if params.greedy else params.temperature
-    logits = np.multiply(row[None], np.float32(1.0 / temperature) if temperature else np.float32(1.0),
-                         dtype=np.float32)  # [1, V]
-    if params.repetition_penalty != 1.0 and history is not None and history.size:
-        apply_repetition_penalty(logits, history, params.repetition_penalty)
-    top_k = max(params.top_k, 0)
-    if not temperature or not (top_k or params.top_p < 1.0 or params.min_p > 0.0):
-        return None, logits
-    idx, sub, log_total = candidates(logits, 1.0, top_k, params.top_p, params.min_p)  # the temperature is applied
-    sub = top_k_filter(sub, top_k)
-    sub = top_p_filter(sub, params.top_p, log_total)
-    sub = min_p_filter(sub, params.min_p)
-    return idx, sub
+    """The target's processed logits for one position [V], as the sampler draws from them
+    (runtime.sampling.process): (candidate ids [1, m] or None, logits [1, m]); softmax of them is p."""
+    return process(row[None], params, history)
 
 
 def _draw(idx: np.ndarray | None, logits: np.ndarray, rng: np.random.Generator) -> int:
     """One token from softmax(logits [1, m]): the sampler's own draw (one uniform); `logits` is scratch after it."""
-    choice = categorical(logits, rng, in_place=True)
-    return int(choice[0] if idx is None else idx[0, choice[0]])
+    return int(draw(idx, logits, rng)[0])
 
 
 def _probs(idx: np.ndarray | None, logits: np.ndarray, vocab: int) -> np.ndarray:
@@ -278,15 +255,6 @@ def verify(draft: Sequence[int], target_logits: np.ndarray, params, rng: np.rand
 
 
 # -- metrics -----------------------------------------------------------------------------------------
-
-# our counter -> vLLM's (vllm/v1/spec_decode/metrics.py), for the server's twin names
-PROMETHEUS_NAMES = {
-    "gemma_spec_decode_num_drafts": "vllm:spec_decode_num_drafts",
-    "gemma_spec_decode_num_draft_tokens": "vllm:spec_decode_num_draft_tokens",
-    "gemma_spec_decode_num_accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
-    "gemma_spec_decode_num_accepted_tokens_per_pos": "vllm:spec_decode_num_accepted_tokens_per_pos",  # {position}
-}
-
 
 @dataclass
 class SpecDecodeStats:

@@ -32,6 +32,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from ..manifest import Manifest
+from ..spec import LOGITS_TO_KEEP
 
 
 class Backend(ABC):
@@ -53,6 +54,8 @@ class Backend(ABC):
         self.rows_prefill_over_cache = "group_query_attention" not in manifest.fusions
         self.past_names, self.present_names = (kv.past_names, kv.present_names) if kv else ([], [])
         self.logits_all = manifest.graph.logits == "all"
+        #: the graph takes num_logits_to_keep: it computes the logits of as many trailing positions as asked
+        self.keeps_logits = LOGITS_TO_KEEP in manifest.graph.inputs
         self.batch_size = 0
         #: dynamic layout: the slots of the past, which every row shares (pads included). The static layout's rows
         #: each hold their own count, which runtime/kv.py keeps: the backend reads them from the mask
@@ -106,12 +109,14 @@ class Backend(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot copy rows of its cache")
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                all_logits: bool = False, rows: slice | None = None) -> np.ndarray:
+                all_logits: bool = False, rows: slice | None = None, keep: int = 1) -> np.ndarray:
         """Run the new tokens [n, S] over the cache; the cache then holds them too. Returns logits [n, vocab] of
-        the last position, or [n, S, vocab] with `all_logits`."""
-        if all_logits and not self.logits_all:
-            raise ValueError("all_logits needs an artifact exported with --logits all; this one returns the last "
-                             "position only")
+        the last position, [n, keep, vocab] of the last `keep` (speculative decoding's verification), or
+        [n, S, vocab] with `all_logits`. A graph with a `num_logits_to_keep` input computes just those; one exported
+        with --logits all computes every position, and the rest are dropped here."""
+        if (all_logits or keep > 1) and not (self.logits_all or self.keeps_logits):
+            raise ValueError("logits for more than the last position need an artifact exported with --logits all, "
+                             "or a newer export (num_logits_to_keep); this one returns the last position only")
         rows = rows or slice(0, input_ids.shape[0])
         if rows.stop - rows.start != input_ids.shape[0] or rows.stop > self.batch_size:
             raise ValueError(f"rows {rows.start}..{rows.stop - 1} do not match a batch of {input_ids.shape[0]} of "
@@ -119,10 +124,11 @@ class Backend(ABC):
         if not self.static and (rows.start, rows.stop) != (0, self.batch_size):
             raise ValueError("the dynamic KV layout runs the whole batch at once; export with --kv-cache static "
                              "for rows of their own")
-        logits = self._run(input_ids, attention_mask, position_ids, rows, all_logits)
+        keep = input_ids.shape[1] if all_logits else keep
+        logits = self._run(input_ids, attention_mask, position_ids, rows, keep)  # [n, keep or more, V]
         if not self.static:
             self.past_length = attention_mask.shape[1]
-        return logits
+        return logits[:, -1] if keep == 1 and not all_logits else logits[:, -keep:]
 
     @abstractmethod
     def _reset(self, batch_size: int) -> None:
@@ -132,5 +138,6 @@ class Backend(ABC):
         """Dynamic layout: drop the past's slots from `length` on."""
 
     @abstractmethod
-    def _run(self, input_ids, attention_mask, position_ids, rows: slice, all_logits: bool) -> np.ndarray:
-        """One run of the graph over `rows` of the cache."""
+    def _run(self, input_ids, attention_mask, position_ids, rows: slice, keep: int) -> np.ndarray:
+        """One run of the graph over `rows` of the cache: logits [n, m, V] of at least the last `keep` positions (a
+        copy the caller keeps)."""

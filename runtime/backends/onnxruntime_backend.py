@@ -21,7 +21,7 @@ import numpy as np
 
 from ..manifest import ArtifactError, Manifest
 from ..params import PROVIDERS as PROVIDER_NAMES
-from ..spec import ELEMENT_TYPE
+from ..spec import ELEMENT_TYPE, LOGITS_TO_KEEP
 from .base import Backend
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class OnnxRuntimeBackend(Backend):
 
     # -- a step --------------------------------------------------------------------------------------
 
-    def _run(self, input_ids, attention_mask, position_ids, rows: slice, all_logits: bool) -> np.ndarray:
+    def _run(self, input_ids, attention_mask, position_ids, rows: slice, keep: int) -> np.ndarray:
         if self.static:
             binding = self._static_binding(rows)
             binding.bind_output("logits", "cpu")  # rebinding a name replaces it in place
@@ -162,6 +162,8 @@ class OnnxRuntimeBackend(Backend):
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        if self.keeps_logits:
+            binding.bind_cpu_input(LOGITS_TO_KEEP, np.array(keep, np.int64))
 
         start = time.perf_counter()
         self.session.run_with_iobinding(binding)
@@ -171,7 +173,7 @@ class OnnxRuntimeBackend(Backend):
         if not self.static:
             self._past = outputs[1:]
         logits = outputs[0].numpy()  # a view of ONNX Runtime's buffer: copy what we keep
-        return np.array(logits) if all_logits else np.array(logits[:, -1])
+        return np.array(logits[:, -keep:])
 
 
 def _fallback(provider: str, allowed: bool, why: str) -> None:

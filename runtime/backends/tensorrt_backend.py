@@ -160,7 +160,7 @@ class TensorRTBackend(Backend):
 
     # -- a step --------------------------------------------------------------------------------------
 
-    def _run(self, input_ids, attention_mask, position_ids, rows: slice, all_logits: bool) -> np.ndarray:
+    def _run(self, input_ids, attention_mask, position_ids, rows: slice, keep: int) -> np.ndarray:
         """Static layout: one profile run (the loop feeds at most max_chunk tokens). Dynamic: the new tokens in
         as many chunks as the profiles need, the mask growing with the cache."""
         B, S = input_ids.shape
@@ -168,15 +168,15 @@ class TensorRTBackend(Backend):
             index, size = self._profile_for(B, S, attention_mask.shape[1], 0)
             if size < S:
                 raise ValueError(f"{S} new tokens exceed this engine's --max-input-len {size}; feed them in chunks")
-            return self._enqueue(index, input_ids, attention_mask, position_ids, rows, 0, all_logits)
+            return self._enqueue(index, input_ids, attention_mask, position_ids, rows, 0, keep)
         pieces, start, past = [], 0, self.past_length
         while start < S:
             index, size = self._profile_for(B, S - start, None, past)
             pieces.append(self._enqueue(index, input_ids[:, start:start + size], attention_mask[:, : past + size],
-                                        position_ids[:, start:start + size], rows, past, all_logits))
+                                        position_ids[:, start:start + size], rows, past, min(keep, size)))
             start, past = start + size, past + size
             self._current = 1 - self._current  # the present just written is the next past
-        return np.concatenate(pieces, axis=1) if all_logits else pieces[-1]
+        return np.concatenate(pieces, axis=1)
 
     def _profile_for(self, batch: int, remaining: int, total: int | None, past: int) -> tuple[int, int]:
         """The first profile that takes `batch` rows and some of the remaining tokens over the cache, and
@@ -205,7 +205,7 @@ class TensorRTBackend(Backend):
                 **{name: (batch, heads, slots if self.static else past, dim)
                    for name, (heads, slots, dim) in zip(self.past_names, self.kv_shapes)}}
 
-    def _enqueue(self, index: int, ids, mask, positions, rows: slice, past: int, all_logits: bool) -> np.ndarray:
+    def _enqueue(self, index: int, ids, mask, positions, rows: slice, past: int, keep: int) -> np.ndarray:
         cudart, context = self.cudart, self.contexts[index]
         B, S = ids.shape
         for name, shape in self._shapes(B, S, mask.shape[1], past).items():
@@ -233,22 +233,18 @@ class TensorRTBackend(Backend):
         if not context.execute_async_v3(self.stream_handle):
             raise RuntimeError("TensorRT execute_async_v3 failed (its log above says why)")
         rows_out = context.get_tensor_shape("logits")[1]
-        logits = self._logits_to_host(B, rows_out, all_logits)
+        logits = self._logits_to_host(B, rows_out, keep)
         self.run_seconds += time.perf_counter() - start
         return logits
 
-    def _logits_to_host(self, batch: int, rows: int, all_logits: bool) -> np.ndarray:
-        """[B, rows, V] when all_logits, else the last row of each batch entry [B, V] (one strided copy)."""
+    def _logits_to_host(self, batch: int, rows: int, keep: int) -> np.ndarray:
+        """The last `keep` of each batch entry's `rows` logits rows, [B, keep, V] (one strided copy)."""
         cudart, V = self.cudart, self.vocab_size
         to_host = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        if all_logits:
-            out = np.empty((batch, rows, V), np.float32)
-            check_cuda(cudart.cudaMemcpyAsync(out.ctypes.data, self.logits, out.nbytes, to_host, self.stream),
-                       "cudaMemcpyAsync")
-        else:
-            out = np.empty((batch, V), np.float32)
-            last = self.logits + (rows - 1) * V * 4
-            check_cuda(cudart.cudaMemcpy2DAsync(out.ctypes.data, V * 4, last, rows * V * 4, V * 4, batch, to_host,
-                                                self.stream), "cudaMemcpy2DAsync")
+        keep = min(keep, rows)
+        out = np.empty((batch, keep, V), np.float32)
+        last = self.logits + (rows - keep) * V * 4
+        check_cuda(cudart.cudaMemcpy2DAsync(out.ctypes.data, keep * V * 4, last, rows * V * 4, keep * V * 4, batch,
+                                            to_host, self.stream), "cudaMemcpy2DAsync")
         check_cuda(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return out

@@ -11,6 +11,8 @@
     gemma_inter_token_latency_seconds               between a request's tokens (histogram)
     gemma_e2e_request_latency_seconds               from arrival to the end (histogram)
     gemma_request_prompt_tokens, gemma_request_generation_tokens   per request (histograms)
+    gemma_spec_decode_num_drafts, _num_draft_tokens, _num_accepted_tokens      speculative decoding (and vLLM's
+                                                    vllm:spec_decode_num_accepted_tokens_per_pos{position})
 
 Where one of these means what a vLLM metric means, it is exported under vLLM's name too (`vllm:...`, with vLLM's
 `model_name` label), so dashboards made for vLLM read this server: `VLLM_NAMES` lists them (docs/serving.md).
@@ -38,6 +40,9 @@ VLLM_NAMES = {
     "gemma_e2e_request_latency_seconds": "vllm:e2e_request_latency_seconds",
     "gemma_request_prompt_tokens": "vllm:request_prompt_tokens",
     "gemma_request_generation_tokens": "vllm:request_generation_tokens",
+    "gemma_spec_decode_num_drafts": "vllm:spec_decode_num_drafts",
+    "gemma_spec_decode_num_draft_tokens": "vllm:spec_decode_num_draft_tokens",
+    "gemma_spec_decode_num_accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
 }
 
 
@@ -86,7 +91,21 @@ class Metrics:
         self.request_generation = twin(Histogram, "gemma_request_generation_tokens", "Tokens generated per request",
                                        buckets=TOKEN_BUCKETS)
 
+        self.drafts = twin(Counter, "gemma_spec_decode_num_drafts", "Speculative drafts verified")
+        self.draft_tokens = twin(Counter, "gemma_spec_decode_num_draft_tokens", "Draft tokens proposed")
+        self.accepted_tokens = twin(Counter, "gemma_spec_decode_num_accepted_tokens", "Draft tokens accepted")
+        self.accepted_per_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted, by "
+                                        "position in the draft", ["model_name", "position"], registry=registry)
+        self.model_name = model_name
+
     # called by the scheduler's thread (prometheus_client's metrics are thread-safe)
+    def speculated(self, draft: int, accepted: int) -> None:
+        self.drafts.inc()
+        self.draft_tokens.inc(draft)
+        self.accepted_tokens.inc(accepted)
+        for position in range(accepted):
+            self.accepted_per_pos.labels(self.model_name, str(position)).inc()
+
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
 

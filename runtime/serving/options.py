@@ -21,6 +21,11 @@ class ServeOptions(Options):
                                                          "wait for one chunk at most"))
     prefix_cache: bool = option(True, Bound(bool, help="reuse the KV of a prompt prefix a row holds (off: every "
                                                      "prompt computed whole, for comparison)"))
+    speculative: str | None = option(None, Bound(str, optional=True, choices=("ngram",), help="draft tokens for "
+                                                  "each decoding request, verified in one run: ngram (prompt "
+                                                  "lookup in the request's own tokens)"))
+    num_speculative_tokens: int = option(4, Bound(int, ge=1, le=16, help="draft tokens a step at most (fewer as "
+                                                                         "rows fill the batch)"))
     api_key: str | None = option(None, Bound(str, optional=True, help=f"require Authorization: Bearer KEY on /v1/ "
                                                                       f"(also {API_KEY_ENV})"))
     model_name: str | None = option(None, Bound(str, optional=True, help="the model's name in the API "

@@ -39,7 +39,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,11 +48,13 @@ from ..generate import ContextLengthError, TextStream, fit_new_tokens
 from ..kv import KVCache
 from ..params import ParamError, SamplingParams
 from ..sampling import log_softmax_top
+from ..speculative import NgramProposer, SpecDecodeStats, verify
 from .options import ServeOptions
 
 log = logging.getLogger(__name__)
 
 COPY_MIN_TOKENS = 16  # a prefix shorter than this is computed again rather than copied (docs/serving.md)
+SPEC_TOKEN_BUDGET = 8  # tokens a speculative decode run feeds in all: k = budget // rows - 1 (docs/speculative.md)
 
 
 class QueueFull(RuntimeError):
@@ -125,6 +127,7 @@ class Request:
     last_token_at: float = 0.0
     sampler: Callable | None = None
     matcher: object | None = None  # grammar.Matcher: which tokens may come next
+    proposer: object | None = None  # speculative.NgramProposer: drafts for it
     text: TextStream | None = None
     pending: list[int] = field(default_factory=list)  # tokens whose text is held back (a character, a stop string)
     pending_logprobs: list = field(default_factory=list)
@@ -144,11 +147,13 @@ class Request:
 @dataclass(frozen=True)
 class Run:
     """One backend run of the plan: rows [start, stop), each feeding `size` tokens; `requests` the ones fed (the
-    other rows in the range are idle)."""
+    other rows in the range are idle). A decode run may carry drafts (speculative decoding): each request feeds its
+    last token, its draft and filler up to `size`; the logits of every position come back for verification."""
 
     rows: slice
     size: int
     requests: tuple[Request, ...]
+    drafts: dict | None = None  # Request -> its draft tokens (a speculative decode run)
 
 
 def check_servable(manifest) -> None:
@@ -180,6 +185,14 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.speculative = options.speculative
+        if self.speculative not in (None, "ngram"):
+            raise ParamError("speculative", f"speculative {self.speculative!r} is not served yet; use ngram")
+        if self.speculative and not (model.backend.logits_all or model.backend.keeps_logits):
+            raise NotServable(f"{model.manifest.folder} returns the last position's logits only; speculative decoding "
+                              "verifies k + 1 positions in one run: export it again (its graph then takes "
+                              "num_logits_to_keep) or with --logits all")
+        self.spec_stats = SpecDecodeStats(options.num_speculative_tokens)
         self._grammar_info = None
         self._masks = None  # grammar.MaskBatch, made for the first constrained request
         self._masked = False
@@ -214,8 +227,8 @@ class Scheduler:
             group.append(Request(list(prompt), seeded, on_event, max_new, output, first, index))
         group[0].siblings = group[1:]
         with self._wake:
-            if not self.alive:
-                raise RuntimeError("the scheduler is not running")
+            if self._stopping:
+                raise RuntimeError("the scheduler is stopping")
             taken = sum(r is not None for r in self.owner) + len(self.waiting)
             if taken + n > rows + self.options.max_queue:
                 raise QueueFull(f"{taken} requests are running or waiting already ({rows} rows, --max-queue "
@@ -268,20 +281,44 @@ class Scheduler:
                     if self._masks is not None:
                         self._masks.close()
                     return
-                self._retire_cancelled()
-                self._admit()
-            try:
-                runs = self.plan()
-                self._start_masks(runs)
-                outputs = [self.execute(run) for run in runs]
-                self.update(runs, outputs)
-            except Exception as e:  # a bug or a failing backend: every request under way learns it, the loop goes on
-                log.exception("scheduler step failed")
-                for request in [r for r in self.owner if r is not None]:
-                    request.on_event(Failed(f"{type(e).__name__}: {e}", request.index))
-                    self._free(request)
-            self.steps += 1
-            self._gauges()
+            self.step()
+
+    def step(self) -> None:
+        """One step: retire the cancelled, admit the waiting, then plan, execute and update."""
+        with self._wake:
+            self._retire_cancelled()
+            self._admit()
+        try:
+            runs = self.plan()
+            self._start_masks(runs)
+            outputs = [self.execute(run) for run in runs]
+            self.update(runs, outputs)
+        except Exception as e:  # a bug or a failing backend: every request under way learns it, the loop goes on
+            log.exception("scheduler step failed")
+            for request in [r for r in self.owner if r is not None]:
+                request.on_event(Failed(f"{type(e).__name__}: {e}", request.index))
+                self._free(request)
+        self.steps += 1
+        self._gauges()
+
+    def generate(self, prompt: list[int], params: SamplingParams, output: Output = Output()) -> Iterator[str]:
+        """The calling thread drives the engine instead of the scheduler's (do not start() it): one request, its
+        text pieces as they come. gemma-run generate and chat take this path with --speculative."""
+        events = []
+        [request] = self.submit(prompt, params, events.append, 1, output)
+        try:
+            while not request.finished:
+                self.step()
+                for event in events:
+                    if isinstance(event, Failed):
+                        raise RuntimeError(f"generation failed: {event.message}")
+                    if isinstance(event, Piece) and event.text:
+                        yield event.text
+                events.clear()
+        finally:
+            if not request.finished:  # the caller stopped reading
+                self.cancel(request)
+                self.step()
 
     def _retire_cancelled(self) -> None:
         for request in [r for r in self.waiting if r.cancelled]:
@@ -366,6 +403,8 @@ class Scheduler:
         eos = () if request.params.ignore_eos else (*self.model.eos_token_ids, *output.end_tokens)
         request.sampler = request.params.sampler()
         request.matcher = output.grammar.matcher() if output.grammar is not None else None
+        # drafts for requests the verification can take: not a grammar's (its masks would follow each draft token)
+        request.proposer = NgramProposer() if self.speculative and request.matcher is None else None
         request.text = TextStream(self.model.tokenizer, eos, request.params.stop, output.special_tokens)
 
     # -- plan, execute, update ---------------------------------------------------------------------------
@@ -377,11 +416,34 @@ class Scheduler:
         decoding = [r for r in running if len(r.tokens) - r.computed == 1]
         runs = []
         if decoding:
-            runs.append(Run(slice(decoding[0].row, decoding[-1].row + 1), 1, tuple(decoding)))
+            drafts = self._drafts(decoding) if self.speculative else {}
+            size = 1 + max(map(len, drafts.values()), default=0)
+            runs.append(Run(slice(decoding[0].row, decoding[-1].row + 1), size, tuple(decoding),
+                            drafts if size > 1 else None))
         prompting = [r for r in running if len(r.tokens) - r.computed > 1]
         if prompting:
             runs.append(self._prompt_run(prompting, busy=bool(decoding)))
         return runs
+
+    def _drafts(self, decoding: list[Request]) -> dict:
+        """Each decoding request's draft, within the step's budget: the run feeds every row k + 1 tokens, so k
+        shrinks as rows join (SPEC_TOKEN_BUDGET; in a full batch there is no room left, and no speculation: a
+        decode step is then bound by compute, not by reading the weights). A draft stays within the request's max
+        tokens, its row's chunk limit (a ring) and its buffers."""
+        k = min(self.options.num_speculative_tokens, SPEC_TOKEN_BUDGET // len(decoding) - 1)
+        if k < 1 or (len(decoding) > 1 and not self.kv.rows_over_cache):  # the kernel takes one such row a run
+            return {}
+        # every row of the run feeds k + 1 tokens (filler after a shorter draft, a dummy in an idle row): within
+        # each one's chunk limit (a ring's end) and buffers
+        for row in range(decoding[0].row, decoding[-1].row + 1):
+            length = int(self.kv.lengths[row])
+            k = min(k, (self.kv.chunk_limit(length) or k + 1) - 1, self.kv.max_length - length - 1)
+        drafts = {}
+        for r in decoding:
+            room = min(k, r.max_new_tokens - r.generated - 1)
+            if r.proposer is not None and room > 0:
+                drafts[r] = r.proposer.propose(r.tokens, room)
+        return drafts
 
     def _prompt_run(self, prompting: list[Request], busy: bool) -> Run:
         """The request that waited longest, and its neighbours in the rows whose prompts have as many tokens left at
@@ -416,10 +478,13 @@ class Scheduler:
         active = np.zeros(n, bool)
         for r in run.requests:
             i = r.row - run.rows.start
-            ids[i] = r.tokens[r.computed:r.computed + run.size]
+            fed = r.tokens[r.computed:r.computed + run.size]
+            if run.drafts is not None:  # the last token, the draft, then filler (its positions are rolled back)
+                fed = [*fed, *run.drafts.get(r, ())]
+                fed += fed[-1:] * (run.size - len(fed))
+            ids[i] = fed
             active[i] = True
-        logits = self.kv.feed(run.rows, ids, active=active)
-        return logits
+        return self.kv.feed(run.rows, ids, active=active, keep=run.size if run.drafts is not None else 1)
 
     def _start_masks(self, runs: list[Run]) -> None:
         """The grammar masks of the requests that sample after this step, computed while the model runs
@@ -460,6 +525,9 @@ class Scheduler:
     def update(self, runs: list[Run], outputs: list[np.ndarray]) -> None:
         masks = self._masks.wait() if self._masked else None
         for run, logits in zip(runs, outputs):
+            if run.drafts is not None:
+                self._verify(run, logits)
+                continue
             for r in run.requests:
                 r.computed += run.size
                 if not r.generated:
@@ -476,6 +544,26 @@ class Scheduler:
                 for sibling in siblings:  # and sample their first token from the same logits
                     self._sample(sibling, row_logits, masks)
         self._follow()
+
+    def _verify(self, run: Run, logits: np.ndarray) -> None:
+        """A speculative decode run's update: each request keeps the longest part of its draft the target accepts and
+        the target's token after it, exactly as plain decoding samples (runtime/speculative.py); its row forgets the
+        rest of what the run wrote."""
+        for r in run.requests:
+            rows = logits[r.row - run.rows.start]  # [size, V]: after the last token, then after each draft token
+            draft = run.drafts.get(r, [])
+            history = np.array([r.tokens], np.int64) if r.params.use_history else None
+            accepted, token = verify(draft, rows[:len(draft) + 1], r.params, r.sampler.rng, history=history)
+            if draft:
+                self.spec_stats.observe(len(draft), len(accepted))
+                if self.metrics:
+                    self.metrics.speculated(len(draft), len(accepted))
+            r.computed += 1 + len(accepted)
+            for i, t in enumerate([*accepted, token]):
+                if self._emit(r, t, rows[i]):
+                    break
+            if r.row is not None:
+                self.kv.rollback(r.row, r.computed)
 
     def _follow(self) -> None:
         """Followers whose leader has computed their prefix copy it; those whose leader went away compute it."""
@@ -494,8 +582,7 @@ class Scheduler:
                 request.leader = None
 
     def _sample(self, request: Request, logits: np.ndarray, masks: np.ndarray | None = None) -> None:
-        """The request's next token from the logits of its last one (its grammar's mask applied): hand on its text,
-        or end the request."""
+        """The request's next token from the logits of its last one (its grammar's mask applied)."""
         params = request.params
         if request.matcher is not None:
             from .grammar import apply_mask
@@ -508,7 +595,12 @@ class Scheduler:
             self._end(request, "cancelled")
             self._free(request)
             return
+        self._emit(request, token, logits)
+
+    def _emit(self, request: Request, token: int, logits: np.ndarray) -> bool:
+        """Append the token and hand on its text; end the request when it is done (True then)."""
         request.tokens.append(token)
+        params = request.params
         now = time.perf_counter()
         if request.first_token_at is None:
             request.first_token_at = now
@@ -532,6 +624,7 @@ class Scheduler:
         if done:
             self._end(request, "stop" if request.text.stopped or grammar_done else "length")
             self._free(request)
+        return done
 
     def _end(self, request: Request, reason: str) -> None:
         if request.finished:

@@ -302,3 +302,75 @@ def test_the_prefix_cache_and_followers_on_every_family(families, name):
         scheduler.stop()
     assert [c.text for c in one_by_one] == alone[2:]
     assert one_by_one[1].finished[0].cached_tokens == len(model.tokenizer.encode(LONG))
+
+
+# -- speculative decoding --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def all_logits(tmp_path_factory):
+    """tiny-gemma3, static, its rings of 16 slots, logits for every position (verification reads k + 1)."""
+    from exporter import ExportOptions, export
+
+    root = tmp_path_factory.mktemp("spec")
+    export("random:tiny-gemma3", root / "plain", ExportOptions(kv_cache="static", max_length=64, logits="all",
+                                                                verify=False, progress=False))
+    return runtime.load(add_text_files(root / "plain", root / "text"))
+
+
+REPEATING = ["the of the of the of the of the of", "a b c a b c a b c a b c", "Paris is the capital of France is"]
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
+def test_speculative_decoding_generates_what_plain_decoding_does(all_logits, sampled):
+    """n-gram drafts verified in one run: greedy and seeded sampled outputs are token for token plain decoding's,
+    alone and in a batch (k shrinks as rows join), with drafts accepted (the prompts repeat themselves), across the
+    rings' ends (a rejected draft's writes roll back without losing what the window needs)."""
+    model = all_logits
+    p = params(max_new_tokens=40, **({"temperature": 1.0, "seed": 3} if sampled else {}))
+    alone = [model.generate_text(x, p) for x in REPEATING]
+    for rows in (1, 3):
+        scheduler = Scheduler(model, ServeOptions(max_batch_size=rows, speculative="ngram",
+                                                  num_speculative_tokens=4)).start()
+        try:
+            collectors = [Collector() for _ in REPEATING]
+            for prompt, collector in zip(REPEATING, collectors):
+                scheduler.submit(model.tokenizer.encode(prompt), p, collector)
+            assert all(c.done.wait(60) for c in collectors)
+        finally:
+            scheduler.stop()
+        assert [c.text for c in collectors] == alone
+        if not sampled:
+            assert scheduler.spec_stats.num_accepted_tokens > 0
+
+
+def test_speculation_through_the_python_api_and_the_cli(all_logits):
+    from click.testing import CliRunner
+
+    from runtime.cli import main
+
+    model = all_logits
+    p = params(max_new_tokens=30)
+    plain = model.generate_text(REPEATING[1], p)
+    assert "".join(model.stream(REPEATING[1], p, speculative="ngram", num_speculative_tokens=3)) == plain
+    assert model.generate_text(REPEATING[1], p, speculative="ngram") == plain
+    engine = model.engine("ngram")  # the engine the last call used (k = 4), its counters
+    assert engine.spec_stats.num_drafts > 0 and engine.spec_stats.num_accepted_tokens > 0
+    folder = str(model.manifest.folder)
+    printed = CliRunner().invoke(main, ["generate", folder, REPEATING[1], "-n", "30", "--speculative", "ngram"])
+    assert printed.exit_code == 0 and printed.output == plain + "\n"
+    bad = CliRunner().invoke(main, ["generate", folder, "x", "--speculative", "ngram", "--num-speculative-tokens", "99"])
+    assert bad.exit_code == 2 and "num_speculative_tokens 99 is out of range" in bad.output
+    chat = model.chat_session(params(max_new_tokens=6), speculative="ngram")
+    first, second = "".join(chat.send("a")), "".join(chat.send("b"))
+    rendered = model.apply_chat_template(chat.messages[:3])
+    assert second == model.generate_text(rendered, params(max_new_tokens=6), chat=True) and first
+
+
+def test_a_graph_without_logits_for_k_positions_is_refused_with_the_fix(tiny_text_artifacts):
+    from runtime.serving.scheduler import NotServable
+
+    model = runtime.load(tiny_text_artifacts["static"])  # --logits all: takes it; make one that does not
+    model.backend.logits_all = False
+    with pytest.raises(NotServable, match="returns the last position's logits only.*num_logits_to_keep"):
+        Scheduler(model, ServeOptions(speculative="ngram"))
