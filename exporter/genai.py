@@ -11,11 +11,9 @@ import json
 import logging
 from pathlib import Path
 
+from models.families import FAMILIES
 from runtime.manifest import GenerationSpec
 from runtime.spec import ArtifactSpec
-
-# onnxruntime-genai's model types (the builder's architecture name without "ForCausalLM", lower-cased).
-GENAI_TYPES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3_text"}
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +49,7 @@ def genai_config(spec: ArtifactSpec, generation: GenerationSpec, filename: str =
             },
             "eos_token_id": eos if len(eos) > 1 else eos[0],
             "pad_token_id": generation.pad_token_id,
-            "type": GENAI_TYPES[config.family],
+            "type": FAMILIES[config.family].genai_type,
             "vocab_size": config.vocab_size,
         },
         "search": {
@@ -76,7 +74,7 @@ def genai_config(spec: ArtifactSpec, generation: GenerationSpec, filename: str =
 def write_genai_config(folder: Path, spec: ArtifactSpec, generation: GenerationSpec) -> Path | None:
     """genai_config.json in `folder`, or None for a family onnxruntime-genai cannot describe: its config has one
     head_size and KV head count, and a past for every layer, where Gemma 4 has two of each and KV-shared layers."""
-    if spec.model.family not in GENAI_TYPES:
+    if FAMILIES[spec.model.family].genai_type is None:
         log.info("no genai_config.json: onnxruntime-genai's config cannot describe a %s graph's KV cache",
                  spec.model.family)
         return None

@@ -1,6 +1,6 @@
 """Trace a models/ Gemma into one ONNX graph that serves prefill and decode.
 
-Graph I/O (DESIGN.md, the names optimum and onnxruntime-genai use):
+Graph I/O (docs/design.md, 'Graph I/O': the names optimum and onnxruntime-genai use):
 
     input_ids [B, S] int64 ─┐
     attention_mask [B, T]  ─┼─> decoder ──> logits [B, S or 1, V] float32
@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.gemma import TENSOR_SCATTER_OPSET, GemmaForCausalLM, decoder_of
+from models.attention import TENSOR_SCATTER_OPSET
+from models.gemma import GemmaForCausalLM, decoder_of
 from models.gemma4 import Experts, experts_forward
 from runtime.spec import ELEMENT_TYPE, ArtifactSpec
 
@@ -73,7 +74,7 @@ class TransposedEmbedding(nn.Module):
 
 class TiedLogits(nn.Module):
     """lm_head as MatMul(x, E^T) on the embedding's own parameter (float32 in bfloat16 graphs, with the final
-    norm's float32 output: exporter.api.float32_vocab_tables)."""
+    norm's float32 output: the spec's precision.vocab_table, runtime/spec.py _precision)."""
 
     def __init__(self, embedding: TransposedEmbedding):
         super().__init__()
@@ -191,7 +192,7 @@ def trace(model: nn.Module, spec: ArtifactSpec, path: Path) -> Path:
 
 
 def _name_dims(ir_model, spec: ArtifactSpec) -> None:
-    """Give every graph input and output the DESIGN.md names of its dynamic dimensions."""
+    """Give every graph input and output the names of its dynamic dimensions (docs/design.md, 'Graph I/O')."""
     import onnx_ir as ir
 
     kv = spec.kv

@@ -1,21 +1,17 @@
 """Configs of the Gemma text decoders, one dataclass per family.
 
 Field names are those of the Hugging Face `config.json`; `from_dict` ignores unknown keys and derived
-values are filled in `__post_init__` (as mlx-lm's `models/base.py` does).
+values are filled in `__post_init__` (as mlx-lm's `models/base.py` does). `config_from_dict` and `load_config`
+(models/families.py) pick the class of a config's model_type from the family table.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma4_text")
-# Multimodal Gemma 3 and 4 checkpoints keep the text decoder's config under `text_config`.
-_TEXT_CONFIG_WRAPPERS = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}
 _LEGACY_GELU = ("gelu", "gelu_pytorch_tanh", "gelu_new")
 
 
@@ -53,10 +49,10 @@ class GemmaConfig:
     qk_norm: bool = field(default=False, init=False)
 
     def __post_init__(self):
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"model_type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+        own = type(self).model_type  # each class is one family's (models/families.py picks it by model_type)
+        if self.model_type != own:
+            raise ValueError(f"model_type {self.model_type!r} given to {type(self).__name__}, the config of {own!r}; "
+                             "build configs with models.config_from_dict, which picks the class")
         # A legacy `hidden_act: gelu` means the tanh approximation (transformers' GemmaConfig says so).
         activation = self.hidden_activation or self.hidden_act
         if activation not in _LEGACY_GELU:
@@ -277,36 +273,3 @@ class Gemma4TextConfig(GemmaConfig):
         # transformers' Gemma4TextMLP: double width only on KV-shared layers (E2B), not on every layer
         shared = layer >= self.first_kv_shared_layer
         return self.intermediate_size * (2 if self.use_double_wide_mlp and shared else 1)
-
-
-CONFIG_CLASSES: dict[str, type[GemmaConfig]] = {
-    "gemma": GemmaConfig,
-    "gemma2": Gemma2Config,
-    "gemma3_text": Gemma3TextConfig,
-    "gemma4_text": Gemma4TextConfig,
-}
-
-
-def config_from_dict(values: dict[str, Any]) -> GemmaConfig:
-    """The family's config from a Hugging Face config dict (a multimodal Gemma 3 or 4 gives its text part)."""
-    model_type = values.get("model_type")
-    if model_type in _TEXT_CONFIG_WRAPPERS and "text_config" in values:
-        model_type = _TEXT_CONFIG_WRAPPERS[model_type]
-        values = {**values["text_config"], "model_type": model_type}
-    if model_type not in CONFIG_CLASSES:
-        raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    return CONFIG_CLASSES[model_type].from_dict(values)
-
-
-def load_config(path: str | Path) -> GemmaConfig:
-    """Read a `config.json` file (or the one in a folder)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; expected a Hugging Face config.json")
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-download or re-save the checkpoint") from e
-    return config_from_dict(values)

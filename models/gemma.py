@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import KV, attention
 from .config import GemmaConfig
 
-KV = tuple[torch.Tensor, torch.Tensor]
 KV_LAYOUTS = ("dynamic", "static")
 
 
@@ -116,25 +116,7 @@ class Attention(nn.Module):
         q, k = q.to(cos.dtype), k.to(cos.dtype)
         q = (q * cos + rotate_half(q) * sin).to(self.scores_dtype)
         k = (k * cos + rotate_half(k) * sin).to(dtype)  # the cache's dtype
-
-        past_k, past_v = past
-        if write_at is None:
-            k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)  # [B, Hkv, T, D]
-            present = (k, v)
-        else:  # each row's new entries at its own slots; attention reads the slots in use
-            present = (write_kv(past_k, k, write_at), write_kv(past_v, v, write_at))  # [B, Hkv, L or R, D]
-            k, v = present[0][:, :, : mask.shape[-1]], present[1][:, :, : mask.shape[-1]]  # [B, Hkv, T, D]; a ring's R
-
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(B, self.num_kv_heads, groups * S, self.head_dim)  # [B, Hkv, G*S, D]: heads share their kv
-        scores = torch.matmul(q, k.transpose(2, 3).to(q.dtype)) * self.scaling  # [B, Hkv, G*S, T]
-        if self.softcap is not None:
-            scores = torch.tanh(scores / self.softcap) * self.softcap
-        scores = scores.view(B, self.num_heads, S, -1)  # [B, H, S, T]
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.float(), dim=-1).to(dtype)
-        out = torch.matmul(probs.view(B, self.num_kv_heads, groups * S, -1), v)  # [B, Hkv, G*S, D]
-        out = out.view(B, self.num_heads, S, self.head_dim).transpose(1, 2).reshape(B, S, -1)  # [B, S, H*D]
+        out, present, _ = attention(q, k, v, mask, past, write_at, self.scaling, self.softcap)
         return self.o_proj(out), present
 
 
@@ -173,23 +155,6 @@ class DecoderLayer(nn.Module):
             return x + self.mlp(self.post_attention_layernorm(x)), present
         x = x + self.post_attention_layernorm(h)
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), present
-
-
-def write_kv(cache: torch.Tensor, new: torch.Tensor, write_at: torch.Tensor) -> torch.Tensor:
-    """cache [B, H, L, D] with new [B, H, S, D] written at slots write_at[b]..write_at[b]+S-1 of each row b.
-
-    Traced as ONNX's TensorScatter (opset 24), which ONNX Runtime runs in place when past and present are bound
-    to one buffer, and TensorRT imports as its KV cache update (addKVCacheUpdate, 10.15+)."""
-    if torch.onnx.is_in_onnx_export():
-        # axis -2 (the slots of [B, H, L, D]) spelled as TensorRT's importer asks, mode linear as it takes
-        return torch.onnx.ops.symbolic("TensorScatter", (cache, new, write_at), {"axis": -2, "mode": "linear"},
-                                       dtype=cache.dtype, shape=cache.shape, version=TENSOR_SCATTER_OPSET)
-    B, H, S, D = new.shape
-    slots = write_at[:, None] + torch.arange(S, device=new.device)  # [B, S]
-    return cache.scatter(2, slots[:, None, :, None].expand(B, H, S, D), new)
-
-
-TENSOR_SCATTER_OPSET = 24
 
 
 def attention_masks(

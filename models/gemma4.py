@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Gemma4TextConfig
-from .gemma import KV, MLP, GemmaForCausalLM, Precision, check_layout, layer_views, rotate_half, scaled_embedding, write_kv
+from .attention import KV, attention
+from .gemma import MLP, GemmaForCausalLM, Precision, check_layout, layer_views, rotate_half, scaled_embedding
 
 
 class RMSNorm(nn.Module):
@@ -91,33 +92,18 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(B, S, self.num_heads, self.head_dim)).transpose(1, 2)  # [B, H, S, D]
         q = q.to(cos.dtype)
         q = (q * cos + rotate_half(q) * sin).to(self.scores_dtype)
-        present = None
-        if not self.stores_kv:
-            k, v = kv
-        else:
+        if self.stores_kv:
             k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)  # [B, S, Hkv, D]
             v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim) if hasattr(self, "v_proj") else k
             dtype = v.dtype
             k = self.k_norm(k).transpose(1, 2).to(cos.dtype)  # [B, Hkv, S, D]
             k = (k * cos + rotate_half(k) * sin).to(dtype)  # the cache's dtype
             v = self.v_norm(v).transpose(1, 2)  # [B, Hkv, S, D]
-            past_k, past_v = kv
-            if write_at is None:
-                k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)  # [B, Hkv, T, D]
-                present = (k, v)
-            else:  # each row's new entries at its own slots; attention reads the slots in use
-                present = (write_kv(past_k, k, write_at), write_kv(past_v, v, write_at))  # [B, Hkv, L or R, D]
-                k, v = present[0][:, :, : mask.shape[-1]], present[1][:, :, : mask.shape[-1]]  # [B, Hkv, T, D]
-
-        groups = self.num_heads // self.num_kv_heads
-        qg = q.reshape(B, self.num_kv_heads, groups * S, self.head_dim)  # [B, Hkv, G*S, D]: heads share their kv
-        scores = torch.matmul(qg, k.transpose(2, 3).to(qg.dtype))  # [B, Hkv, G*S, T]: scale 1.0
-        scores = scores.view(B, self.num_heads, S, -1)  # [B, H, S, T]
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-        out = torch.matmul(probs.view(B, self.num_kv_heads, groups * S, -1), v)  # [B, Hkv, G*S, D]
-        out = out.view(B, self.num_heads, S, self.head_dim).transpose(1, 2).reshape(B, S, -1)  # [B, S, H*D]
-        return self.o_proj(out), present, (k, v)
+            past = kv
+        else:  # a KV-shared layer attends to its source layer's keys and values and writes nothing
+            (k, v), past = kv, None
+        out, present, seen = attention(q, k, v, mask, past, write_at)  # scale 1.0: q and k are RMS-normed per head
+        return self.o_proj(out), present, seen
 
 
 class Router(nn.Module):

@@ -20,13 +20,12 @@ import torch
 from torch import nn
 
 from . import packaged, presets
-from .config import GemmaConfig, config_from_dict, load_config
-from . import gemma, gemma4
-from .gemma import TASK_CLASSES, Precision, decoder_of
+from .config import GemmaConfig
+from .families import TASKS, family_of, load_config, task_class
+from .gemma import Precision, decoder_of
+from .gguf_file import gguf_config, gguf_tensor_types, gguf_tensors
 
 log = logging.getLogger(__name__)
-
-TASKS = tuple(TASK_CLASSES)
 
 
 @dataclass
@@ -46,15 +45,11 @@ class Checkpoint:
         source = self.gguf or self.dequantized_from
         if source is None:
             return None
-        from .gguf_file import gguf_tensor_types
-
         return gguf_tensor_types(source)
 
     def tensors(self) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
         """The number of tensors and an iterator of (Hugging Face name, tensor), read lazily."""
         if self.gguf is not None:
-            from .gguf_file import gguf_tensors
-
             _, count, tensors = gguf_tensors(self.gguf)
             return count, tensors
         return _safetensors(self.folder)
@@ -76,8 +71,6 @@ def resolve(model: str | Path) -> Checkpoint:
             raise FileNotFoundError(f"model file {path} does not exist")
         if path.suffix != ".gguf":
             raise ValueError(f"{path} is not a .gguf file; pass a GGUF file or a Hugging Face folder")
-        from .gguf_file import gguf_config
-
         return Checkpoint(source=text, config=gguf_config(path), gguf=path, folder=path.parent)
     if path.is_dir():
         return Checkpoint(source=text, config=load_config(path), folder=path)
@@ -143,22 +136,6 @@ def _safetensors(folder: Path) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]
     return count, tensors()
 
 
-def task_classes(config: GemmaConfig) -> dict[str, type[nn.Module]]:
-    """The module of each task for the config's family (Gemma 4 has its own file and no classification heads)."""
-    return gemma4.TASK_CLASSES if config.model_type == "gemma4_text" else TASK_CLASSES
-
-
-def _task_class(config: GemmaConfig, task: str) -> type[nn.Module]:
-    classes = task_classes(config)
-    if task not in classes:
-        raise ValueError(f"task {task!r} is not supported for {config.model_type}; supported: {', '.join(classes)}")
-    return classes[task]
-
-
-def _unused(config: GemmaConfig, key: str) -> bool:
-    return config.model_type == "gemma4_text" and gemma4.unused_checkpoint_key(config, key)
-
-
 def _normalize(name: str) -> str:
     """Map checkpoint names onto ours (multimodal Gemma 3 keeps the decoder under language_model)."""
     for prefix in ("model.language_model.", "language_model.model.", "language_model."):
@@ -178,18 +155,19 @@ def load_model(
     """Build the module for `task` (in `kv_layout`, sliding layers on a ring of `ring_size` slots if given) and fill
     it with the checkpoint's weights (shapes and names checked): the embedding and lm_head in
     `precision.vocab_table`, every other weight in `precision.dtype`."""
-    if task not in TASK_CLASSES:
+    if task not in TASKS:
         raise ValueError(f"task {task!r} is not supported; supported: {', '.join(TASKS)}")
     ckpt = model if isinstance(model, Checkpoint) else resolve(model)
     if ckpt.random_seed is not None:
         return random_model(ckpt.config, task, ckpt.random_seed, precision, kv_layout, ring_size), ckpt
 
     with torch.device("meta"):  # no memory until the real tensors are assigned
-        module = _task_class(ckpt.config, task)(ckpt.config, precision, kv_layout, ring_size)
+        module = task_class(ckpt.config, task)(ckpt.config, precision, kv_layout, ring_size)
     expected = {k: v for k, v in module.state_dict().items()}
     prefix = "" if task == "feature-extraction" else "model."
     tied = ckpt.config.tie_word_embeddings and "lm_head.weight" in expected
     embedding_key = f"{prefix}embed_tokens.weight"
+    skip = family_of(ckpt.config).skip_checkpoint_key
 
     count, tensors = ckpt.tensors()
     state: dict[str, torch.Tensor] = {}
@@ -199,7 +177,7 @@ def load_model(
         key = key.removeprefix("model.") if not prefix else key
         if key == "lm_head.weight" and (tied or task != "text-generation"):
             continue  # tied to the embedding (Gemma's checkpoints may still carry a copy)
-        if _unused(ckpt.config, key if prefix else "model." + key):
+        if skip(ckpt.config, key if prefix else "model." + key):
             continue  # Gemma 4: K/V weights of KV-shared layers, a multimodal checkpoint's towers
         if key not in expected:
             unexpected.append(key)
@@ -235,7 +213,7 @@ def _finish(module: nn.Module) -> None:
     decoder = decoder_of(module)
     if hasattr(module, "lm_head") and module.config.tie_word_embeddings:
         module.lm_head.weight = decoder.embed_tokens.weight
-    rope_inv_freq = gemma4.rope_inv_freq if decoder.config.model_type == "gemma4_text" else gemma.rope_inv_freq
+    rope_inv_freq = family_of(decoder.config).rope_inv_freq
     for layer_type in dict.fromkeys(decoder.layer_types):
         decoder.register_buffer(f"inv_freq_{layer_type}", rope_inv_freq(decoder.config, layer_type), persistent=False)
     module.eval()
@@ -245,23 +223,25 @@ def random_model(
     config: GemmaConfig, task: str = "text-generation", seed: int = 0, precision: Precision = Precision(),
     kv_layout: str = "dynamic", ring_size: int | None = None,
 ) -> nn.Module:
-    """Random weights, scaled so that greedy decoding does not collapse onto one token (DESIGN.md):
-    the default std 0.02 lets the tied embedding echo the input token back. Here the layers dominate the
-    residual stream: norms ~N(0, 1) (around 1 for Gemma 4's w, not 1 + w), linears and experts ~N(0, 4/fan_in),
-    embedding ~N(0, 0.16/hidden); Gemma 4's router scales and layer scalars near 1. Gemma 4 scales q.k by 1.0: its
-    trained q and k norms carry the temperature, so random ones are scaled by head_dim^-1/4 each, the 1/sqrt(D) the
-    other families apply (around 1, the scores of unit-RMS q and k run to head_dim and the softmax turns so sharp
-    that a float16 rounding flips it)."""
+    """Random weights, scaled so that greedy decoding does not collapse onto one token (docs/design.md, 'Facts
+    learned on this machine'): the default std 0.02 lets the tied embedding echo the input token back. Here the
+    layers dominate the residual stream: norms' scales (norm_offset + w) ~N(1, 1), linears and experts
+    ~N(0, 4/fan_in), embedding ~N(0, 0.16/hidden); Gemma 4's router scales and layer scalars near 1. A family whose
+    q.k is unscaled (Gemma 4's 1.0) has trained q and k norms that carry the temperature, so random ones are scaled
+    by head_dim^-1/4 each, the 1/sqrt(D) the other families apply (around 1, the scores of unit-RMS q and k run to
+    head_dim and the softmax turns so sharp that a float16 rounding flips it)."""
     torch.manual_seed(seed)
     with torch.device("meta"):  # no memory until each tensor is drawn, in its own dtype
-        module = _task_class(config, task)(config, precision, kv_layout, ring_size)
-    plain_norms = config.model_type == "gemma4_text"
+        module = task_class(config, task)(config, precision, kv_layout, ring_size)
+    family = family_of(config)
     table = decoder_of(module).embed_tokens.weight
     state = {}
     for name, p in module.named_parameters():  # the tied lm_head once: it is the embedding
         if name.endswith("norm.weight"):
-            scale = p.shape[0] ** -0.25 if plain_norms and name.endswith(("q_norm.weight", "k_norm.weight")) else 1.0
-            draw = lambda t, scale=scale: t.normal_(1.0 if plain_norms else 0.0, 1.0).mul_(scale)  # noqa: E731
+            qk = family.unscaled_attention and name.endswith(("q_norm.weight", "k_norm.weight"))
+            scale = p.shape[0] ** -0.25 if qk else 1.0
+            mean = 1.0 - family.norm_offset  # the scale, norm_offset + w, around 1
+            draw = lambda t, mean=mean, scale=scale: t.normal_(mean, 1.0).mul_(scale)  # noqa: E731
         elif "embed_tokens" in name:
             draw = lambda t: t.normal_(0.0, 0.4 * config.hidden_size**-0.5)  # noqa: E731
         elif p.dim() >= 2:
@@ -307,4 +287,4 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, unit="tensor", leave=False)
 
 
-__all__ = ["Checkpoint", "resolve", "load_model", "random_model", "config_from_dict", "TASKS"]
+__all__ = ["Checkpoint", "resolve", "load_model", "random_model"]

@@ -3,7 +3,8 @@ for `random:<name>` models in tests and benchmarks where the real weights are ou
 
 from __future__ import annotations
 
-from .config import GemmaConfig, config_from_dict
+from .config import GemmaConfig
+from .families import config_from_dict
 
 _GEMMA1 = dict(model_type="gemma", vocab_size=256000, max_position_embeddings=8192, head_dim=256)
 _GEMMA2 = dict(model_type="gemma2", vocab_size=256000, max_position_embeddings=8192, head_dim=256,

@@ -192,12 +192,12 @@ def estimate_weight_bytes(config, precision: PrecisionSpec, quant: QuantSpec | N
     them) and weights narrower than 16. Constants (rotary tables, shapes) are left out: a few KB."""
     import torch
 
-    from models.loading import task_classes
+    from models.families import task_class
 
     from ..quantize import quantizable
 
     with torch.device("meta"):
-        model = task_classes(config)["text-generation"](config)
+        model = task_class(config, "text-generation")(config)
     counts: Counter = Counter()
     for name, p in model.named_parameters():  # the tied lm_head once: it is the embedding
         kind = ("table" if name.endswith("embed_tokens.weight") else "per_layer_table" if "embed_tokens_per_layer" in name

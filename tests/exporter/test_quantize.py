@@ -317,7 +317,7 @@ def test_bfloat16_untied_lm_head_is_float32_too(tmp_path):
     graph, so its logits are not rounded to bf16 either."""
     import torch
 
-    from models.config import config_from_dict
+    from models import config_from_dict
     from models.loading import random_model
     from tests.reference import save_folder
 

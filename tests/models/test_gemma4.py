@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from models import empty_past, position_ids_from_mask, presets, random_model
-from models.config import Gemma4TextConfig, config_from_dict
+from models import config_from_dict, empty_past, position_ids_from_mask, presets, random_model
+from models.config import Gemma4TextConfig
 from models.loading import load_model
 from tests.reference import left_padded_batch, transformers_reference
 

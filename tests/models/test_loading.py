@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from models import load_config, presets, random_model
-from models.config import config_from_dict
+from models import config_from_dict, load_config, presets, random_model
 from models.loading import load_model, resolve
 from tests.reference import save_folder
 
@@ -45,6 +44,25 @@ def test_gguf_weights_equal_transformers_dequantization(real_model_dir):
 def test_unknown_model_type_lists_supported():
     with pytest.raises(ValueError, match=r"model_type 'llama' is not supported; supported: gemma, gemma2"):
         config_from_dict({"model_type": "llama"})
+
+
+def test_every_family_is_known_to_the_runtime_and_the_tests():
+    """A family is one entry of models/families.py; the runtime, which imports nothing of models/, lists the same
+    families and tasks, and tests/families.py has a tiny config of each."""
+    from models import FAMILIES, TASKS
+    from runtime import spec
+    from tests.families import FAMILY_OF
+
+    assert tuple(FAMILIES) == spec.FAMILIES and TASKS == spec.TASKS
+    assert set(FAMILY_OF.values()) == set(FAMILIES)
+    assert all(f.model_type == t and f.config_class().model_type == t for t, f in FAMILIES.items())
+
+
+def test_a_config_class_is_one_familys():
+    from models import GemmaConfig
+
+    with pytest.raises(ValueError, match="model_type 'gemma2' given to GemmaConfig, the config of 'gemma'"):
+        GemmaConfig(model_type="gemma2")
 
 
 def test_missing_path():

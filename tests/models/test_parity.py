@@ -58,7 +58,8 @@ def test_ring_mask_keeps_each_slots_latest_token_in_the_window():
 
 @pytest.mark.parametrize("name", ALL)
 def test_greedy_decoding_is_not_degenerate(name):
-    """Random weights must give varied greedy tokens, or KV-cache bugs hide (DESIGN.md)."""
+    """Random weights must give varied greedy tokens, or KV-cache bugs hide (docs/design.md, 'Facts learned on this
+    machine')."""
     config = presets.config(name)
     model = random_model(config)
     ids, mask = left_padded_batch(config.vocab_size, [5])
