@@ -81,7 +81,7 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
         if spec.graph.target == "ort":
             from .fusions import fuse_for_ort
 
-            fusions = fuse_for_ort(onnx_path)
+            fusions = fuse_for_ort(onnx_path, spec)
         quantized, dequantized = None, {}
         if quant:
             from .quantize import quantize_graph
@@ -89,6 +89,10 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
             stages.next()
             quantized, dequantized = quantize_graph(onnx_path, quant, options.progress, calibrated,
                                                     ggml_types=ggml_types)
+            if spec.graph.target == "ort":
+                from .fusions import pack_for_ort
+
+                fusions |= pack_for_ort(onnx_path)
         export_rss = _peak_rss()
         (tmp / "config.json").write_text(json.dumps(ckpt.config.to_dict(), indent=2))
         generation = generation_spec(ckpt.config, tmp) if spec.kv else None

@@ -65,8 +65,9 @@ def _setup_logging(verbose: bool) -> None:
 @click.option("--kv-cache", type=click.Choice(KV_LAYOUTS), default=None, show_default=_default("kv_cache"),
               help="dynamic: past grows each step; static: buffers of --max-length updated in place.")
 @click.option("--sliding-cache", type=click.Choice(SLIDING_CACHES), default=None,
-              help="--kv-cache static: sliding-window layers keep a ring of window + one chunk slots (ring), or "
-                   "--max-length slots as global layers (full) [default: ring where it is smaller].")
+              help="--kv-cache static: sliding-window layers keep GroupQueryAttention's windowed cache (window, "
+                   "--target ort), a ring of window + one chunk slots (ring), or --max-length slots as global layers "
+                   "(full) [default: window where the fused graph takes it, else ring, where smaller].")
 @click.option("--max-length", type=int, default=None,
               help="KV buffer length (static layout); for --target trt the engine's context [default: the model's, "
                    "at most 4096].")

@@ -2,8 +2,8 @@
 with prompts of different lengths, prefilled in chunks (neighbouring rows together where the graph allows) and
 decoded together, each give what they give alone; on the unfused static graph, its sliding-window layers on a ring
 of 16 slots (window 8, chunks of at most 8 that do not cross its end), and on the GroupQueryAttention one with
-every layer's cache full (the kernel takes one row when a chunk continues a cache). The prefix cache, n > 1 and
-followers change what is computed, never what is generated."""
+every layer's cache full (the kernel told each row's new tokens takes rows of several over a filled cache). The prefix
+cache, n > 1 and followers change what is computed, never what is generated."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def fused(tmp_path_factory):
 def model(request, tiny_text_artifacts, fused):
     folder = tiny_text_artifacts["static"] if request.param == "unfused" else fused
     loaded = runtime.load(folder)
-    assert ("group_query_attention" in loaded.manifest.fusions) == (request.param == "fused")
+    assert ("group_query_attention_rotary" in loaded.manifest.fusions) == (request.param == "fused")
     assert loaded.manifest.kv.sliding_cache == ("full" if request.param == "fused" else "ring")
     return loaded
 
