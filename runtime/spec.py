@@ -293,8 +293,9 @@ class ArtifactOptions:
     target: str = "onnx"
     task: str = "text-generation"
     dtype: str | None = None  # fp16 for --target trt, fp32 otherwise
-    kv_cache: str = "dynamic"
-    max_length: int | None = None  # static: the KV buffers' slots; trt: the engine's context (the model's, <= 4096)
+    kv_cache: str | None = None  # static for --target ort text generation, dynamic otherwise
+    max_length: int | None = None  # static: the KV buffers' slots (ort: the model's context); trt: the engine's
+    #                                context (the model's, <= 4096)
     sliding_cache: str | None = None  # static layout: ring where the model has sliding-window layers, else full
     logits: str = "all"
     quant: str | None = None  # int4: weight-only, exporter/quantize.py
@@ -329,13 +330,21 @@ def resolve(options: ArtifactOptions, model: ModelSpec) -> ArtifactSpec:
     """The spec of the artifact `options` ask for from `model`: every default applied and every option checked
     (ValueError naming the option and what is accepted)."""
     o = options
-    for name, allowed in (("target", TARGETS), ("task", TASKS), ("kv_cache", KV_LAYOUTS), ("logits", LOGITS)):
+    for name, allowed in (("target", TARGETS), ("task", TASKS), ("logits", LOGITS)):
         _accept(name, getattr(o, name), allowed)
     dtype = o.dtype or ("fp16" if o.target == "trt" else "fp32")
     _accept("dtype", dtype, DTYPES)
     text = o.task == "text-generation"
-    if not text and (o.kv_cache != "dynamic" or o.logits != "all"):
+    if not text and (o.kv_cache not in (None, "dynamic") or o.logits != "all"):
         raise ValueError(f"--kv-cache and --logits apply to text-generation only, not to {o.task}")
+    # --target ort: the static layout unless asked otherwise (the fused attention writes it in place; the dynamic
+    # layout copies every cache into a new present each step), as long as the model's context unless told
+    static_default = o.target == "ort" and text
+    layout = o.kv_cache or ("static" if static_default else "dynamic")
+    _accept("kv_cache", layout, KV_LAYOUTS)
+    if layout == "static" and o.target == "ort" and o.max_length is None:
+        o = dataclasses.replace(o, max_length=model.max_position_embeddings)
+    o = dataclasses.replace(o, kv_cache=layout)
     if o.max_length is not None and (not _positive(o.max_length)):
         raise ValueError(f"max_length {o.max_length} must be a positive number of tokens")
     if o.max_length and o.max_length > model.max_position_embeddings:

@@ -14,7 +14,7 @@ from tests.families import ONE_PER_FAMILY
 def test_ort_target_fuses_every_norm_and_keeps_parity(tmp_path, name):
     config = presets.config(name)
     L = config.num_hidden_layers
-    manifest = export(f"random:{name}", tmp_path / "a", ExportOptions(target="ort", progress=False))
+    manifest = export(f"random:{name}", tmp_path / "a", ExportOptions(target="ort", kv_cache="dynamic", progress=False))
     # Norms per layer: 2 (Gemma 1), 4 with sandwich norms, 6 with q/k norms; plus the final norm.
     per_layer = 2 + 2 * config.sandwich_norms + 2 * config.qk_norm
     assert manifest.fusions["rms_normalization"] == per_layer * L + 1
