@@ -11,8 +11,8 @@ lookup Gather. As onnxruntime-genai does, it is quantized once, for MatMulNBits,
 GatherBlockQuantized on the same bytes (a Reshape of the packed tensor): one copy on disk and in memory.
 
 `quantize_graph` also returns the dequantized value of every weight it replaced, so that verification can
-compare the graph with a PyTorch reference holding exactly those weights (a fake-quantized model):
-quantization error and graph error are then measured apart.
+compare the graph with a PyTorch reference holding exactly those weights (a fake-quantized model, built by
+exporter/source.py): quantization error and graph error are then measured apart.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from runtime.manifest import QuantResult
 from runtime.spec import QuantSpec
 
 from .blocks import GGML_BLOCK, GGML_EXACT, Blocks, ggml_blocks, hqq, rtn
-from .graph_io import save_copy, save_in_place
+from .graph_io import save_in_place
 
 log = logging.getLogger(__name__)
 
@@ -339,37 +339,3 @@ def _replace(graph, old, new: list) -> None:
     import onnx_ir as ir
 
     ir.convenience.replace_nodes_and_values(graph, old, [old], new, list(old.outputs), [new[-1].outputs[0]])
-
-
-def load_dequantized(model, dequantized: dict[str, np.ndarray]) -> None:
-    """Put the dequantized weights into the PyTorch `model` (a fake-quantized reference).
-
-    Graph initializer names are the traced module's: `model.<path>.weight` holds a Linear's weight as
-    [in, out]; `model.lm_head.weight_t` (or `...embed_tokens.weight_t`) the tied embedding as [hidden, vocab].
-    """
-    import torch
-
-    from models.gemma import decoder_of
-
-    params = dict(model.named_parameters())
-    for name, weight in dequantized.items():
-        path = name.removeprefix("model.")
-        if path.endswith("weight_t"):  # the tied embedding / lm_head
-            target = decoder_of(model).embed_tokens.weight
-        elif path in params:
-            target = params[path]
-        else:
-            raise KeyError(f"quantized initializer {name} matches no parameter of the reference model")
-        with torch.no_grad():
-            target.copy_(torch.from_numpy(weight.T))
-
-
-def float_activation_twin(src: Path, dst: Path) -> Path:
-    """A copy of the graph at `src` whose MatMulNBits compute with float32 activations (accuracy_level 1)."""
-    import onnx_ir as ir
-
-    model = ir.load(src)
-    for node in model.graph:
-        if node.op_type == "MatMulNBits":
-            node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 1)
-    return save_copy(model, dst)
