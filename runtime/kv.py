@@ -128,9 +128,11 @@ class KVCache:
             return False
         if not self.static:
             return row == 0 and self.rows == 1
+        if n == 0:
+            return True
         if self.resident:
             return self._rolls_back(row, n)
-        if not self.ring_size or n == 0:
+        if not self.ring_size:
             return True
         needed = np.arange(max(0, n - self.window + 1), n)
         return bool((self.ring_held[row, needed % self.ring_size] == needed).all())
