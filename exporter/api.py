@@ -50,9 +50,10 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
     options = options or ExportOptions()
     start = time.perf_counter()
     ckpt = resolve_checkpoint(model)
-    spec = resolve(options, ModelSpec.from_config(ckpt.config))
+    ggml_types = ckpt.ggml_types()  # a GGUF source's types: its blocks are the default quantization
+    spec = resolve(options, ModelSpec.from_config(ckpt.config), gguf_source=bool(ggml_types))
     quant, onnx_path = spec.quant, None
-    ggml_types = ckpt.ggml_types() if quant and quant.method == "gguf" else None
+    ggml_types = ggml_types if quant and quant.method == "gguf" else None
     if quant and quant.method == "gguf" and not ggml_types:
         raise ValueError(f"--quant-method gguf carries a GGUF's blocks, and {model} has no GGUF: pass a .gguf file "
                          "or the packaged gemma3-270m, or use --quant-method gptq|rtn|hqq")

@@ -28,7 +28,7 @@ SLIDING_CACHES = ("ring", "full", "window")
 LOGITS = ("all", "last")
 DTYPES = ("fp32", "fp16", "bf16")
 QUANTS = ("int4",)
-QUANT_METHODS = ("gptq", "rtn", "hqq", "gguf")  # gguf: a GGUF source's own blocks, carried over
+QUANT_METHODS = ("gptq", "rtn", "hqq", "gguf")  # gguf: a GGUF source's own blocks, carried over (its default)
 QUANT_FORMATS = ("matmulnbits", "qdq")  # ONNX Runtime's MatMulNBits; blocked DequantizeLinear (TensorRT)
 LM_HEAD = ("int4", "int8", "float", "gguf")  # the tied lm_head / embedding under --quant (gguf: as the GGUF has it)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -302,7 +302,7 @@ class ArtifactOptions:
     quant_method: str | None = None  # gptq; rtn for --target trt
     block_size: int = 32
     symmetric: bool | None = None  # symmetric for --target trt, zero points otherwise
-    lm_head: str | None = None  # int8; int4 for --target trt
+    lm_head: str | None = None  # int8 (Q8_0's rule on blocks of 128); int4 for --target trt
     accuracy_level: int = 4
     int8_weights: tuple[str, ...] = ()
     max_batch_size: int = 1  # --target trt: the engine's limits
@@ -326,9 +326,10 @@ def window_slots(sliding_window: int) -> int:
 WINDOW_FAMILIES = ("gemma2", "gemma3_text")
 
 
-def resolve(options: ArtifactOptions, model: ModelSpec) -> ArtifactSpec:
+def resolve(options: ArtifactOptions, model: ModelSpec, gguf_source: bool = False) -> ArtifactSpec:
     """The spec of the artifact `options` ask for from `model`: every default applied and every option checked
-    (ValueError naming the option and what is accepted)."""
+    (ValueError naming the option and what is accepted). `gguf_source`: the weights come from a GGUF (its blocks are
+    then the default quantization, --quant-method gguf)."""
     o = options
     for name, allowed in (("target", TARGETS), ("task", TASKS), ("logits", LOGITS)):
         _accept(name, getattr(o, name), allowed)
@@ -359,7 +360,7 @@ def resolve(options: ArtifactOptions, model: ModelSpec) -> ArtifactSpec:
                       inputs=(*DECODER_INPUTS, *(kv.past_names if kv else ())),
                       outputs=(first, *(kv.present_names if kv else ())))
     return ArtifactSpec(model=model, graph=graph, kv=kv, precision=_precision(dtype, text),
-                        quant=_quant(o) if o.quant is not None else None,
+                        quant=_quant(o, gguf_source) if o.quant is not None else None,
                         trt=_trt(o, model, kv) if o.target == "trt" else None)
 
 
@@ -423,10 +424,10 @@ def _precision(dtype: str, text_generation: bool) -> PrecisionSpec:
                          vocab_table=wide if bf16 and text_generation else dtype)
 
 
-def _quant(o: ArtifactOptions) -> QuantSpec:
+def _quant(o: ArtifactOptions, gguf_source: bool) -> QuantSpec:
     _accept("quant", o.quant, QUANTS)
     trt = o.target == "trt"
-    method = o.quant_method or ("rtn" if trt else "gptq")
+    method = o.quant_method or ("rtn" if trt else "gguf" if gguf_source else "gptq")
     symmetric = trt if o.symmetric is None else o.symmetric
     lm_head = o.lm_head or ("int4" if trt else "int8")
     _accept("quantization method", method, QUANT_METHODS)
@@ -445,11 +446,9 @@ def _quant(o: ArtifactOptions) -> QuantSpec:
     if method == "gptq" and symmetric:
         raise ValueError("gptq quantizes with zero points: drop --symmetric")
     if method == "gguf":
-        given = [flag for flag, value in (("--lm-head", o.lm_head not in (None, "gguf")), ("--int8-weights", o.int8_weights),
-                                          ("--symmetric", o.symmetric)) if value]
+        given = [flag for flag, value in (("--int8-weights", o.int8_weights), ("--symmetric", o.symmetric)) if value]
         if given:
-            raise ValueError(f"--quant-method gguf takes every tensor's format from the GGUF: drop {', '.join(given)}")
-        lm_head = "gguf"
+            raise ValueError(f"--quant-method gguf takes every layer's format from the GGUF: drop {', '.join(given)}")
     elif lm_head == "gguf":
         raise ValueError("--lm-head gguf goes with --quant-method gguf (the table as the GGUF holds it)")
     return QuantSpec(method=method, bits=4, block_size=o.block_size, symmetric=symmetric, lm_head=lm_head,

@@ -51,15 +51,26 @@ def _check_packable(result: pattern.MatchResult, outputs: list[ir.Value]) -> pat
         inputs = list(node.inputs) + [None] * (6 - len(node.inputs))
         if any(v is not None for v in inputs[4:]):
             return result.fail("a projection has g_idx or a bias", node.outputs[0])
-        if any(v is not None and v.const_value is None for v in inputs[1:4]):
+        if any(v is not None and _stored(v) is None for v in inputs[1:4]):
             return result.fail("a projection's weights are not constants", node.outputs[0])
-        zero_points = inputs[3]
-        node_form = None if zero_points is None else (zero_points.dtype, tuple(zero_points.shape)[1:])
+        zero_points, scales = inputs[3], _stored(inputs[2])
+        node_form = (scales[1], None if zero_points is None else (zero_points.dtype, tuple(zero_points.shape)[1:]))
         if node is first:
             form = node_form
         elif node_form != form:
-            return result.fail("the projections' zero points differ in presence, type or width", outputs)
+            return result.fail("the projections' scales or zero points differ in how they are stored", outputs)
     return result
+
+
+def _stored(value: ir.Value):
+    """(the initializer holding `value`, the type a Cast widens it to or None) when `value` is a constant, or a Cast
+    of one (scales stored in float16: exporter/quantize.py); None otherwise."""
+    if value.const_value is not None:
+        return value, None
+    node = value.producer()
+    if node is not None and node.op_type == "Cast" and node.inputs[0].const_value is not None:
+        return node.inputs[0], node.attributes.get_int("to")
+    return None
 
 
 def _packed(op, x, outputs: list[ir.Value]):
@@ -72,8 +83,10 @@ def _packed(op, x, outputs: list[ir.Value]):
     for index, suffix in ((1, f"_Q{bits}"), (2, "_scales"), (3, "_zero_points")):
         if len(first.inputs) <= index or first.inputs[index] is None:
             break
-        joined = np.concatenate([n.inputs[index].const_value.numpy() for n in nodes])
-        inputs.append(op.initializer(ir.tensor(joined, name=base + suffix)))
+        parts = [_stored(n.inputs[index]) for n in nodes]
+        joined = op.initializer(ir.tensor(np.concatenate([v.const_value.numpy() for v, _ in parts]), name=base + suffix))
+        widen = parts[0][1]
+        inputs.append(joined if widen is None else op.Cast(joined, to=widen))
     widths = [n.attributes.get_int("N") for n in nodes]
     attributes = {key: first.attributes.get_int(key) for key in _SAME if key in first.attributes}
     return op.MatMulNBits(*inputs, N=sum(widths), **attributes, _domain="com.microsoft"), widths
