@@ -50,9 +50,10 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
     options = options or ExportOptions()
     start = time.perf_counter()
     ckpt = resolve_checkpoint(model)
-    spec = resolve(options, ModelSpec.from_config(ckpt.config))
+    ggml_types = ckpt.ggml_types()  # a GGUF source's types: its blocks are the default quantization
+    spec = resolve(options, ModelSpec.from_config(ckpt.config), gguf_source=bool(ggml_types))
     quant, onnx_path = spec.quant, None
-    ggml_types = ckpt.ggml_types() if quant and quant.method == "gguf" else None
+    ggml_types = ggml_types if quant and quant.method == "gguf" else None
     if quant and quant.method == "gguf" and not ggml_types:
         raise ValueError(f"--quant-method gguf carries a GGUF's blocks, and {model} has no GGUF: pass a .gguf file "
                          "or the packaged gemma3-270m, or use --quant-method gptq|rtn|hqq")
@@ -81,7 +82,7 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
         if spec.graph.target == "ort":
             from .fusions import fuse_for_ort
 
-            fusions = fuse_for_ort(onnx_path)
+            fusions = fuse_for_ort(onnx_path, spec)
         quantized, dequantized = None, {}
         if quant:
             from .quantize import quantize_graph
@@ -89,6 +90,10 @@ def export(model: str | Path, output: str | Path, options: ExportOptions | None 
             stages.next()
             quantized, dequantized = quantize_graph(onnx_path, quant, options.progress, calibrated,
                                                     ggml_types=ggml_types)
+            if spec.graph.target == "ort":
+                from .fusions import pack_for_ort
+
+                fusions |= pack_for_ort(onnx_path)
         export_rss = _peak_rss()
         (tmp / "config.json").write_text(json.dumps(ckpt.config.to_dict(), indent=2))
         generation = generation_spec(ckpt.config, tmp) if spec.kv else None

@@ -18,7 +18,8 @@ import numpy as np
 
 @dataclass
 class Blocks:
-    """One weight [K, N] quantized along K in blocks, in MatMulNBits' layout."""
+    """One weight [K, N] quantized along K in blocks, in MatMulNBits' layout. Scales of dtype float16 are exact in
+    float16 (a GGUF's, or rounded there before the values were): the graph stores them so and widens them at load."""
 
     packed: np.ndarray  # uint8 [N, K_blocks, block_size * bits / 8]
     scales: np.ndarray  # float [N, K_blocks]
@@ -102,22 +103,46 @@ GGML_EXACT = {"Q8_0": (127, 127, 8), "Q5_0": (16, 15, 8), "Q4_0": (8, 7, 4)}
 GGML_BLOCK = 32
 
 
-def ggml_blocks(weight: np.ndarray, ggml_type: str) -> Blocks:
+def ggml_blocks(weight: np.ndarray, ggml_type: str, block_size: int = GGML_BLOCK) -> Blocks:
     """A weight [K, N] in one of llama.cpp's GGML_EXACT formats, computed as ggml computes it (blocks of 32 along K,
     the scale rounded to fp16), in MatMulNBits' layout with its default zero point (2^(bits-1)). On a weight
-    dequantized from that format the blocks are the GGUF's own: dequantize() gives the weight back bit for bit."""
+    dequantized from that format the blocks are the GGUF's own: dequantize() gives the weight back bit for bit.
+    Another `block_size` applies the same rule to longer blocks (Q8_0's on 128: the tied table, TABLE_BLOCK)."""
     below, above, bits = GGML_EXACT[ggml_type]
-    K, N = weight.shape
-    k_blocks = -(-K // GGML_BLOCK)  # a last partial block is padded with zeros, as rtn does (GGUFs have none)
-    w = np.pad(weight.astype(np.float32).T, ((0, 0), (0, k_blocks * GGML_BLOCK - K))).reshape(N, k_blocks, GGML_BLOCK)
+    w = _blocked(weight, block_size)
     if ggml_type == "Q8_0":
         d = np.abs(w).max(-1) / below
     else:  # the value of largest magnitude, with its sign, maps to -below
         at = np.abs(w).argmax(-1)
         d = np.take_along_axis(w, at[..., None], -1)[..., 0] / -below
-    d = d.astype(np.float16).astype(np.float32)
-    inverse = np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
+    d = d.astype(np.float16)
+    wide = d.astype(np.float32)
+    inverse = np.divide(1.0, wide, out=np.zeros_like(wide), where=wide != 0)
     q = np.clip(np.rint(w * inverse[..., None]), -below, above)
     u = (q + 2 ** (bits - 1)).astype(np.uint8)
     packed = pack_nibbles(u) if bits == 4 else u
-    return Blocks(packed, d, None, bits, GGML_BLOCK, K)
+    return Blocks(packed, d, None, 8 if bits == 8 else bits, block_size, weight.shape[0])
+
+
+def int8_blocks(weight: np.ndarray, block_size: int = GGML_BLOCK) -> Blocks:
+    """8-bit blocks with a zero point, the scale rounded to fp16 first: a block's range in 255 steps. A GGUF's
+    k-quant tensors (Q4_K, Q5_K: a scale and a minimum per sub-block, which MatMulNBits' integer zero points hold only
+    to a step) come within 1/34 of their own step (a Q4_K sub-block spans 15 of its steps)."""
+    w = _blocked(weight, block_size)
+    low, high = np.minimum(w.min(-1), 0), np.maximum(w.max(-1), 0)
+    exact = (high - low) / 255
+    scale = exact.astype(np.float16)
+    scale = np.where(scale.astype(np.float32) < exact, np.nextafter(scale, np.float16(np.inf)), scale)  # the range fits
+    wide = scale.astype(np.float32)
+    inverse = np.divide(1.0, wide, out=np.zeros_like(wide), where=wide != 0)
+    zero = np.clip(np.rint(-low * inverse), 0, 255)
+    q = np.clip(np.rint(w * inverse[..., None]) + zero[..., None], 0, 255).astype(np.uint8)
+    return Blocks(q, scale, zero.astype(np.uint8), 8, block_size, weight.shape[0])
+
+
+def _blocked(weight: np.ndarray, block_size: int) -> np.ndarray:
+    """[K, N] -> float32 [N, K_blocks, block_size], a last partial block padded with zeros (as rtn does)."""
+    K, N = weight.shape
+    k_blocks = -(-K // block_size)
+    w = np.pad(weight.astype(np.float32).T, ((0, 0), (0, k_blocks * block_size - K)))
+    return w.reshape(N, k_blocks, block_size)

@@ -62,14 +62,16 @@ def _setup_logging(verbose: bool) -> None:
               help="MatMulNBits compute: 4 quantizes activations to int8 (fastest on CPU), 1 keeps float32.")
 @click.option("--int8-weights", default="", metavar="NAMES",
               help="Comma-separated weight names (e.g. v_proj,down_proj) kept in 8 bits under --quant int4.")
-@click.option("--kv-cache", type=click.Choice(KV_LAYOUTS), default=None, show_default=_default("kv_cache"),
-              help="dynamic: past grows each step; static: buffers of --max-length updated in place.")
+@click.option("--kv-cache", type=click.Choice(KV_LAYOUTS), default=None,
+              help="dynamic: past grows each step; static: buffers of --max-length updated in place [default: static "
+                   "for --target ort, else dynamic].")
 @click.option("--sliding-cache", type=click.Choice(SLIDING_CACHES), default=None,
-              help="--kv-cache static: sliding-window layers keep a ring of window + one chunk slots (ring), or "
-                   "--max-length slots as global layers (full) [default: ring where it is smaller].")
+              help="--kv-cache static: sliding-window layers keep GroupQueryAttention's windowed cache (window, "
+                   "--target ort), a ring of window + one chunk slots (ring), or --max-length slots as global layers "
+                   "(full) [default: window where the fused graph takes it, else ring, where smaller].")
 @click.option("--max-length", type=int, default=None,
-              help="KV buffer length (static layout); for --target trt the engine's context [default: the model's, "
-                   "at most 4096].")
+              help="KV buffer length (static layout) [default for --target ort: the model's context]; for --target "
+                   "trt the engine's context [default: the model's, at most 4096].")
 @click.option("--max-batch-size", type=int, default=None, show_default=str(_default("max_batch_size")),
               help="--target trt: the engine's batch limit.")
 @click.option("--max-input-len", type=int, default=None,

@@ -11,8 +11,8 @@ lookup Gather. As onnxruntime-genai does, it is quantized once, for MatMulNBits,
 GatherBlockQuantized on the same bytes (a Reshape of the packed tensor): one copy on disk and in memory.
 
 `quantize_graph` also returns the dequantized value of every weight it replaced, so that verification can
-compare the graph with a PyTorch reference holding exactly those weights (a fake-quantized model):
-quantization error and graph error are then measured apart.
+compare the graph with a PyTorch reference holding exactly those weights (a fake-quantized model, built by
+exporter/source.py): quantization error and graph error are then measured apart.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import numpy as np
 from runtime.manifest import QuantResult
 from runtime.spec import QuantSpec
 
-from .blocks import GGML_BLOCK, GGML_EXACT, Blocks, ggml_blocks, hqq, rtn
-from .graph_io import save_copy, save_in_place
+from .blocks import GGML_BLOCK, GGML_EXACT, Blocks, ggml_blocks, hqq, int8_blocks, rtn
+from .graph_io import save_in_place
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +113,17 @@ def quantize_graph(path: Path, quant: QuantSpec, progress: bool = True, precompu
     return summary, dequantized
 
 
+# The tied table's 8-bit blocks (lm_head int8): Q8_0's rule on 128 values, not 32. Decode reads the 262k-row table
+# every step; blocks of 128 read 166 MiB, not 180, and MatMulNBits runs them faster (docs/precision.md); the table
+# stays within +0.1% perplexity of the GGUF's Q8_0 one.
+TABLE_BLOCK = 128
+
+
 def _blocks(name: str, tied: bool, weight: np.ndarray, quant: QuantSpec, select: Select,
             precomputed: dict[str, Blocks], ggml_types: dict[str, str] | None) -> Blocks | None:
-    """One weight's blocks, or None to leave it in float. int8 is ggml's Q8_0 (blocks of 32, a scale each): exact
-    on a table that a GGUF holds in Q8_0, as the packaged model's is."""
-    if quant.method == "gguf":
+    """One weight's blocks, or None to leave it in float. A layer's int8 is ggml's Q8_0 (blocks of 32, a scale each),
+    the tied table's Q8_0's rule on blocks of TABLE_BLOCK."""
+    if quant.method == "gguf" and not (tied and quant.lm_head != "gguf"):
         return _carried(weight, _ggml_type(ggml_types, name, tied))
     bits = select(name, tied)
     if bits is None:
@@ -128,13 +134,19 @@ def _blocks(name: str, tied: bool, weight: np.ndarray, quant: QuantSpec, select:
 
 
 def _rounded(weight: np.ndarray, bits: int, quant: QuantSpec, lookup: bool) -> Blocks:
-    """Blocks of a weight without calibration: Q8_0 for 8 bits, else HQQ or round-to-nearest (a table that is also
-    looked up always round-to-nearest: GatherBlockQuantized takes integer zero points only)."""
+    """Blocks of a weight without calibration: Q8_0's rule for 8 bits (on TABLE_BLOCK values for a table), else HQQ
+    or round-to-nearest (a table that is also looked up always round-to-nearest: GatherBlockQuantized takes integer
+    zero points only)."""
     if bits == 8 and quant.format == "matmulnbits":
-        return ggml_blocks(weight, "Q8_0")
+        return ggml_blocks(weight, "Q8_0", _table_block(weight.shape[0]) if lookup else GGML_BLOCK)
     if quant.method == "hqq" and not lookup:
         return hqq(weight, quant.block_size)
     return rtn(weight, bits, quant.block_size, quant.symmetric)
+
+
+def _table_block(columns: int) -> int:
+    """A table's 8-bit block: TABLE_BLOCK, or the largest power of two in a narrower row (a tiny config's)."""
+    return min(TABLE_BLOCK, 1 << (columns.bit_length() - 1))
 
 
 def _ggml_type(types: dict[str, str], name: str, tied: bool) -> str:
@@ -150,14 +162,18 @@ def _ggml_type(types: dict[str, str], name: str, tied: bool) -> str:
 
 def _carried(weight: np.ndarray, ggml_type: str) -> Blocks | None:
     """A GGUF tensor's blocks in MatMulNBits: the GGML_EXACT formats as they are; float tensors stay float; the
-    k-quants (Q4_K, Q6_K...: a scale and a minimum per sub-block of a 256 block, which MatMulNBits' integer zero
-    points cannot hold) to 8 bits round-to-nearest in blocks of 32: a Q4_K sub-block spans 15 of its steps, so
-    the error is within 1/34 of a step."""
+    k-quants to 8 bits in blocks of 32. Q6_K (a signed 6-bit value times a scale per 16) symmetric, by Q8_0's rule;
+    Q4_K, Q5_K (a scale and a minimum per sub-block of 32) with a zero point: a Q4_K sub-block spans 15 of its steps,
+    so the error is within 1/34 of a step. 4 bits would not hold them: a Q4_K minimum is rarely a whole number of
+    steps, and an integer zero point moves each block by up to half a step (+5% perplexity on the packaged model,
+    docs/precision.md)."""
     if ggml_type in GGML_EXACT:
         return ggml_blocks(weight, ggml_type)
     if ggml_type in ("F32", "F16", "BF16"):
         return None
-    return rtn(weight, 8, GGML_BLOCK, symmetric=False)
+    if ggml_type == "Q6_K":
+        return ggml_blocks(weight, "Q8_0")
+    return int8_blocks(weight, GGML_BLOCK)
 
 
 def quantizable(shape) -> bool:
@@ -220,12 +236,26 @@ class _MatMulNBits:
 
     def _weights(self, blocks: Blocks, base: str, dtype):
         packed = self._init(f"{base}_Q{blocks.bits}", blocks.packed)
-        scales = self._init(f"{base}_scales", blocks.scales.astype(dtype))
+        if blocks.scales.dtype == np.float16 and np.dtype(dtype) != np.float16:
+            scales = self._widened(self._init(f"{base}_scales", blocks.scales), dtype)
+        else:
+            scales = self._init(f"{base}_scales", blocks.scales.astype(dtype))
         zero_points = None
         if blocks.zero_points is not None:
             zp = blocks.zero_points if blocks.zero_points.dtype == np.uint8 else blocks.zero_points.astype(dtype)
             zero_points = self._init(f"{base}_zero_points", zp)
         return packed, scales, zero_points
+
+    def _widened(self, stored, dtype):
+        """Scales exact in float16 (Blocks) stored so, half the bytes, and cast to the graph's type by a node at the
+        graph's start (before the table's lookup, which reads them too); ONNX Runtime folds it when it loads."""
+        import onnx_ir as ir
+
+        wide = ir.DataType.from_numpy(np.dtype(dtype))
+        output = ir.Value(name=f"{stored.name}_{wide.name.lower()}", type=ir.TensorType(wide), shape=stored.shape)
+        cast = ir.node("Cast", [stored], {"to": wide}, name=f"{stored.name}_widen", outputs=[output])
+        self.graph.insert_before(next(iter(self.graph)), [cast])
+        return output
 
     def matmul(self, node, blocks: Blocks, value) -> None:
         import onnx_ir as ir
@@ -293,6 +323,17 @@ class _QDQ:
         if graph.opset_imports.get("", 0) < 21:  # blocked DequantizeLinear and int4 tensors: opset 21
             graph.opset_imports[""] = 21
 
+    def _widened(self, stored, dtype):
+        """Scales exact in float16 (Blocks) stored so, half the bytes, and cast to the graph's type by a node at the
+        graph's start (before the table's lookup, which reads them too); ONNX Runtime folds it when it loads."""
+        import onnx_ir as ir
+
+        wide = ir.DataType.from_numpy(np.dtype(dtype))
+        output = ir.Value(name=f"{stored.name}_{wide.name.lower()}", type=ir.TensorType(wide), shape=stored.shape)
+        cast = ir.node("Cast", [stored], {"to": wide}, name=f"{stored.name}_widen", outputs=[output])
+        self.graph.insert_before(next(iter(self.graph)), [cast])
+        return output
+
     def matmul(self, node, blocks: Blocks, value) -> None:
         import onnx_ir as ir
 
@@ -339,37 +380,3 @@ def _replace(graph, old, new: list) -> None:
     import onnx_ir as ir
 
     ir.convenience.replace_nodes_and_values(graph, old, [old], new, list(old.outputs), [new[-1].outputs[0]])
-
-
-def load_dequantized(model, dequantized: dict[str, np.ndarray]) -> None:
-    """Put the dequantized weights into the PyTorch `model` (a fake-quantized reference).
-
-    Graph initializer names are the traced module's: `model.<path>.weight` holds a Linear's weight as
-    [in, out]; `model.lm_head.weight_t` (or `...embed_tokens.weight_t`) the tied embedding as [hidden, vocab].
-    """
-    import torch
-
-    from models.gemma import decoder_of
-
-    params = dict(model.named_parameters())
-    for name, weight in dequantized.items():
-        path = name.removeprefix("model.")
-        if path.endswith("weight_t"):  # the tied embedding / lm_head
-            target = decoder_of(model).embed_tokens.weight
-        elif path in params:
-            target = params[path]
-        else:
-            raise KeyError(f"quantized initializer {name} matches no parameter of the reference model")
-        with torch.no_grad():
-            target.copy_(torch.from_numpy(weight.T))
-
-
-def float_activation_twin(src: Path, dst: Path) -> Path:
-    """A copy of the graph at `src` whose MatMulNBits compute with float32 activations (accuracy_level 1)."""
-    import onnx_ir as ir
-
-    model = ir.load(src)
-    for node in model.graph:
-        if node.op_type == "MatMulNBits":
-            node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 1)
-    return save_copy(model, dst)

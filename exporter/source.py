@@ -1,13 +1,15 @@
 """The PyTorch models an export works with: the one it traces, built in the spec's precision and KV layout,
-and the float32 reference it is verified against."""
+and the float32 reference it is verified against (with the quantized weights' dequantized values, when the graph
+has them: `load_dequantized`)."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
-from models.gemma import Precision
+from models.gemma import Precision, decoder_of
 from models.loading import Checkpoint, load_model
 from runtime.spec import ELEMENT_TYPE, ArtifactSpec, PrecisionSpec
 
@@ -31,7 +33,26 @@ def reference_model(ckpt: Checkpoint, spec: ArtifactSpec, dequantized: dict | No
     quantization error (that one is an accuracy figure: scripts/bench_accuracy.py)."""
     model, _ = load_model(ckpt, spec.graph.task, progress=False)
     if dequantized:
-        from .quantize import load_dequantized
-
         load_dequantized(model, dequantized)
     return model
+
+
+def load_dequantized(model, dequantized: dict[str, np.ndarray]) -> None:
+    """Put the dequantized weights exporter/quantize.py returns into the PyTorch `model` (a fake-quantized
+    reference).
+
+    Graph initializer names are the traced module's: `model.<path>.weight` holds a Linear's weight as
+    [in, out]; `model.lm_head.weight_t` (or `...embed_tokens.weight_t`) the tied embedding as [hidden, vocab].
+    """
+    params = dict(model.named_parameters())
+    for name, weight in dequantized.items():
+        path = name.removeprefix("model.")
+        if path.endswith("weight_t"):  # the tied embedding / lm_head
+            target = decoder_of(model).embed_tokens.weight
+        elif path in params:
+            target = params[path]
+        else:
+            raise KeyError(f"quantized initializer {name} matches no parameter of the reference model")
+        with torch.no_grad():
+            target.copy_(torch.from_numpy(weight.T))
+

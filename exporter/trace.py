@@ -17,7 +17,9 @@ peak memory stays near one copy of the weights.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -171,7 +173,7 @@ def trace(model: nn.Module, spec: ArtifactSpec, path: Path) -> Path:
     log.info("tracing %s (%d layers, %s KV cache) with torch.onnx", spec.model.family, spec.model.num_hidden_layers,
              layout)
     static = spec.kv is not None and spec.kv.layout == "static"
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
             graph,
             inputs,
@@ -189,6 +191,24 @@ def trace(model: nn.Module, spec: ArtifactSpec, path: Path) -> Path:
     del program
     onnx.checker.check_model(str(path))  # by path: works for graphs over 2 GB
     return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.onnx's own notices, which say nothing about the artifact: that dynamic dimensions sharing a constraint
+    keep one name (_name_dims names them all after), a pytree deprecation inside torch, and that torchvision's
+    operators are not registered (no model here uses them). Other warnings pass."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"# The axis name", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def _name_dims(ir_model, spec: ArtifactSpec) -> None:

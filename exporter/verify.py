@@ -263,8 +263,6 @@ def verify(
             # graph and weights must then match the reference to the precision's tolerance. The shipped
             # graph's int8 activations must keep the greedy tokens (their effect on perplexity is measured
             # by scripts/bench_accuracy.py).
-            from .quantize import float_activation_twin
-
             twin = float_activation_twin(onnx_path, Path(scratch) / "twin" / "model.onnx")
             rows, _ = compare(reference, onnx_steps(twin, spec, ids, mask, tokens), mask, spec, tokens,
                               tie_margin=tolerance)
@@ -301,3 +299,16 @@ def verify(
         "passed" if report.passed else "FAILED", max_diff, tolerance, 100 * agreement, len(rows),
     )
     return report
+
+
+def float_activation_twin(src: Path, dst: Path) -> Path:
+    """A copy of the graph at `src` whose MatMulNBits compute with float32 activations (accuracy_level 1)."""
+    import onnx_ir as ir
+
+    from .graph_io import save_copy
+
+    model = ir.load(src)
+    for node in model.graph:
+        if node.op_type == "MatMulNBits":
+            node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 1)
+    return save_copy(model, dst)

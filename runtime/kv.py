@@ -10,7 +10,9 @@ offline loop (runtime/generate.py) and a chat session all go through this class,
 each row holds and the backend's capabilities live here and nowhere else.
 
 Static layout: row r's token i sits at slot i of a global layer's buffer and at slot i mod R of a sliding-window
-layer's ring (R = window + chunk, runtime.spec.KVSpec). A ring slot holds the latest token written there, and
+layer's ring (R = window + chunk, runtime.spec.KVSpec); on GroupQueryAttention's windowed cache a row's latest
+`resident(n)` tokens sit from slot 0, and a shorter prefix is whole while no compaction came between (an idle row
+whose dummy token compacts loses what it held). A ring slot holds the latest token written there, and
 `ring_held[r]` records which position that is (-1: none, or garbage). A prefix of n tokens is reusable when the
 first query after it, at position n, finds every key its window reaches (positions n - W + 1 .. n - 1) in the
 ring under the position the mask assumes: `ring_held[r][p % R] == p` for each. Later queries need no more: a
@@ -46,6 +48,8 @@ class KVCache:
         self.rows = rows
         self.window = kv.sliding_window if kv is not None else None
         self.ring_size = kv.ring_size if kv is not None else None
+        # GroupQueryAttention's windowed cache (--sliding-cache window): a row's layout follows from its length alone
+        self.resident = kv.resident if kv is not None and kv.window_layers else None
         self.lengths = np.zeros(rows, np.int64)
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self.ring_held = np.full((rows, self.ring_size or 0), -1, np.int64)
@@ -57,6 +61,16 @@ class KVCache:
         """The most new tokens one run may feed a row holding `length` tokens (None: any): the engine's most, and a
         ring's (a chunk overwrites nothing its own queries see, and never wraps: runtime.spec.KVSpec)."""
         return self.backend.chunk_limit(length)
+
+    def rollback_room(self, length: int, most: int = 64) -> int:
+        """How many of at most `most` tokens a run may feed a row holding `length` and still roll back (speculative
+        decoding's drafts): all of them, except on a windowed cache, where a compaction within the run moves what the
+        row held."""
+        if self.resident:
+            for fed in range(1, most + 1):
+                if self.resident(length + fed) != self.resident(length) + fed:
+                    return fed - 1
+        return most
 
     @property
     def rows_over_cache(self) -> bool:
@@ -90,10 +104,13 @@ class KVCache:
         index = np.arange(rows.start, rows.stop)
         active = np.ones(n, bool) if active is None else np.asarray(active, bool)
         start = self.lengths[index].copy()
+        lost = []  # idle rows whose windowed cache the dummy run compacts: what they held is gone
         if not active.all():  # an idle row writes at its next slot: within the buffer, its tokens kept
             idle = index[~active]
             start[~active] = np.minimum(start[~active], self.max_length - S)
             for row, at in zip(idle, start[~active]):
+                if self.resident and not (self._rolls_back(row, at) and self.resident(at + S) == self.resident(at) + S):
+                    lost.append(row)
                 del self.tokens[row][at:]
         total = start + S
         mask = (np.arange(int(total.max()))[None] < total[:, None]).astype(np.int64)  # [n, T] left-aligned
@@ -109,6 +126,8 @@ class KVCache:
                 self.used_at[row] = now
             else:
                 self.lengths[row] = len(self.tokens[row])
+        for row in lost:
+            self.clear(row)
         return logits
 
     # -- the prefix cache --------------------------------------------------------------------------------
@@ -119,10 +138,20 @@ class KVCache:
             return False
         if not self.static:
             return row == 0 and self.rows == 1
-        if not self.ring_size or n == 0:
+        if n == 0:
+            return True
+        if self.resident:
+            return self._rolls_back(row, n)
+        if not self.ring_size:
             return True
         needed = np.arange(max(0, n - self.window + 1), n)
         return bool((self.ring_held[row, needed % self.ring_size] == needed).all())
+
+    def _rolls_back(self, row: int, n: int) -> bool:
+        """Windowed cache: whether `row`, holding more tokens, still holds its first `n` as it did after them (no
+        compaction since: ONNX Runtime's rollback rule, runtime.spec.KVSpec.resident)."""
+        held = len(self.tokens[row])
+        return self.resident(n) == self.resident(held) - (held - n)
 
     def prefix(self, row: int, ids) -> int:
         """The longest prefix of `ids`, short of its last token (whose logits a request needs), that `row` holds
@@ -176,8 +205,9 @@ class KVCache:
         slots hold what was written for them until the row's next tokens overwrite them; on a ring those slots had
         held positions at least a window older than `length` (a run feeds at most a chunk: chunk_limit), which no
         later query of the row can see, so nothing it still needs is lost (tests/runtime/test_scheduler.py)."""
-        if not 0 <= length <= self.lengths[row]:
-            raise ValueError(f"cannot roll row {row} back to {length} tokens; it holds {int(self.lengths[row])}")
+        if not 0 <= length <= self.lengths[row] or (self.resident and not self._rolls_back(row, length)):
+            raise ValueError(f"cannot roll row {row} back to {length} tokens; it holds {int(self.lengths[row])}"
+                             + (" and its windowed cache compacted since" if self.resident else ""))
         if self.ring_size:
             gone = np.arange(length, self.lengths[row])
             self.ring_held[row, gone % self.ring_size] = -1  # not the row's tokens: never reused as such

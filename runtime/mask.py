@@ -5,6 +5,8 @@ counterpart of transformers' AttentionMaskVisualizer, read from the manifest (no
     sliding_attention  causal, padding, and the window: token q sees tokens q - W + 1 .. q
     the ring           static layout, --sliding-cache ring: a sliding-window layer keeps R slots; token i goes to
                        slot i mod R, and after n tokens slot j holds the row's latest token there (or nothing)
+    the window         static layout, --sliding-cache window: a sliding-window layer keeps GroupQueryAttention's
+                       windowed cache, the row's latest tokens in order from slot 0 (KVSpec.resident)
 
 The rules are models/gemma.py's (attention_masks, ring_mask), here in numpy for the torch-free runtime;
 tests/runtime/test_mask.py holds the two to each other.
@@ -104,8 +106,12 @@ def describe(manifest: Manifest, rows: list[list[str]], pad: str = "<pad>", colo
             ring = kv.ring_size if static and layer_type == "sliding_attention" else None
             if layer_type == "sliding_attention":
                 rules += f", window {window}"
+            window_slots = kv.window_slots if static and layer_type == "sliding_attention" else None
             if ring:
                 rules += f"; a ring of {ring} slots"
+            elif window_slots:
+                rules += (f"; a windowed cache of {window_slots} slots (GroupQueryAttention's: the row's latest "
+                          f"{kv.resident(len(labels))} tokens from slot 0)")
             elif static:
                 rules += f"; {kv.max_length} slots"
             lines.append(f"  {layer_type} (layers {_ranges(layers)}): {rules}")

@@ -23,11 +23,12 @@ TASKS = ("text-generation", "feature-extraction", "sequence-classification", "to
 TARGETS = ("onnx", "ort", "trt")  # standard ONNX; fused for ONNX Runtime; standard ONNX in TensorRT's forms
 FAMILIES = ("gemma", "gemma2", "gemma3_text", "gemma4_text")
 KV_LAYOUTS = ("dynamic", "static")  # past grows each step; buffers of max_length slots written in place
-SLIDING_CACHES = ("ring", "full")  # static layout: a sliding-window layer's slots, a ring or max_length of them
+# static layout: a sliding-window layer's slots: a ring, max_length of them, or GroupQueryAttention's window (--target ort)
+SLIDING_CACHES = ("ring", "full", "window")
 LOGITS = ("all", "last")
 DTYPES = ("fp32", "fp16", "bf16")
 QUANTS = ("int4",)
-QUANT_METHODS = ("gptq", "rtn", "hqq", "gguf")  # gguf: a GGUF source's own blocks, carried over
+QUANT_METHODS = ("gptq", "rtn", "hqq", "gguf")  # gguf: a GGUF source's own blocks, carried over (its default)
 QUANT_FORMATS = ("matmulnbits", "qdq")  # ONNX Runtime's MatMulNBits; blocked DequantizeLinear (TensorRT)
 LM_HEAD = ("int4", "int8", "float", "gguf")  # the tied lm_head / embedding under --quant (gguf: as the GGUF has it)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -119,7 +120,13 @@ class KVSpec:
     Static layout, `sliding_cache` "ring": a sliding-window layer keeps `ring_size` slots (the window and one chunk)
     and writes token i of a row at slot i mod ring_size; a global layer keeps max_length. A run may feed a row at
     most `chunk_limit(length)` new tokens: no more than `ring_chunk`, so that a chunk overwrites nothing its own
-    queries still see, and none past the ring's end (TensorScatter's linear writes do not wrap)."""
+    queries still see, and none past the ring's end (TensorScatter's linear writes do not wrap).
+
+    `sliding_cache` "window" (--target ort, every sliding layer fused): a sliding-window layer keeps `window_slots`
+    slots, GroupQueryAttention's windowed cache (sliding_window_cache=1): after a row's T tokens its first
+    `resident(T)` slots hold its latest tokens in order, and the kernel evicts (compacts) the oldest
+    `window_slots - sliding_window + 1` at once when it runs out. A run takes at most `chunk_limit` new tokens (the
+    kernel's scratch, not its rule)."""
 
     layout: str = field(metadata=choices(KV_LAYOUTS))
     max_length: int | None  # static: the most tokens a row holds (a global layer's slots)
@@ -162,9 +169,29 @@ class KVSpec:
 
     @property
     def ring_entries(self) -> tuple[bool, ...]:
-        """For each past (and present) tensor, in their order: whether its slots are a ring."""
-        rings = set(self.ring_layers)
+        """For each past (and present) tensor, in their order: whether its slots are a ring or a windowed cache, whose
+        whole buffer is a row's state (a copy takes it all)."""
+        rings = set(self.ring_layers) | set(self.window_layers)
         return tuple(layer in rings for layer in self.layers for _ in ("key", "value"))
+
+    @property
+    def window_slots(self) -> int | None:
+        """A sliding-window layer's slots in GroupQueryAttention's windowed cache (None without one)."""
+        return window_slots(self.sliding_window) if self.sliding_cache == "window" else None
+
+    @property
+    def window_layers(self) -> tuple[int, ...]:
+        """The storing layers whose buffers are windowed caches."""
+        return tuple(i for i in self.layers if i in self.sliding_window_layers) if self.sliding_cache == "window" else ()
+
+    def resident(self, length: int) -> int:
+        """The tokens a windowed cache holds after `length` (its slots 0..resident-1: the row's latest, in order), as
+        ONNX Runtime's GroupQueryAttention documents it; `length` itself without a windowed cache."""
+        capacity = self.window_slots
+        if capacity is None or length <= capacity:
+            return length
+        evict = capacity - self.sliding_window + 1  # slots reclaimed at once
+        return length - evict * -(-(length - capacity) // evict)
 
     @property
     def slots_by_name(self) -> dict[str, int | None]:
@@ -188,7 +215,11 @@ class KVSpec:
         return 2 * sum(heads * dim for heads, dim in self.shapes) * ITEMSIZE[self.dtype]
 
     def chunk_limit(self, length: int) -> int | None:
-        """The most new tokens one run may feed a row that holds `length` tokens (None: no limit)."""
+        """The most new tokens one run may feed a row that holds `length` tokens (None: no limit). A windowed cache
+        takes any number, but GroupQueryAttention holds heads x new tokens x slots scores a run (16 GB for a 32k
+        prompt at once on the 270M): a window's worth, at most RING_CHUNK."""
+        if self.sliding_cache == "window":
+            return min(self.sliding_window, RING_CHUNK)
         if self.ring_size is None:
             return None
         return min(self.ring_chunk, self.ring_size - length % self.ring_size)
@@ -265,15 +296,16 @@ class ArtifactOptions:
     target: str = "onnx"
     task: str = "text-generation"
     dtype: str | None = None  # fp16 for --target trt, fp32 otherwise
-    kv_cache: str = "dynamic"
-    max_length: int | None = None  # static: the KV buffers' slots; trt: the engine's context (the model's, <= 4096)
+    kv_cache: str | None = None  # static for --target ort text generation, dynamic otherwise
+    max_length: int | None = None  # static: the KV buffers' slots (ort: the model's context); trt: the engine's
+    #                                context (the model's, <= 4096)
     sliding_cache: str | None = None  # static layout: ring where the model has sliding-window layers, else full
     logits: str = "all"
     quant: str | None = None  # int4: weight-only, exporter/quantize.py
     quant_method: str | None = None  # gptq; rtn for --target trt
     block_size: int = 32
     symmetric: bool | None = None  # symmetric for --target trt, zero points otherwise
-    lm_head: str | None = None  # int8; int4 for --target trt
+    lm_head: str | None = None  # int8 (Q8_0's rule on blocks of 128); int4 for --target trt
     accuracy_level: int = 4
     int8_weights: tuple[str, ...] = ()
     max_batch_size: int = 1  # --target trt: the engine's limits
@@ -283,19 +315,40 @@ class ArtifactOptions:
 
 TRT_DEFAULT_CONTEXT, TRT_DEFAULT_INPUT_LEN = 4096, 512
 RING_CHUNK = 512  # the most new tokens a run feeds a ring (a sliding-window layer keeps window + this many slots)
+# window: a sliding-window layer's slots beyond its window (at most the window itself). GroupQueryAttention reads the
+# tokens it holds (between the window and window + this) and compacts them every WINDOW_SLACK + 1 tokens
+# (docs/long-context.md)
+WINDOW_SLACK = 128
 
 
-def resolve(options: ArtifactOptions, model: ModelSpec) -> ArtifactSpec:
+def window_slots(sliding_window: int) -> int:
+    """A sliding-window layer's slots in GroupQueryAttention's windowed cache (--sliding-cache window)."""
+    return sliding_window + min(WINDOW_SLACK, sliding_window)
+# families whose every sliding-window layer GroupQueryAttention's windowed cache can take: Gemma 4's KV-shared layers
+# read an earlier layer's cache with their own attention, which a compacted window would not match
+WINDOW_FAMILIES = ("gemma2", "gemma3_text")
+
+
+def resolve(options: ArtifactOptions, model: ModelSpec, gguf_source: bool = False) -> ArtifactSpec:
     """The spec of the artifact `options` ask for from `model`: every default applied and every option checked
-    (ValueError naming the option and what is accepted)."""
+    (ValueError naming the option and what is accepted). `gguf_source`: the weights come from a GGUF (its blocks are
+    then the default quantization, --quant-method gguf)."""
     o = options
-    for name, allowed in (("target", TARGETS), ("task", TASKS), ("kv_cache", KV_LAYOUTS), ("logits", LOGITS)):
+    for name, allowed in (("target", TARGETS), ("task", TASKS), ("logits", LOGITS)):
         _accept(name, getattr(o, name), allowed)
     dtype = o.dtype or ("fp16" if o.target == "trt" else "fp32")
     _accept("dtype", dtype, DTYPES)
     text = o.task == "text-generation"
-    if not text and (o.kv_cache != "dynamic" or o.logits != "all"):
+    if not text and (o.kv_cache not in (None, "dynamic") or o.logits != "all"):
         raise ValueError(f"--kv-cache and --logits apply to text-generation only, not to {o.task}")
+    # --target ort: the static layout unless asked otherwise (the fused attention writes it in place; the dynamic
+    # layout copies every cache into a new present each step), as long as the model's context unless told
+    static_default = o.target == "ort" and text
+    layout = o.kv_cache or ("static" if static_default else "dynamic")
+    _accept("kv_cache", layout, KV_LAYOUTS)
+    if layout == "static" and o.target == "ort" and o.max_length is None:
+        o = dataclasses.replace(o, max_length=model.max_position_embeddings)
+    o = dataclasses.replace(o, kv_cache=layout)
     if o.max_length is not None and (not _positive(o.max_length)):
         raise ValueError(f"max_length {o.max_length} must be a positive number of tokens")
     if o.max_length and o.max_length > model.max_position_embeddings:
@@ -310,7 +363,7 @@ def resolve(options: ArtifactOptions, model: ModelSpec) -> ArtifactSpec:
                       inputs=(*DECODER_INPUTS, *(kv.past_names if kv else ())),
                       outputs=(first, *(kv.present_names if kv else ())))
     return ArtifactSpec(model=model, graph=graph, kv=kv, precision=_precision(dtype, text),
-                        quant=_quant(o) if o.quant is not None else None,
+                        quant=_quant(o, gguf_source) if o.quant is not None else None,
                         trt=_trt(o, model, kv) if o.target == "trt" else None)
 
 
@@ -331,12 +384,34 @@ def _kv(o: ArtifactOptions, model: ModelSpec, dtype: str) -> KVSpec:
     full = dataclasses.replace(kv, slots=(o.max_length,) * len(layers))
     if not kv.sliding_window_layers:
         return full  # nothing slides
+    window = window_slots(model.sliding_window)
+    why_not = _no_window(o, model, dtype, window)
+    if o.sliding_cache == "window" and why_not:
+        raise ValueError(f"--sliding-cache window {why_not}; use --sliding-cache ring or full")
+    if o.sliding_cache == "window" or (o.sliding_cache is None and not why_not):
+        slots = tuple(window if i in kv.sliding_window_layers else o.max_length for i in layers)
+        return dataclasses.replace(kv, sliding_cache="window", slots=slots)
     chunk = min(model.sliding_window, RING_CHUNK)
     ring = model.sliding_window + chunk
     if (o.sliding_cache or "ring") == "full" or ring >= o.max_length:  # asked for, or a ring no smaller
         return dataclasses.replace(full, sliding_cache="full")
     slots = tuple(ring if i in kv.sliding_window_layers else o.max_length for i in layers)
     return dataclasses.replace(kv, sliding_cache="ring", ring_chunk=chunk, slots=slots)
+
+
+def _no_window(o: ArtifactOptions, model: ModelSpec, dtype: str, slots: int) -> str | None:
+    """Why GroupQueryAttention's windowed cache cannot hold this export's sliding-window layers (None: it can)."""
+    if o.target != "ort":
+        return f"is GroupQueryAttention's cache: it needs --target ort, not {o.target}"
+    if model.family not in WINDOW_FAMILIES:
+        return f"is not for {model.family} (its KV-shared layers read another layer's cache with their own attention)"
+    if dtype != "fp32":
+        return f"is fused for float32 graphs, not {dtype}"
+    if model.head_dim % 8:
+        return f"needs a head_dim that is a multiple of 8 (GroupQueryAttention's CPU kernel), not {model.head_dim}"
+    if slots >= o.max_length:
+        return f"of {slots} slots is no smaller than --max-length {o.max_length}"
+    return None
 
 
 def _precision(dtype: str, text_generation: bool) -> PrecisionSpec:
@@ -352,10 +427,10 @@ def _precision(dtype: str, text_generation: bool) -> PrecisionSpec:
                          vocab_table=wide if bf16 and text_generation else dtype)
 
 
-def _quant(o: ArtifactOptions) -> QuantSpec:
+def _quant(o: ArtifactOptions, gguf_source: bool) -> QuantSpec:
     _accept("quant", o.quant, QUANTS)
     trt = o.target == "trt"
-    method = o.quant_method or ("rtn" if trt else "gptq")
+    method = o.quant_method or ("rtn" if trt else "gguf" if gguf_source else "gptq")
     symmetric = trt if o.symmetric is None else o.symmetric
     lm_head = o.lm_head or ("int4" if trt else "int8")
     _accept("quantization method", method, QUANT_METHODS)
@@ -374,11 +449,9 @@ def _quant(o: ArtifactOptions) -> QuantSpec:
     if method == "gptq" and symmetric:
         raise ValueError("gptq quantizes with zero points: drop --symmetric")
     if method == "gguf":
-        given = [flag for flag, value in (("--lm-head", o.lm_head not in (None, "gguf")), ("--int8-weights", o.int8_weights),
-                                          ("--symmetric", o.symmetric)) if value]
+        given = [flag for flag, value in (("--int8-weights", o.int8_weights), ("--symmetric", o.symmetric)) if value]
         if given:
-            raise ValueError(f"--quant-method gguf takes every tensor's format from the GGUF: drop {', '.join(given)}")
-        lm_head = "gguf"
+            raise ValueError(f"--quant-method gguf takes every layer's format from the GGUF: drop {', '.join(given)}")
     elif lm_head == "gguf":
         raise ValueError("--lm-head gguf goes with --quant-method gguf (the table as the GGUF holds it)")
     return QuantSpec(method=method, bits=4, block_size=o.block_size, symmetric=symmetric, lm_head=lm_head,

@@ -55,7 +55,8 @@ def tiny_artifacts(tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_static_artifact(tmp_path_factory, real_model_dir):
     """The real model in the form gemma-run serve takes: --target ort --kv-cache static --max-length 8192
-    --logits last (verified against PyTorch, rows of their own; the sliding-window layers on a ring of 1024 slots).
+    --logits last (verified against PyTorch, rows of their own; the sliding-window layers on GroupQueryAttention's
+    windowed cache of 640 slots).
     GEMMA_DEPLOY_REAL_STATIC_ARTIFACT=DIR reuses one."""
     import os
     from pathlib import Path

@@ -50,7 +50,8 @@ class Backend(ABC):
         #: the most new tokens one forward takes (None: any): a longer prefill is fed in chunks (runtime/generate.py)
         self.max_chunk: int | None = None
         #: whether several rows may feed more than one token each over a non-empty cache in one run (ONNX Runtime's
-        #: GroupQueryAttention takes one row then: a fused graph's prefill chunks after the first go row by row)
+        #: GroupQueryAttention takes one row then, unless it is given each row's new tokens: the fusion
+        #: `group_query_attention` does not, `group_query_attention_rotary` does)
         self.rows_prefill_over_cache = "group_query_attention" not in manifest.fusions
         self.past_names, self.present_names = (kv.past_names, kv.present_names) if kv else ([], [])
         self.logits_all = manifest.graph.logits == "all"

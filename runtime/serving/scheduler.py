@@ -437,7 +437,8 @@ class Scheduler:
         # each one's chunk limit (a ring's end) and buffers
         for row in range(decoding[0].row, decoding[-1].row + 1):
             length = int(self.kv.lengths[row])
-            k = min(k, (self.kv.chunk_limit(length) or k + 1) - 1, self.kv.max_length - length - 1)
+            k = min(k, (self.kv.chunk_limit(length) or k + 1) - 1, self.kv.max_length - length - 1,
+                    self.kv.rollback_room(length, k + 1) - 1)
         drafts = {}
         for r in decoding:
             room = min(k, r.max_new_tokens - r.generated - 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,20 @@ def test_unsupported_and_missing_models_exit_2(tmp_path):
     result = CliRunner().invoke(export_command, ["--model", str(tmp_path / "llama"), "--output", str(tmp_path / "a")])
     assert result.exit_code == 2 and "model_type 'llama' is not supported" in result.output
     assert not (tmp_path / "a").exists()
+
+
+def test_gemma_export_prints_its_own_lines_only(tmp_path):
+    """gemma-export's output is its progress, results and warnings: none of torch's own notices (the exporter's
+    axis-name UserWarnings, a pytree FutureWarning, torchvision's operators it skips)."""
+    command = [sys.executable, "-c", "from exporter.cli import export_command; export_command()", "--model",
+               "random:tiny-gemma-2b", "--output", str(tmp_path / "a"), "-q", "--no-verify"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    # Python's warnings (".../file.py:N: UserWarning: ...", the source line after), torch's log lines ("W1206 ...")
+    foreign = [line for line in lines if re.search(r"Warning:|site-packages|^\s|^[WIE]\d{4} ", line)]
+    assert not foreign, foreign
+    assert any(line.startswith("exported random:tiny-gemma-2b") for line in lines)
 
 
 def test_interrupted_export_leaves_no_artifact(tmp_path):

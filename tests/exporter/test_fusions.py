@@ -14,7 +14,7 @@ from tests.families import ONE_PER_FAMILY
 def test_ort_target_fuses_every_norm_and_keeps_parity(tmp_path, name):
     config = presets.config(name)
     L = config.num_hidden_layers
-    manifest = export(f"random:{name}", tmp_path / "a", ExportOptions(target="ort", progress=False))
+    manifest = export(f"random:{name}", tmp_path / "a", ExportOptions(target="ort", kv_cache="dynamic", progress=False))
     # Norms per layer: 2 (Gemma 1), 4 with sandwich norms, 6 with q/k norms; plus the final norm.
     per_layer = 2 + 2 * config.sandwich_norms + 2 * config.qk_norm
     assert manifest.fusions["rms_normalization"] == per_layer * L + 1
@@ -37,33 +37,40 @@ def test_ort_target_fuses_every_norm_and_keeps_parity(tmp_path, name):
     assert ops.count("Cos") == len({config.rope(t) for t in config.layer_types})  # one table per RoPE, not per layer
 
 
-@pytest.mark.parametrize("name", ["tiny-gemma2", pytest.param("tiny-gemma3", marks=pytest.mark.slow)])
-def test_static_layout_attention_shares_its_buffers_and_decodes_as_the_unfused_graph(tmp_path, name):
-    """GroupQueryAttention writes the static buffers in place (one buffer bound as past and present), each row at
-    its own length: a left-padded batch (taken apart into rows) decoded past the sliding window gives the
-    unfused dynamic graph's greedy tokens."""
+@pytest.mark.parametrize("name,sliding_cache", [("tiny-gemma2", "window"), ("tiny-gemma3", "full"),
+                                                pytest.param("tiny-gemma3", "window", marks=pytest.mark.slow)])
+def test_static_layout_attention_shares_its_buffers_and_decodes_as_the_unfused_graph(tmp_path, name, sliding_cache):
+    """The whole attention block, rotary included, becomes GroupQueryAttention writing the static buffers in place
+    (one buffer bound as past and present), each row at its own length, the window by local_window_size (and, with
+    --sliding-cache window, on the kernel's windowed cache of 16 slots): a left-padded batch (taken apart into rows)
+    decoded many windows long gives the unfused dynamic graph's greedy tokens."""
     import numpy as np
 
     from runtime import load
 
     config = presets.config(name)
-    fused = export(f"random:{name}", tmp_path / "fused",  # full: the ring's layers keep their own attention
-                   ExportOptions(target="ort", kv_cache="static", max_length=48, sliding_cache="full", progress=False))
-    assert fused.fusions["group_query_attention"] == config.num_hidden_layers
-    assert fused.parity.passed and fused.parity.max_abs_diff <= 1e-4
+    L, W = config.num_hidden_layers, config.sliding_window
+    fused = export(f"random:{name}", tmp_path / "fused", ExportOptions(
+        target="ort", kv_cache="static", max_length=96, sliding_cache=sliding_cache, progress=False))
+    assert fused.fusions["group_query_attention_rotary"] == L and "group_query_attention" not in fused.fusions
+    assert fused.kv.sliding_cache == sliding_cache and fused.parity.passed and fused.parity.max_abs_diff <= 1e-4
     graph = onnx.load(str(tmp_path / "fused" / "model.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
-    assert ops.count("GroupQueryAttention") == config.num_hidden_layers and "Softmax" not in ops
-    attrs = {a.name: onnx.helper.get_attribute_value(a)
-             for a in next(n for n in graph.node if n.op_type == "GroupQueryAttention").attribute}
-    assert attrs["softcap"] == pytest.approx(config.attn_logit_softcapping or 0.0)  # Gemma 2: 50; Gemma 3: none
-    assert attrs["scale"] == pytest.approx(config.query_pre_attn_scalar**-0.5)
-    assert (attrs["num_heads"], attrs["kv_num_heads"]) == (config.num_attention_heads, config.num_key_value_heads)
-    assert attrs["local_window_size"] == -1  # the window is in the bias
+    assert ops.count("GroupQueryAttention") == L
+    assert not {"Softmax", "RotaryEmbedding", "TensorScatter", "Where"} & set(ops)  # no attention, rotary or mask left
+    for layer, node in enumerate(n for n in graph.node if n.op_type == "GroupQueryAttention"):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["softcap"] == pytest.approx(config.attn_logit_softcapping or 0.0)  # Gemma 2: 50; Gemma 3: none
+        assert attrs["scale"] == pytest.approx(config.query_pre_attn_scalar**-0.5)
+        assert (attrs["num_heads"], attrs["kv_num_heads"]) == (config.num_attention_heads, config.num_key_value_heads)
+        sliding = config.layer_types[layer] == "sliding_attention"
+        assert attrs["do_rotary"] == 1 and attrs["local_window_size"] == (W if sliding else -1)
+        assert attrs.get("sliding_window_cache", 0) == int(sliding and sliding_cache == "window")
+        assert node.input[16]  # query_seqlens: rows of several new tokens over a filled cache in one run
     export(f"random:{name}", tmp_path / "plain", ExportOptions(progress=False, verify=False))
     ids = np.array([[0, 0, 0, 2, 17, 30, 41, 9], [2, 5, 77, 12, 8, 90, 33, 21]])  # pad 0, window 8
     mask = (np.arange(8) >= np.array([[3], [0]])).astype(np.int64)
-    new = 3 * config.sliding_window
+    new = 4 * 2 * W  # a windowed cache of 16 slots compacts every 9 tokens
     tokens = {kind: load(tmp_path / kind).generate(ids, mask, max_new_tokens=new, eos_token_id=[])
               for kind in ("fused", "plain")}
     assert tokens["fused"].shape == (2, 8 + new)
@@ -160,33 +167,39 @@ def test_rotary_positions_rule_computes_the_fed_positions_only(start, fuses):
         np.testing.assert_allclose(run(after), before, atol=1e-6)
 
 
-@pytest.mark.parametrize("head_dim,fuses", [(32, True), (12, False)])
-def test_group_query_attention_rule_on_a_one_layer_static_graph(tmp_path, head_dim, fuses):
-    """One layer's static-layout attention (TensorScatter, slice, masked softmax) becomes GroupQueryAttention, and
-    ONNX Runtime gives the same logits and cache for rows of different lengths decoding together; head_dim 12,
-    which the kernel cannot run, stays unfused."""
+@pytest.mark.parametrize("head_dim,window,fuses", [(32, 8, True), (12, 8, False), (32, 4, False)])
+def test_group_query_attention_rule_on_a_one_layer_static_graph(tmp_path, head_dim, window, fuses):
+    """One layer's static-layout attention block (q/k norms, rotary on the fed positions, TensorScatter, slice, masked
+    softmax) becomes GroupQueryAttention, and ONNX Runtime gives the same logits and cache for rows of different
+    lengths decoding together. Not fused: head_dim 12, which the kernel cannot run, and a layer whose window in the
+    exporter's spec (4) is not the one its mask computes (8)."""
     import json
 
     import numpy as np
     import onnx_ir as ir
+    import onnx_ir.passes.common  # noqa: F401
     import onnxruntime as ort
     from onnxscript.rewriter import ort_fusions
 
-    from exporter.fusions.group_query_attention import group_query_attention_rules
+    from exporter.fusions.group_query_attention import LayerCache, group_query_attention_rules
+    from exporter.fusions.rotary_positions import rotary_positions_rules
+    from exporter.graph_io import save_copy
 
-    values = presets.config("tiny-gemma2").to_dict() | {"num_hidden_layers": 1, "head_dim": head_dim}
+    values = presets.config("tiny-gemma3").to_dict() | {"num_hidden_layers": 1, "head_dim": head_dim}
     values["layer_types"] = ["sliding_attention"]  # the window of 8 masks the longer row's first slot
     (tmp_path / "config.json").write_text(json.dumps(values))
     export(f"random:{tmp_path / 'config.json'}", tmp_path / "a",
            ExportOptions(kv_cache="static", max_length=16, verify=False, progress=False))
-    from exporter.graph_io import save_copy
-
     model = ir.load(tmp_path / "a" / "model.onnx")
     model, _ = ort_fusions.optimize_for_ort(model)
+    rotary_positions_rules.apply_to_model(model)
+    ir.passes.common.CommonSubexpressionEliminationPass()(model)
     unfused = save_copy(model, tmp_path / "unfused" / "model.onnx")
-    assert group_query_attention_rules.apply_to_model(model) == int(fuses)
+    rotary, _ = group_query_attention_rules({"past_key_values.0.key": LayerCache(window)}, max_positions=16)
+    assert rotary.apply_to_model(model) == int(fuses)
     fused = save_copy(model, tmp_path / "fused" / "model.onnx")
-    assert ("GroupQueryAttention" in [n.op_type for n in onnx.load(fused, load_external_data=False).graph.node]) == fuses
+    ops = [n.op_type for n in onnx.load(fused, load_external_data=False).graph.node]
+    assert ("GroupQueryAttention" in ops) == fuses and ("RotaryEmbedding" in ops) != fuses
 
     rng = np.random.default_rng(0)
     lengths = np.array([5, 9])  # each row's slots after this step: one new token after 4 and 8
@@ -200,3 +213,97 @@ def test_group_query_attention_rule_on_a_one_layer_static_graph(tmp_path, head_d
     for a, b in zip(expected, got):  # each row's slots in use (an unshared present keeps nothing past them)
         for row, n in enumerate(lengths):
             np.testing.assert_allclose(b[row, :, :n], a[row, :, :n], atol=1e-5)
+
+
+def _matmulnbits(name: str, x: str, weight, bits: int):
+    """A MatMulNBits node on `x` with `weight` [K, N] as round-to-nearest blocks of 32, and its initializers."""
+    from onnx import helper, numpy_helper
+
+    from exporter.blocks import rtn
+
+    blocks = rtn(weight, bits, 32, symmetric=False)
+    inits = [numpy_helper.from_array(blocks.packed, f"{name}_Q{bits}"),
+             numpy_helper.from_array(blocks.scales, f"{name}_scales"),
+             numpy_helper.from_array(blocks.zero_points, f"{name}_zero_points")]
+    node = helper.make_node("MatMulNBits", [x, *(i.name for i in inits)], [name], domain="com.microsoft",
+                            K=weight.shape[0], N=weight.shape[1], bits=bits, block_size=32, accuracy_level=4)
+    return node, inits
+
+
+def _run_both(proto, feeds, rules):
+    """(outputs before, outputs after, op types after, rewrites) of applying `rules` to the ONNX `proto`."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)  # noqa: E731
+    model = ir.serde.deserialize_model(proto)
+    count = rules.apply_to_model(model)
+    after = ir.serde.serialize_model(model)
+    return run(proto), run(after), [n.op_type for n in after.graph.node], count
+
+
+@pytest.mark.parametrize("v_bits,fuses", [(4, True), (8, False)])
+def test_packed_attention_rule_packs_q_k_v_alike_and_keeps_the_outputs(v_bits, fuses):
+    """q, k, v projections (q and k through their per-head norms) into GroupQueryAttention become one MatMulNBits,
+    one norm over q's and k's heads and the kernel's packed input; a v quantized to other bits stays apart."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporter.fusions.packed_matmul import packed_attention_rules
+
+    rng = np.random.default_rng(0)
+    K, H, Hkv, D, L = 64, 4, 2, 16, 8
+    nodes, inits = [], []
+    for name, heads, bits in (("q", H, 4), ("k", Hkv, 4), ("v", Hkv, v_bits)):
+        node, weights = _matmulnbits(name, "x", rng.standard_normal((K, heads * D)).astype(np.float32), bits)
+        nodes.append(node)
+        inits += weights
+    for name, heads in (("q", H), ("k", Hkv)):
+        inits += [numpy_helper.from_array(np.array([0, 0, heads, D], np.int64), f"{name}_heads"),
+                  numpy_helper.from_array(np.array([0, 0, heads * D], np.int64), f"{name}_flat"),
+                  numpy_helper.from_array(rng.standard_normal(D).astype(np.float32), f"{name}_gamma")]
+        nodes += [helper.make_node("Reshape", [name, f"{name}_heads"], [f"{name}4"]),
+                  helper.make_node("SimplifiedLayerNormalization", [f"{name}4", f"{name}_gamma"], [f"{name}n"],
+                                   axis=-1, epsilon=1e-6),
+                  helper.make_node("Reshape", [f"{name}n", f"{name}_flat"], [f"{name}3"])]
+    nodes.append(helper.make_node("GroupQueryAttention", ["q3", "k3", "v", "past_k", "past_v", "seqlens_k", "total"],
+                                  ["out", "present_k", "present_v"], domain="com.microsoft", num_heads=H,
+                                  kv_num_heads=Hkv, scale=0.25))
+    cache = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, Hkv, L, D])  # noqa: E731
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, K]), cache("past_k"), cache("past_v"),
+                     helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+                     helper.make_tensor_value_info("total", TensorProto.INT32, [])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("out", "present_k", "present_v")], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    past = rng.standard_normal((1, Hkv, L, D)).astype(np.float32)
+    feeds = {"x": rng.standard_normal((1, 3, K)).astype(np.float32), "past_k": past, "past_v": past[..., ::-1].copy(),
+             "seqlens_k": np.array([5], np.int32), "total": np.array(6, np.int32)}
+    before, after, ops, count = _run_both(proto, feeds, packed_attention_rules)
+    assert count == int(fuses)
+    assert ops.count("MatMulNBits") == (1 if fuses else 3) and ops.count("SimplifiedLayerNormalization") == (1 if fuses else 2)
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(b, a, atol=1e-4)
+
+
+@pytest.mark.parametrize("up_bits,fuses", [(4, True), (8, False)])
+def test_packed_mlp_rule_packs_gate_and_up_alike_and_keeps_the_outputs(up_bits, fuses):
+    """FastGelu(x W_gate) * (x W_up) becomes one MatMulNBits and a Split; an up quantized to other bits stays apart."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from exporter.fusions.packed_matmul import packed_mlp_rules
+
+    rng = np.random.default_rng(0)
+    K, N = 64, 96
+    gate, gate_inits = _matmulnbits("gate", "x", rng.standard_normal((K, N)).astype(np.float32), 4)
+    up, up_inits = _matmulnbits("up", "x", rng.standard_normal((K, N)).astype(np.float32), up_bits)
+    nodes = [gate, up, helper.make_node("FastGelu", ["gate"], ["gelu"], domain="com.microsoft"),
+             helper.make_node("Mul", ["gelu", "up"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], gate_inits + up_inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    before, after, ops, count = _run_both(proto, {"x": rng.standard_normal((2, 3, K)).astype(np.float32)},
+                                          packed_mlp_rules)
+    assert count == int(fuses) and ops.count("MatMulNBits") == (1 if fuses else 2) and ("Split" in ops) == fuses
+    np.testing.assert_allclose(after[0], before[0], atol=1e-4)

@@ -33,7 +33,8 @@ def _genai_greedy(folder, prompt, max_length):
 def test_onnxruntime_genai_runs_the_artifact_with_our_greedy_tokens(tmp_path, name, options):
     import runtime
 
-    manifest = export(f"random:{name}", tmp_path / "a", ExportOptions(target="ort", progress=False, **options))
+    manifest = export(f"random:{name}", tmp_path / "a", ExportOptions(target="ort", kv_cache="dynamic", progress=False,
+                                                                      **options))
     assert "genai_config.json" in manifest.files
     genai = json.loads((tmp_path / "a" / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["num_key_value_heads"] == manifest.model.num_key_value_heads

@@ -201,7 +201,8 @@ def test_unsupported_operators_are_caught_before_the_build(tmp_path):
     build refuses before looking for TensorRT."""
     import dataclasses
 
-    ort = export("random:tiny-gemma3", tmp_path / "ort", ExportOptions(target="ort", verify=False, progress=False))
+    ort = export("random:tiny-gemma3", tmp_path / "ort", ExportOptions(target="ort", kv_cache="dynamic", verify=False,
+                                                                      progress=False))
     as_trt = dataclasses.replace(ort, graph=dataclasses.replace(ort.graph, target="trt"),
                                  trt=_spec("tiny-gemma3", target="trt", max_input_len=16, max_length=64).trt)
     plan = make_plan(tmp_path / "ort" / "model.onnx", as_trt)

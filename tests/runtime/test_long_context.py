@@ -1,6 +1,7 @@
 """Sequences many windows long on the static layout: tiny Gemma 2 and 3 (window 8) exported with --sliding-cache
-ring (sliding-window layers keep 16 slots: the window and a chunk of 8) and full (96 slots, as the global layers),
-on the fused graph (GroupQueryAttention where a layer's cache is not a ring) and the standard one. Through the
+ring (sliding-window layers keep 16 slots: the window and a chunk of 8), window (GroupQueryAttention's windowed cache
+of 16 slots) and full (96 slots, as the global layers), on the fused graph (GroupQueryAttention where a layer's cache
+is not a ring) and the standard one. Through the
 runtime: a left-padded batch of two long prompts, prefilled in the chunks the ring takes, then decoded together;
 logits at every step against transformers, greedy tokens equal to transformers' generate."""
 
@@ -17,8 +18,9 @@ from models.loading import load_model
 from runtime.spec import RING_CHUNK, ArtifactOptions, ModelSpec, resolve
 from tests.reference import left_padded_batch, transformers_reference
 
-CASES = [("tiny-gemma2", "ort", "ring"), ("tiny-gemma2", "ort", "full"), ("tiny-gemma3", "ort", "ring"),
-         ("tiny-gemma3", "ort", "full"), ("tiny-gemma3", "onnx", "ring")]
+CASES = [("tiny-gemma2", "ort", "ring"), ("tiny-gemma2", "ort", "full"), ("tiny-gemma2", "ort", "window"),
+         ("tiny-gemma3", "ort", "ring"), ("tiny-gemma3", "ort", "full"), ("tiny-gemma3", "ort", "window"),
+         ("tiny-gemma3", "onnx", "ring")]
 MAX_LENGTH, PROMPTS, NEW = 96, [45, 29], 30
 
 
@@ -49,14 +51,15 @@ def test_the_layout_is_what_was_asked(case):
     name, sliding_cache, model = case
     kv = model.manifest.kv
     window = kv.sliding_window
-    ring = window + min(window, RING_CHUNK)
-    expected = [ring if sliding_cache == "ring" and i in kv.sliding_window_layers else MAX_LENGTH
-                for i in range(kv.num_layers)]
+    sliding_slots = {"ring": window + min(window, RING_CHUNK), "window": 2 * window, "full": MAX_LENGTH}[sliding_cache]
+    expected = [sliding_slots if i in kv.sliding_window_layers else MAX_LENGTH for i in range(kv.num_layers)]
     assert list(kv.slots) == expected and kv.sliding_cache == sliding_cache
-    assert model.backend.chunk_limit(0) == (window if sliding_cache == "ring" else None)
+    assert model.backend.chunk_limit(0) == (None if sliding_cache == "full" else window)
     if model.manifest.graph.target == "ort":  # GroupQueryAttention on the layers whose cache is not a ring
-        fused = len(kv.sliding_window_layers) if sliding_cache == "full" else 0
-        assert model.manifest.fusions.get("group_query_attention", 0) == kv.num_layers - len(kv.sliding_window_layers) + fused
+        fused = 0 if sliding_cache == "ring" else len(kv.sliding_window_layers)
+        fusions = model.manifest.fusions
+        assert fusions["group_query_attention_rotary"] == kv.num_layers - len(kv.sliding_window_layers) + fused
+        assert "group_query_attention" not in fusions and model.backend.rows_prefill_over_cache
 
 
 def test_logits_at_every_step_match_transformers(case, reference):
@@ -91,8 +94,23 @@ def test_the_ring_is_the_static_layouts_default_where_it_is_smaller():
     assert resolve(ArtifactOptions(), GEMMA3_270M).kv.slots == ()  # dynamic: the past grows
     with pytest.raises(ValueError, match="--sliding-cache applies to the static KV layout"):
         resolve(ArtifactOptions(sliding_cache="ring"), GEMMA3_270M)
-    with pytest.raises(ValueError, match="sliding_cache 'window' is not supported; supported: ring, full"):
+    with pytest.raises(ValueError, match="--sliding-cache window is GroupQueryAttention's cache: it needs --target ort"):
         resolve(ArtifactOptions(kv_cache="static", max_length=4096, sliding_cache="window"), GEMMA3_270M)
+
+
+def test_the_window_is_the_fused_static_layouts_default_where_it_is_smaller():
+    """--target ort: the sliding-window layers keep GroupQueryAttention's windowed cache (the window and 128 slots),
+    which holds a row's latest tokens from slot 0 and compacts every 129 tokens; a float16 export keeps the ring."""
+    kv = resolve(ArtifactOptions(target="ort", kv_cache="static", max_length=4096), GEMMA3_270M).kv
+    assert kv.sliding_cache == "window" and kv.window_slots == 640 and kv.ring_size is None
+    assert kv.slots == tuple(4096 if t == "full_attention" else 640 for t in GEMMA3_270M.layer_types)
+    assert [kv.resident(n) for n in (100, 640, 641, 769, 770, 2048)] == [100, 640, 512, 640, 512, 629]
+    assert kv.chunk_limit(1000) == 512  # the kernel's scratch: a window's worth of new tokens a run
+    fp16 = resolve(ArtifactOptions(target="ort", dtype="fp16", kv_cache="static", max_length=4096), GEMMA3_270M).kv
+    assert fp16.sliding_cache == "ring"
+    with pytest.raises(ValueError, match="--sliding-cache window is fused for float32 graphs, not fp16"):
+        resolve(ArtifactOptions(target="ort", dtype="fp16", kv_cache="static", max_length=4096,
+                                sliding_cache="window"), GEMMA3_270M)
 
 
 def test_a_manifest_whose_slots_do_not_fit_is_refused(case, tmp_path):
@@ -112,11 +130,16 @@ def test_a_manifest_whose_slots_do_not_fit_is_refused(case, tmp_path):
 
 def test_a_chat_turn_keeps_a_ring_prefix_only_while_the_ring_holds_its_window(case):
     """The ring (window 8, chunks of 8, 16 slots) holds a row's latest 16 tokens: of 30, a prefix of m is whole
-    when the window before position m is still there, m >= 30 - 8 - 1 (runtime/kv.py)."""
+    when the window before position m is still there, m >= 30 - 8 - 1 (runtime/kv.py). The windowed cache (16 slots)
+    keeps a prefix that it has not compacted since."""
     _, sliding_cache, model = case
     model.generate(np.arange(3, 33)[None], max_new_tokens=1, eos_token_id=[])  # the cache holds 30 tokens
     cache = model.cache
-    assert cache.lengths[0] == 30 and cache.reusable(0, 24) and cache.reusable(0, 21)
+    assert cache.lengths[0] == 30
+    if sliding_cache == "window":  # 16 slots, window 8: compacts 9 at once; after 30 tokens, the last 12 in slots 0-11
+        assert cache.reusable(0, 29) and not cache.reusable(0, 24)  # 24 held its last 15: not a prefix of those
+        return
+    assert cache.reusable(0, 24) and cache.reusable(0, 21)
     assert cache.reusable(0, 20) == (sliding_cache != "ring")
     if sliding_cache == "ring":
         with pytest.raises(ValueError, match="cannot keep 20 tokens"):
@@ -152,13 +175,13 @@ def runtime_steps(model, ids, tokens):
 
 
 @pytest.mark.real
-def test_an_8000_token_prompt_on_the_real_models_ring(real_static_artifact, real_8000):
-    """The sliding-window layers keep 1,024 slots of the 8,192: the prompt prefills in 16 chunks around the ring.
-    Last-position logits within 1e-3 of transformers', and 20 greedy tokens equal (each step's argmax, fed
-    transformers' tokens, is transformers' next token). Measured: 2.0e-5."""
+def test_an_8000_token_prompt_on_the_real_models_window(real_static_artifact, real_8000):
+    """The sliding-window layers keep 640 slots of the 8,192 (GroupQueryAttention's windowed cache): the prompt
+    prefills in one run. Last-position logits within 1e-3 of transformers', and 20 greedy tokens equal (each step's
+    argmax, fed transformers' tokens, is transformers' next token)."""
     ids, tokens, expected = real_8000
     model = runtime.load(real_static_artifact)
-    assert model.manifest.kv.sliding_cache == "ring" and model.manifest.kv.ring_size == 1024
+    assert model.manifest.kv.sliding_cache == "window" and model.manifest.kv.window_slots == 640
     got = runtime_steps(model, ids, tokens[:, :-1])
     assert float(np.abs(got[0] - expected[0]).max()) <= 1e-3
     assert [int(step.argmax()) for step in got] == tokens[0].tolist()
@@ -185,8 +208,8 @@ def test_fp16_stays_finite_over_8000_tokens(real_fp16_ring, real_8000):
 
 @pytest.mark.slow
 @pytest.mark.real
-def test_a_32k_token_prompt_on_the_real_models_ring(tmp_path, real_model_dir, real_tokenizer):
-    """32,000 tokens on --max-length 32768 (the model's context): the sliding layers keep 1,024 slots. The reference
+def test_a_32k_token_prompt_on_the_real_models_window(tmp_path, real_model_dir, real_tokenizer):
+    """32,000 tokens on --max-length 32768 (the model's context): the sliding layers keep 640 slots. The reference
     is models/ in PyTorch with every layer's cache full, fed the same chunks (transformers would hold a
     [heads, 32k, 32k] score matrix: 16 GB a layer); models/ equals transformers (tests/models/test_parity.py).
     Last-position logits within 1e-3, 8 greedy tokens equal."""
@@ -196,7 +219,7 @@ def test_a_32k_token_prompt_on_the_real_models_ring(tmp_path, real_model_dir, re
     export("gemma3-270m", folder, ExportOptions(target="ort", kv_cache="static", max_length=32768, logits="last",
                                                 verify=False, progress=False))
     model = runtime.load(folder)
-    assert model.manifest.kv.ring_size == 1024
+    assert model.manifest.kv.window_slots == 640
     ids = long_ids(real_tokenizer, 32000)
 
     reference, _ = load_model(real_model_dir, kv_layout="static", progress=False)

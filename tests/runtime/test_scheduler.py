@@ -2,8 +2,8 @@
 with prompts of different lengths, prefilled in chunks (neighbouring rows together where the graph allows) and
 decoded together, each give what they give alone; on the unfused static graph, its sliding-window layers on a ring
 of 16 slots (window 8, chunks of at most 8 that do not cross its end), and on the GroupQueryAttention one with
-every layer's cache full (the kernel takes one row when a chunk continues a cache). The prefix cache, n > 1 and
-followers change what is computed, never what is generated."""
+every layer's cache full (the kernel told each row's new tokens takes rows of several over a filled cache). The prefix
+cache, n > 1 and followers change what is computed, never what is generated."""
 
 from __future__ import annotations
 
@@ -28,20 +28,26 @@ SHARED = LONG + " Italy is Rome and the capital of"  # 29 tokens: past the ring'
 
 @pytest.fixture(scope="module")
 def fused(tmp_path_factory):
+    """tiny-gemma3 --target ort: GroupQueryAttention on every layer, the sliding-window ones with every slot
+    ("full") or on the kernel's windowed cache of 16 slots ("window": compacted every 9 tokens)."""
     from exporter import ExportOptions, export
 
     root = tmp_path_factory.mktemp("fused")
-    export("random:tiny-gemma3", root / "plain", ExportOptions(target="ort", kv_cache="static", max_length=64,
-                                                                sliding_cache="full", verify=False, progress=False))
-    return add_text_files(root / "plain", root / "text")
+    folders = {}
+    for sliding_cache in ("full", "window"):
+        export("random:tiny-gemma3", root / sliding_cache, ExportOptions(
+            target="ort", kv_cache="static", max_length=64, sliding_cache=sliding_cache, verify=False, progress=False))
+        folders[sliding_cache] = add_text_files(root / sliding_cache, root / f"{sliding_cache}-text")
+    return folders
 
 
-@pytest.fixture(scope="module", params=["unfused", "fused"])
+@pytest.fixture(scope="module", params=["unfused", "fused", "window"])
 def model(request, tiny_text_artifacts, fused):
-    folder = tiny_text_artifacts["static"] if request.param == "unfused" else fused
+    folder = tiny_text_artifacts["static"] if request.param == "unfused" else fused[
+        "full" if request.param == "fused" else "window"]
     loaded = runtime.load(folder)
-    assert ("group_query_attention" in loaded.manifest.fusions) == (request.param == "fused")
-    assert loaded.manifest.kv.sliding_cache == ("full" if request.param == "fused" else "ring")
+    assert ("group_query_attention_rotary" in loaded.manifest.fusions) == (request.param != "unfused")
+    assert loaded.manifest.kv.sliding_cache == {"unfused": "ring", "fused": "full", "window": "window"}[request.param]
     return loaded
 
 
@@ -374,3 +380,51 @@ def test_a_graph_without_logits_for_k_positions_is_refused_with_the_fix(tiny_tex
     model.backend.logits_all = False
     with pytest.raises(NotServable, match="returns the last position's logits only.*num_logits_to_keep"):
         Scheduler(model, ServeOptions(speculative="ngram"))
+
+
+def test_a_windowed_prefix_is_reusable_exactly_while_no_compaction_came_between(fused):
+    """GroupQueryAttention's windowed cache, 16 slots for window 8: it compacts 9 slots at once, so after n tokens
+    a row holds its latest resident(n) = n - 9 * ceil((n - 16) / 9) from slot 0. Of 30 tokens (12 held), a prefix of
+    m is whole while resident(m) = 12 - (30 - m): m >= 26. At m = 26 the logits after the kept prefix equal a fresh
+    computation's; m = 25 is refused. An idle row in a run writes a dummy token: a row of 15 keeps its tokens, a row of
+    16 compacts and loses them (the cache forgets the row)."""
+    model = runtime.load(fused["window"])
+    kv = model.manifest.kv
+    assert (kv.sliding_window, kv.window_slots, kv.resident(30)) == (8, 16, 12)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(7, 500, size=30)
+    cont = rng.integers(7, 500, size=3)
+
+    def filled(cache, row, ids):
+        for start in range(0, len(ids), 8):
+            cache.feed(slice(row, row + 1), ids[None, start:start + 8])
+
+    def fresh(prefix):
+        cache = KVCache(model.backend, 1)
+        filled(cache, 0, prefix)
+        return cache.feed(slice(0, 1), cont[None])[0]
+
+    def reused(m, force=False):
+        cache = KVCache(model.backend, 1)
+        filled(cache, 0, tokens)
+        assert cache.reusable(0, m) == (m >= 26)
+        if force:  # what keep() refuses: cut the row anyway
+            del cache.tokens[0][m:]
+            cache.lengths[0] = m
+        else:
+            cache.keep(0, m)
+        return cache.feed(slice(0, 1), cont[None])[0]
+
+    np.testing.assert_allclose(reused(26), fresh(tokens[:26]), atol=1e-5)
+    assert np.abs(reused(25, force=True) - fresh(tokens[:25])).max() > 1e-3
+    with pytest.raises(ValueError, match="cannot keep 25 tokens"):
+        reused(25)
+
+    for held, kept in ((15, True), (16, False)):
+        cache = KVCache(model.backend, 2)
+        filled(cache, 0, tokens[:held])
+        filled(cache, 1, tokens[:5])
+        cache.feed(slice(0, 2), np.array([[7], [9]]), active=np.array([False, True]))  # row 0 idle
+        assert cache.lengths[0] == (held if kept else 0)
+        if kept:
+            np.testing.assert_allclose(cache.feed(slice(0, 1), cont[None])[0], fresh(tokens[:held]), atol=1e-5)
