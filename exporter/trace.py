@@ -3,9 +3,10 @@
 Graph I/O (docs/design.md, 'Graph I/O': the names optimum and onnxruntime-genai use):
 
     input_ids [B, S] int64 ─┐
-    attention_mask [B, T]  ─┼─> decoder ──> logits [B, S or 1, V] float32
+    attention_mask [B, T]  ─┼─> decoder ──> logits [B, S or 1 or K, V] float32
     position_ids [B, S]    ─┤            └> present.{i}.key/value [B, Hkv, T or L, D]
     past_key_values.{i}.key/value [B, Hkv, P or L, D]
+    num_logits_to_keep [] int64 (static layout, --logits last: K trailing positions)
 
 T = P + S; with the static layout P and T are replaced by each layer's slots (buffers updated in place):
 L = max_length, or the ring's R for a sliding-window layer (manifest kv.sliding_cache "ring").
@@ -28,7 +29,7 @@ from torch import nn
 from models.attention import TENSOR_SCATTER_OPSET
 from models.gemma import GemmaForCausalLM, decoder_of
 from models.gemma4 import Experts, experts_forward
-from runtime.spec import ELEMENT_TYPE, ArtifactSpec
+from runtime.spec import ELEMENT_TYPE, LOGITS_TO_KEEP, ArtifactSpec
 
 log = logging.getLogger(__name__)
 
@@ -114,18 +115,17 @@ class GraphModule(nn.Module):
         self.model = model
         self.spec = spec
 
-    def forward(self, input_ids, attention_mask, position_ids, *past_flat):
+    def forward(self, input_ids, attention_mask, position_ids, *rest):
         spec = self.spec
         if spec.kv is not None:
+            past_flat, keep = (rest[:-1], rest[-1]) if spec.graph.keeps_logits else (rest, int(spec.graph.logits == "last"))
             past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(spec.kv.num_layers)]
-            logits, present = self.model(
-                input_ids, position_ids, attention_mask, past, last_logits_only=spec.graph.logits == "last"
-            )
+            logits, present = self.model(input_ids, position_ids, attention_mask, past, logits_to_keep=keep)
             return (logits, *[t for kv in present for t in kv])
         m, dtype = spec.model, decoder_of(self.model).precision.dtype
         empty = [input_ids.new_zeros((input_ids.shape[0], m.kv_shapes[i][0], 0, m.kv_shapes[i][1]), dtype=dtype)
                  for i in m.kv_layers]
-        out, _ = self.model(input_ids, position_ids, attention_mask, [(e, e) for e in empty])
+        out, _ = self.model(input_ids, position_ids, attention_mask, [(e, e) for e in empty])  # no past: rest is ()
         return (out,)
 
 
@@ -142,7 +142,8 @@ def sample_inputs(spec: ArtifactSpec) -> tuple[torch.Tensor, ...]:
     dtype = getattr(torch, ELEMENT_TYPE[kv.dtype])
     past = [torch.zeros((B, heads, P if slots is None else slots, head_dim), dtype=dtype)
             for heads, slots, head_dim in kv.shapes_by_name.values()]
-    return (ids, mask, positions, *past)
+    keep = (torch.tensor(2),) if spec.graph.keeps_logits else ()  # 1 < 2 < S: neither end specialized
+    return (ids, mask, positions, *past, *keep)
 
 
 def dynamic_shapes(spec: ArtifactSpec) -> dict:
@@ -157,7 +158,7 @@ def dynamic_shapes(spec: ArtifactSpec) -> dict:
     kv = spec.kv
     if kv is not None:
         past_dims = {0: batch} if kv.layout == "static" else {0: batch, 2: torch.export.Dim("past_sequence_length")}
-        shapes["past_flat"] = tuple(dict(past_dims) for _ in kv.past_names)
+        shapes["rest"] = (*(dict(past_dims) for _ in kv.past_names), *((None,) if spec.graph.keeps_logits else ()))
     return shapes
 
 
@@ -229,7 +230,7 @@ def _name_dims(ir_model, spec: ArtifactSpec) -> None:
         elif name.startswith("past_key_values."):
             dims[2] = slots[name] or "past_sequence_length"
         elif name in ("logits", "last_hidden_state") and spec.graph.logits == "last" and kv is not None:
-            dims[1] = 1
+            dims[1] = LOGITS_TO_KEEP if spec.graph.keeps_logits else 1
         value.shape = ir.Shape(dims)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from runtime.kv import positions
 from runtime.manifest import ParitySummary
-from runtime.spec import ArtifactSpec
+from runtime.spec import LOGITS_TO_KEEP, ArtifactSpec
 from runtime.tokenizer import left_pad
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def reference_steps(model, spec: ArtifactSpec, ids: np.ndarray, mask: np.ndarray
         for step in range(new_tokens + 1 if kv else 1):
             pos = torch.from_numpy(positions(step_mask.numpy()))[:, -step_ids.shape[1] :]
             if kv:
-                logits, past = model(step_ids, pos, step_mask, past, last_logits_only=spec.graph.logits == "last")
+                logits, past = model(step_ids, pos, step_mask, past, logits_to_keep=int(spec.graph.logits == "last"))
             else:
                 logits, _ = model(step_ids, pos, step_mask, empty_past(config, B))
             steps.append(logits.float().numpy())
@@ -125,13 +125,14 @@ class _Session:
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         self.kv = kv = spec.kv
+        self.keep = {LOGITS_TO_KEEP: np.array(1, np.int64)} if spec.graph.keeps_logits else {}  # as decoding does
         self.past = {}
         if kv is not None:
             self.past = zero_past(kv, batch)
 
     def forward(self, ids, mask, pos, rows: slice):
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
-                 **{name: value[rows] for name, value in self.past.items()}}
+                 **{name: value[rows] for name, value in self.past.items()}, **self.keep}
         outputs = self.session.run(None, feeds)
         for name, present in zip(self.past, outputs[1:]):
             if self.kv.layout == "static":

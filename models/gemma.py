@@ -251,9 +251,10 @@ class GemmaModel(nn.Module):
             self.register_buffer(f"inv_freq_{layer_type}", rope_inv_freq(config, layer_type), persistent=False)
 
     def forward(self, input_ids, position_ids, attention_mask, past: list[KV],
-                last_only: bool = False) -> tuple[torch.Tensor, list[KV]]:
-        """`last_only` lets a decoder stop computing the other positions once no layer writes the cache (Gemma 4's
-        KV-shared layers); here every layer writes it, so every position is computed and the head cuts."""
+                keep: int = 0) -> tuple[torch.Tensor, list[KV]]:
+        """`keep` (the head's logits_to_keep) lets a decoder stop computing the other positions once no layer writes
+        the cache (Gemma 4's KV-shared layers); here every layer writes it, so every position is computed and the head
+        cuts."""
         x = scaled_embedding(self.embed_tokens(input_ids), self.config.hidden_size, self.precision)
         views = layer_views(self, input_ids.shape[1], position_ids, attention_mask, past)
         present = []
@@ -262,6 +263,21 @@ class GemmaModel(nn.Module):
             x, kv = layer(x, cos, sin, mask, layer_past, write_at)
             present.append(kv)
         return self.norm(x), present
+
+
+def count(keep: int | torch.Tensor, positions) -> int:
+    """`keep` as a number: a 0-d tensor (a graph input) read once, so that every cut it makes has one size."""
+    if not isinstance(keep, torch.Tensor):
+        return keep
+    k = keep.item()
+    torch._check(k >= 1)
+    torch._check(k <= positions)
+    return k
+
+
+def trailing(x: torch.Tensor, keep: int, dim: int = 1) -> torch.Tensor:
+    """The last `keep` positions of x along `dim` (all of them for 0)."""
+    return x.narrow(dim, x.shape[dim] - keep, keep) if keep else x
 
 
 class GemmaForCausalLM(nn.Module):
@@ -277,12 +293,14 @@ class GemmaForCausalLM(nn.Module):
         self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
-        self, input_ids, position_ids, attention_mask, past: list[KV], last_logits_only: bool = False
+        self, input_ids, position_ids, attention_mask, past: list[KV], logits_to_keep: int | torch.Tensor = 0
     ) -> tuple[torch.Tensor, list[KV]]:
-        hidden, present = self.model(input_ids, position_ids, attention_mask, past, last_only=last_logits_only)
-        if last_logits_only:
-            hidden = hidden[:, -1:]  # [B, 1, hidden]: the vocabulary is 256k, skip what nobody reads
-        logits = self.lm_head(hidden).float()  # [B, S, V]
+        """Logits [B, K, V] of the last K = `logits_to_keep` positions (0: all of them, as in transformers), and the
+        present KV. `logits_to_keep` may be a 0-d tensor: the graph's num_logits_to_keep input, 1 <= K <= S."""
+        keep = count(logits_to_keep, input_ids.shape[1])
+        hidden, present = self.model(input_ids, position_ids, attention_mask, past, keep=keep)
+        hidden = trailing(hidden, keep)  # [B, K, hidden]: the vocabulary is 256k, skip what nobody reads
+        logits = self.lm_head(hidden).float()  # [B, K, V]
         if self.config.final_logit_softcapping is not None:  # Gemma 2
             cap = self.config.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap

@@ -27,7 +27,7 @@ from torch import nn
 
 from .config import Gemma4TextConfig
 from .attention import KV, attention
-from .gemma import MLP, GemmaForCausalLM, Precision, check_layout, layer_views, rotate_half, scaled_embedding
+from .gemma import MLP, GemmaForCausalLM, Precision, check_layout, layer_views, rotate_half, scaled_embedding, trailing
 
 
 class RMSNorm(nn.Module):
@@ -227,9 +227,9 @@ class Gemma4Model(nn.Module):
         proj = self.per_layer_projection_norm(proj.view(B, S, L, P))  # [B, S, L, P]
         return (proj + tokens.view(B, S, L, P).to(proj.dtype)) * 2.0**-0.5
 
-    def forward(self, input_ids, position_ids, attention_mask, past: list[KV], last_only: bool = False):
-        """`last_only`: from the first KV-shared layer on, compute the last position only (they write no cache), as
-        transformers does when generate keeps one logit."""
+    def forward(self, input_ids, position_ids, attention_mask, past: list[KV], keep: int = 0):
+        """`keep` (the head's logits_to_keep): from the first KV-shared layer on, compute the last `keep` positions
+        only (they write no cache), as transformers does when generate keeps one logit."""
         S = input_ids.shape[1]
         x = scaled_embedding(self.embed_tokens(input_ids), self.config.hidden_size, self.precision)
         ple = self.per_layer_inputs(input_ids, x) if hasattr(self, "embed_tokens_per_layer") else None
@@ -238,11 +238,11 @@ class Gemma4Model(nn.Module):
         present: list[KV] = []
         seen: dict[int, KV] = {}  # storing layer -> the keys and values it attended to, for the layers sharing them
         for i, (layer, layer_type) in enumerate(zip(self.layers, self.layer_types)):
-            if last_only and i == self.config.first_kv_shared_layer and S > 1:
-                x = x[:, -1:]  # [B, 1, H]
-                ple = ple[:, -1:] if ple is not None else None
-                # cos, sin [B, 1, 1, D] and the mask [B, 1, 1, T] of the last position; shared layers write nothing
-                views = {t: (cos[:, :, -1:], sin[:, :, -1:], mask[:, :, -1:], at)
+            if keep and i == self.config.first_kv_shared_layer:
+                x = trailing(x, keep)  # [B, K, H]
+                ple = trailing(ple, keep) if ple is not None else None
+                # cos, sin [B, 1, K, D] and the mask [B, 1, K, T] of the kept positions; shared layers write nothing
+                views = {t: (trailing(cos, keep, 2), trailing(sin, keep, 2), trailing(mask, keep, 2), at)
                          for t, (cos, sin, mask, at) in views.items()}
             source = self.kv_source[i]
             kv = past[self.kv_slot[i]] if source == i else seen[source]

@@ -261,8 +261,8 @@ def serve(artifact, host, port, grace, on_ray, replicas, autoscale, ray_address,
         from .manifest import read_manifest
         from .serving.scheduler import check_servable
 
-        check_servable(read_manifest(artifact, verify=False))  # refused now, with its reason, not in a server log
         options = _serve_options(kw)
+        check_servable(read_manifest(artifact, verify=False), options)  # refused now, with its reason, not in a log
         ray_only = {"--replicas": replicas, "--autoscale": autoscale, "--ray-address": ray_address}
         if not on_ray:
             if any(v is not None for v in ray_only.values()):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .spec import DECODER_INPUTS, ArtifactSpec, SectionError, load_section
+from .spec import DECODER_INPUTS, LOGITS_TO_KEEP, ArtifactSpec, SectionError, load_section
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 2
@@ -280,6 +280,8 @@ def _check_io(path: Path, manifest: Manifest) -> None:
         raise ArtifactError(f"{path}: kv.slots {list(kv.slots)} must give each of the {kv.num_layers} layers 1 to "
                             f"{kv.max_length} slots; the manifest is inconsistent, export the artifact again")
     expected_inputs, expected_outputs = (*DECODER_INPUTS, *kv.past_names), ("logits", *kv.present_names)
+    if graph.keeps_logits and graph.logits == "last":  # older artifacts return the last position alone
+        expected_inputs += (LOGITS_TO_KEEP,)
     for key, names, expected in (("inputs", graph.inputs, expected_inputs), ("outputs", graph.outputs, expected_outputs)):
         if tuple(names) != expected:
             raise ArtifactError(

@@ -173,14 +173,14 @@ class GemmaRuntime(TransformersGenerate):
         token ids go to `tokens`. With `speculative` ("ngram"), the engine drafts tokens and verifies them in one
         run (the output is the same: docs/speculative.md)."""
         params = params or SamplingParams()
+        generated = [] if tokens is None else tokens
         if speculative is not None:
-            start, count = time.perf_counter(), 0
+            start = time.perf_counter()
             try:
-                for piece in self.engine(speculative, num_speculative_tokens).generate(list(ids), params):
-                    count += 1
-                    yield piece
+                yield from self.engine(speculative, num_speculative_tokens).generate(list(ids), params,
+                                                                                      tokens=generated)
             finally:
-                self._record(start, count)
+                self._record(start, len(generated))
             return
         max_new = self.fit(params, len(ids))
         if cache is None or cache is not self.cache:
@@ -190,7 +190,6 @@ class GemmaRuntime(TransformersGenerate):
         new = np.array([ids[keep:]], np.int64)
         mask = np.ones((1, keep + new.shape[1]), np.int64)
         eos = [] if params.ignore_eos else self.eos_token_ids
-        generated = [] if tokens is None else tokens
         start = time.perf_counter()
         try:
             yield from loop.stream(cache, self._require_tokenizer(), new, mask, params.sampler(), max_new, eos,

@@ -136,6 +136,11 @@ class SamplingParams(Options):
     logprobs: int | None = option(None, Bound(int, ge=0, le=MAX_LOGPROBS, optional=True,
                                               help="top alternatives reported per token (None: no log-probabilities)"))
 
+    def __post_init__(self):
+        if isinstance(self.stop, list):  # a list, as JSON and most callers give it
+            object.__setattr__(self, "stop", tuple(self.stop))
+        super().__post_init__()
+
     def check(self) -> None:
         super().check()
         stop = self.stop

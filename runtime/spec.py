@@ -111,6 +111,12 @@ class GraphSpec:
     def with_past(self) -> bool:
         return self.task == "text-generation"
 
+    @property
+    def keeps_logits(self) -> bool:
+        """Whether the graph takes num_logits_to_keep: the logits of that many trailing positions (1 for decoding,
+        k + 1 to verify k drafted tokens, the chunk for perplexity)."""
+        return LOGITS_TO_KEEP in self.inputs
+
 
 @dataclass(frozen=True)
 class KVSpec:
@@ -359,8 +365,11 @@ def resolve(options: ArtifactOptions, model: ModelSpec, gguf_source: bool = Fals
 
     kv = _kv(o, model, dtype) if text else None
     first = "last_hidden_state" if o.task == "feature-extraction" else "logits"
-    graph = GraphSpec(task=o.task, target=o.target, logits=o.logits,
-                      inputs=(*DECODER_INPUTS, *(kv.past_names if kv else ())),
+    # the static layout's --logits last graphs (what serving runs) return as many trailing positions as asked: one to
+    # decode, k + 1 to verify k drafted tokens. TensorRT's engines keep one (a shape input would need its profiles).
+    keeps = kv is not None and kv.layout == "static" and o.logits == "last" and o.target != "trt"
+    inputs = (*DECODER_INPUTS, *(kv.past_names if kv else ()), *((LOGITS_TO_KEEP,) if keeps else ()))
+    graph = GraphSpec(task=o.task, target=o.target, logits=o.logits, inputs=inputs,
                       outputs=(first, *(kv.present_names if kv else ())))
     return ArtifactSpec(model=model, graph=graph, kv=kv, precision=_precision(dtype, text),
                         quant=_quant(o, gguf_source) if o.quant is not None else None,

@@ -1,6 +1,7 @@
 """Speculative decoding's per-request parts: proposers, exact verification, acceptance counters.
 
     proposer = NgramProposer(min_n=1, max_n=4)              one per request (it indexes the request's tokens)
+    proposer = DraftModel(runtime.load(DRAFT), rows).for_row(row)   or a draft artifact's greedy tokens
     draft = proposer.propose(request.tokens, k)             0..k tokens, a few microseconds
     logits = <one target run over [last token] + draft>     [len(draft) + 1, V]: the last token's and each draft's
     accepted, token = verify(draft, logits, params, rng, history=request.tokens)
@@ -158,6 +159,55 @@ class NgramProposer:
             seen = 0
         self.extend(tokens[seen:])
         return self.draft(k)
+
+
+class DraftModel:
+    """A draft artifact beside the target in one engine (vLLM's draft-model method): a smaller static-layout artifact
+    with the target's tokenizer, whose KV row r drafts for the target's row r. Its drafts are its greedy tokens, a
+    point-mass q: verification's draw-and-compare is then the rejection rule exactly (greedy and sampled outputs are
+    the target's; a sampled request accepts a draft token with probability p(x)).
+
+    `for_row(row)` is a request's proposer. Each proposal keeps the longest prefix of the request's tokens the draft's
+    row still holds (what it drafted and the target rejected is cut, as the target's row rolls back), feeds the rest
+    in chunks, then runs k - 1 more times, one token each: k runs of the draft for k tokens. A draft stops short of a
+    windowed cache's compaction, so that the next proposal keeps its prefix (runtime/kv.py, rollback_room)."""
+
+    def __init__(self, model, rows: int, chunk: int = 256):
+        from .kv import KVCache
+
+        self.model = model
+        self.kv = KVCache(model.backend, rows)
+        self.chunk = min(chunk, model.backend.max_chunk or chunk)
+
+    def for_row(self, row: int) -> "DraftRow":
+        return DraftRow(self, row)
+
+    def propose(self, row: int, tokens: Sequence[int], k: int) -> list[int]:
+        kv, rows = self.kv, slice(row, row + 1)
+        if kv.max_length is not None and len(tokens) + k > kv.max_length:
+            return []  # past the draft's buffers: the target goes on alone
+        kv.keep(row, kv.prefix(row, tokens))
+        fed = len(kv.tokens[row])
+        while fed < len(tokens):  # the request's tokens the row lacks (at least the last one: its logits)
+            size = min(len(tokens) - fed, self.chunk, kv.chunk_limit(fed) or self.chunk)
+            logits = kv.feed(rows, np.asarray([tokens[fed:fed + size]], np.int64))
+            fed += size
+        k = min(k, kv.rollback_room(fed, k - 1) + 1)
+        draft = [int(logits[0].argmax())]
+        while len(draft) < k:
+            logits = kv.feed(rows, np.asarray([draft[-1:]], np.int64))
+            draft.append(int(logits[0].argmax()))
+        return draft
+
+
+class DraftRow:
+    """DraftModel's proposer for one request (Proposer): the draft model's row of the request's target row."""
+
+    def __init__(self, draft: DraftModel, row: int):
+        self.draft, self.row = draft, row
+
+    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+        return self.draft.propose(self.row, tokens, k) if k > 0 else []
 
 
 # -- verification ------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ and how often prompt lookup's drafts match the real model's greedy continuation 
     python scripts/bench_speculative.py proposer [--lengths 1000,4000,16000]
     python scripts/bench_speculative.py verify [--vocab 262144 --k 4]
     python scripts/bench_speculative.py acceptance --artifact DIR [--new-tokens 512 --ks 2,4,6,8 --cache FILE]
+    python scripts/bench_speculative.py decode --artifact DIR [--k 4 --new-tokens 256 --rounds 2]
+    python scripts/bench_speculative.py engine --artifact DIR [--k 4 --clients 1,8 --new-tokens 128 --rounds 2]
     python scripts/bench_speculative.py prompts            the input-grounded prompts, printed
 
 Input-grounded prompts (`input_grounded_prompts`): a held-out passage of about 500 words (paragraphs of
@@ -17,7 +19,13 @@ leading tokens that equal the greedy continuation are accepted, one more token c
 next draft starts after it (greedy speculation emits exactly these tokens, so the replay is the real run's
 schedule). It reports vLLM's counters (runtime.speculative.SpecDecodeStats) per k: acceptance rate per position,
 mean acceptance length (tokens per target run), target runs against plain decoding's one per token, for the
-proposer's settings and for vLLM's earliest-occurrence variant. Run on an idle machine.
+proposer's settings and for vLLM's earliest-occurrence variant.
+
+`decode` runs the engine itself on each input-grounded prompt, one row, greedy, `--new-tokens` tokens (ignore_eos:
+the copies are longer), plain and with `--speculative ngram`, interleaved prompt by prompt and round by round:
+decode tokens/s (from the first token on) and their ratio. `engine` is the server's engine in-process (its
+scheduler thread, no HTTP): `--clients` requests at once over the prompts, speculation off and on, interleaved;
+tokens/s over all of them. Run on an idle machine.
 """
 
 from __future__ import annotations
@@ -286,6 +294,75 @@ def bench_acceptance(artifact: str, new_tokens: int, ks: list[int], words: int =
     return results
 
 
+def bench_decode(artifact: str, k: int, new_tokens: int, rounds: int, words: int = 500) -> dict:
+    """Plain against n-gram speculative decoding, one row, each input-grounded prompt, interleaved."""
+    import runtime
+    from runtime.bench import time_speculative
+
+    model = runtime.load(artifact)
+    prompts = {name: np.array([model.tokenizer.encode(text)]) for name, text in input_grounded_prompts(words).items()}
+    modes = {"plain": {}, f"ngram k={k}": {"speculative": "ngram", "num_speculative_tokens": k}}
+    rates = {name: {mode: [] for mode in modes} for name in prompts}
+    acceptance = {name: [] for name in prompts}
+    for round_ in range(rounds):
+        for name, ids in prompts.items():
+            for mode, speculative in modes.items():
+                model.engine(**speculative).kv.clear(0)  # no prefix kept from the other mode's run
+                out = time_speculative(model, ids, new_tokens, **speculative)
+                rates[name][mode].append(out["decode_tokens_per_s"])
+                if speculative:
+                    acceptance[name].append(out["acceptance_rate"])
+            log.info("round %d %s: %s", round_ + 1, name,
+                     ", ".join(f"{mode} {rates[name][mode][-1]:.1f} tok/s" for mode in modes))
+    plain, spec = list(modes)
+    rows = {name: {"plain_tokens_per_s": statistics.median(r[plain]), "ngram_tokens_per_s": statistics.median(r[spec]),
+                   "ratio": statistics.median(r[spec]) / statistics.median(r[plain]),
+                   "acceptance_rate": statistics.mean(acceptance[name])} for name, r in rates.items()}
+    ratios = [row["ratio"] for row in rows.values()]
+    return {"artifact": artifact, "k": k, "new_tokens": new_tokens, "rounds": rounds, "prompts": rows,
+            "ratio_geomean": float(np.exp(np.mean(np.log(ratios))))}
+
+
+def bench_engine(artifact: str, k: int, clients: list[int], new_tokens: int, rounds: int, words: int = 500) -> dict:
+    """The serving engine with speculation off and on: `clients` requests at once, tokens/s over all of them."""
+    import threading
+
+    import runtime
+    from runtime.params import SamplingParams
+    from runtime.serving.options import ServeOptions
+    from runtime.serving.scheduler import Failed, Finished, Scheduler
+
+    model = runtime.load(artifact)
+    texts = list(input_grounded_prompts(words).values())
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    modes = {"off": {}, f"ngram k={k}": {"speculative": "ngram", "num_speculative_tokens": k}}
+    rates = {(c, mode): [] for c in clients for mode in modes}
+    for round_ in range(rounds):
+        for c in clients:
+            for mode, speculative in modes.items():
+                scheduler = Scheduler(model, ServeOptions(max_batch_size=max(clients), prefix_cache=False,
+                                                          **speculative)).start()
+                done = [threading.Event() for _ in range(c)]
+                try:
+                    start = time.perf_counter()
+                    for i in range(c):
+                        ids = model.tokenizer.encode(texts[i % len(texts)])
+                        scheduler.submit(ids, params, lambda e, d=done[i]: isinstance(e, (Finished, Failed)) and d.set())
+                    if not all(d.wait(1800) for d in done):
+                        raise TimeoutError("the engine did not finish in 30 minutes")
+                    seconds = time.perf_counter() - start
+                finally:
+                    scheduler.stop()
+                rates[c, mode].append(c * new_tokens / seconds)
+                log.info("round %d, %d clients, speculation %s: %.1f tok/s", round_ + 1, c, mode, rates[c, mode][-1])
+    off, on = list(modes)
+    return {"artifact": artifact, "k": k, "new_tokens": new_tokens, "rounds": rounds,
+            "clients": {c: {"off_tokens_per_s": statistics.median(rates[c, off]),
+                            "on_tokens_per_s": statistics.median(rates[c, on]),
+                            "ratio": statistics.median(rates[c, on]) / statistics.median(rates[c, off])}
+                        for c in clients}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -300,6 +377,17 @@ def main() -> None:
     p.add_argument("--ks", default="2,4,6,8")
     p.add_argument("--words", type=int, default=500)
     p.add_argument("--cache", type=Path, help="JSON of the greedy continuations: read if it exists, else written")
+    p = sub.add_parser("decode")
+    p.add_argument("--artifact", required=True)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=2)
+    p = sub.add_parser("engine")
+    p.add_argument("--artifact", required=True)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--clients", default="1,8")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=2)
     sub.add_parser("prompts")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -310,6 +398,11 @@ def main() -> None:
     elif args.command == "acceptance":
         out = bench_acceptance(args.artifact, args.new_tokens, [int(k) for k in args.ks.split(",")], args.words,
                                args.cache)
+    elif args.command == "decode":
+        out = bench_decode(args.artifact, args.k, args.new_tokens, args.rounds)
+    elif args.command == "engine":
+        out = bench_engine(args.artifact, args.k, [int(c) for c in args.clients.split(",")], args.new_tokens,
+                           args.rounds)
     else:
         out = input_grounded_prompts()
     print(json.dumps(out, indent=1, default=str))

@@ -32,7 +32,6 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from ..manifest import Manifest
-from ..spec import LOGITS_TO_KEEP
 
 
 class Backend(ABC):
@@ -56,7 +55,7 @@ class Backend(ABC):
         self.past_names, self.present_names = (kv.past_names, kv.present_names) if kv else ([], [])
         self.logits_all = manifest.graph.logits == "all"
         #: the graph takes num_logits_to_keep: it computes the logits of as many trailing positions as asked
-        self.keeps_logits = LOGITS_TO_KEEP in manifest.graph.inputs
+        self.keeps_logits = manifest.graph.keeps_logits
         self.batch_size = 0
         #: dynamic layout: the slots of the past, which every row shares (pads included). The static layout's rows
         #: each hold their own count, which runtime/kv.py keeps: the backend reads them from the mask

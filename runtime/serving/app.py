@@ -110,7 +110,7 @@ def create_app(artifact: str | Path, options: ServeOptions | None = None, load_n
     async def http_error(request: Request, error: HTTPException):  # no such path (404), wrong method (405)...
         message = {400: INVALID_JSON,  # a body FastAPI cannot decode (not UTF-8)
                    404: f"no route {request.url.path}; this server serves /v1/completions, /v1/chat/completions, "
-                        "/v1/models, /health and /metrics",
+                        "/v1/responses, /v1/models, /health, /metrics and its chat page at /",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(error.status_code, error.detail)
         code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
         return _error_response(APIError(error.status_code, message, code=code, headers=dict(error.headers or {})))

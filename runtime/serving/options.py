@@ -21,9 +21,10 @@ class ServeOptions(Options):
                                                          "wait for one chunk at most"))
     prefix_cache: bool = option(True, Bound(bool, help="reuse the KV of a prompt prefix a row holds (off: every "
                                                      "prompt computed whole, for comparison)"))
-    speculative: str | None = option(None, Bound(str, optional=True, choices=("ngram",), help="draft tokens for "
-                                                  "each decoding request, verified in one run: ngram (prompt "
-                                                  "lookup in the request's own tokens)"))
+    speculative: str | None = option(None, Bound(str, optional=True, help="draft tokens for each decoding "
+                                                  "request, verified in one run: ngram (prompt lookup in the "
+                                                  "request's own tokens) or DIR (a draft artifact, static layout, "
+                                                  "the same tokenizer)"))
     num_speculative_tokens: int = option(4, Bound(int, ge=1, le=16, help="draft tokens a step at most (fewer as "
                                                                          "rows fill the batch)"))
     api_key: str | None = option(None, Bound(str, optional=True, help=f"require Authorization: Bearer KEY on /v1/ "

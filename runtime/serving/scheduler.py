@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -48,7 +49,7 @@ from ..generate import ContextLengthError, TextStream, fit_new_tokens
 from ..kv import KVCache
 from ..params import ParamError, SamplingParams
 from ..sampling import log_softmax_top
-from ..speculative import NgramProposer, SpecDecodeStats, verify
+from ..speculative import DraftModel, NgramProposer, SpecDecodeStats, verify
 from .options import ServeOptions
 
 log = logging.getLogger(__name__)
@@ -156,8 +157,8 @@ class Run:
     drafts: dict | None = None  # Request -> its draft tokens (a speculative decode run)
 
 
-def check_servable(manifest) -> None:
-    """NotServable, with the export line that fits, for an artifact the scheduler cannot run."""
+def check_servable(manifest, options: ServeOptions | None = None) -> None:
+    """NotServable, with the export line that fits, for an artifact the scheduler cannot run (with `options`)."""
     if manifest.kv is None:
         raise NotServable(f"{manifest.folder} was exported for {manifest.graph.task}; serving needs text-generation")
     if manifest.kv.layout != "static":
@@ -168,12 +169,42 @@ def check_servable(manifest) -> None:
         )
     if not manifest.path("tokenizer.json").is_file():
         raise NotServable(f"{manifest.folder} has no tokenizer.json; serving takes text (export with --tokenizer DIR)")
+    if options is not None and options.speculative and not (manifest.graph.logits == "all"
+                                                            or manifest.graph.keeps_logits):
+        raise NotServable(f"{manifest.folder} returns the last position's logits only; speculative decoding verifies "
+                          "k + 1 positions in one run: export it again (its graph then takes num_logits_to_keep) or "
+                          "with --logits all")
+
+
+def draft_model(model, options: ServeOptions) -> DraftModel:
+    """--speculative DIR: the draft artifact, loaded as the target was, with rows beside the target's; ParamError
+    naming `speculative` when it cannot draft for this target."""
+    from ..manifest import ArtifactError
+    from ..model import load
+
+    folder = Path(options.speculative)
+    if not (folder / "manifest.json").is_file():
+        raise ParamError("speculative", f"speculative {options.speculative!r} is neither ngram nor an artifact "
+                                        "directory (no manifest.json there)")
+    try:
+        draft = load(folder, options.load)
+    except ArtifactError as e:
+        raise ParamError("speculative", f"the draft artifact cannot be loaded: {e}") from None
+    target_tokenizer, draft_tokenizer = model.manifest.path("tokenizer.json"), draft.manifest.path("tokenizer.json")
+    if (not draft_tokenizer.is_file() or draft_tokenizer.read_bytes() != target_tokenizer.read_bytes()
+            or draft.manifest.model.vocab_size != model.manifest.model.vocab_size):
+        raise ParamError("speculative", f"the draft artifact {folder} does not have the target's tokenizer.json: "
+                                        "draft with an export of a model of the same family and vocabulary")
+    if draft.manifest.kv is None or draft.manifest.kv.layout != "static":
+        raise ParamError("speculative", f"the draft artifact {folder} needs the static layout (each row its own "
+                                        "length): export it with --kv-cache static")
+    return DraftModel(draft, options.max_batch_size)
 
 
 class Scheduler:
     def __init__(self, model, options: ServeOptions | None = None, metrics=None):
-        check_servable(model.manifest)
         self.options = options = options or ServeOptions()
+        check_servable(model.manifest, options)
         self.model = model
         self.kv = KVCache(model.backend, options.max_batch_size)
         self.prefill_chunk = min(options.prefill_chunk, model.backend.max_chunk or options.prefill_chunk)
@@ -186,12 +217,7 @@ class Scheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.speculative = options.speculative
-        if self.speculative not in (None, "ngram"):
-            raise ParamError("speculative", f"speculative {self.speculative!r} is not served yet; use ngram")
-        if self.speculative and not (model.backend.logits_all or model.backend.keeps_logits):
-            raise NotServable(f"{model.manifest.folder} returns the last position's logits only; speculative decoding "
-                              "verifies k + 1 positions in one run: export it again (its graph then takes "
-                              "num_logits_to_keep) or with --logits all")
+        self.draft = draft_model(model, options) if self.speculative not in (None, "ngram") else None
         self.spec_stats = SpecDecodeStats(options.num_speculative_tokens)
         self._grammar_info = None
         self._masks = None  # grammar.MaskBatch, made for the first constrained request
@@ -219,6 +245,9 @@ class Scheduler:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= rows:
             raise ParamError("n", f"n {n!r} is out of range; this server decodes at most {rows} choices together "
                                   "(--max-batch-size)")
+        if n > 1 and not self.kv.can_copy:
+            raise ParamError("n", f"n {n} needs a backend that copies KV rows (the choices share the prompt's); this "
+                                  "one cannot: send n requests instead")
         max_new = fit_new_tokens(len(prompt), params.max_new_tokens, self.context_length, static=True)
         first = next(self._ids)
         group = []
@@ -301,9 +330,11 @@ class Scheduler:
         self.steps += 1
         self._gauges()
 
-    def generate(self, prompt: list[int], params: SamplingParams, output: Output = Output()) -> Iterator[str]:
+    def generate(self, prompt: list[int], params: SamplingParams, output: Output = Output(),
+                 tokens: list[int] | None = None) -> Iterator[str]:
         """The calling thread drives the engine instead of the scheduler's (do not start() it): one request, its
-        text pieces as they come. gemma-run generate and chat take this path with --speculative."""
+        text pieces as they come (its token ids appended to `tokens`). gemma-run generate and chat take this path
+        with --speculative."""
         events = []
         [request] = self.submit(prompt, params, events.append, 1, output)
         try:
@@ -312,6 +343,8 @@ class Scheduler:
                 for event in events:
                     if isinstance(event, Failed):
                         raise RuntimeError(f"generation failed: {event.message}")
+                    if isinstance(event, Piece) and tokens is not None:
+                        tokens.extend(event.tokens)
                     if isinstance(event, Piece) and event.text:
                         yield event.text
                 events.clear()
@@ -404,7 +437,8 @@ class Scheduler:
         request.sampler = request.params.sampler()
         request.matcher = output.grammar.matcher() if output.grammar is not None else None
         # drafts for requests the verification can take: not a grammar's (its masks would follow each draft token)
-        request.proposer = NgramProposer() if self.speculative and request.matcher is None else None
+        request.proposer = (None if not self.speculative or request.matcher is not None
+                            else self.draft.for_row(row) if self.draft else NgramProposer())
         request.text = TextStream(self.model.tokenizer, eos, request.params.stop, output.special_tokens)
 
     # -- plan, execute, update ---------------------------------------------------------------------------
@@ -428,10 +462,14 @@ class Scheduler:
     def _drafts(self, decoding: list[Request]) -> dict:
         """Each decoding request's draft, within the step's budget: the run feeds every row k + 1 tokens, so k
         shrinks as rows join (SPEC_TOKEN_BUDGET; in a full batch there is no room left, and no speculation: a
-        decode step is then bound by compute, not by reading the weights). A draft stays within the request's max
-        tokens, its row's chunk limit (a ring) and its buffers."""
-        k = min(self.options.num_speculative_tokens, SPEC_TOKEN_BUDGET // len(decoding) - 1)
-        if k < 1 or (len(decoding) > 1 and not self.kv.rows_over_cache):  # the kernel takes one such row a run
+        decode step is then bound by compute, not by reading the weights); a row alone drafts all it may. A draft
+        stays within the request's max tokens, its row's chunk limit (a ring) and its buffers. A step with a
+        constrained request drafts nothing: verification does not follow a grammar's masks."""
+        k = self.options.num_speculative_tokens
+        if len(decoding) > 1:
+            k = min(k, SPEC_TOKEN_BUDGET // len(decoding) - 1)
+        if (k < 1 or (len(decoding) > 1 and not self.kv.rows_over_cache)  # the kernel takes one such row a run
+                or any(r.matcher is not None for r in decoding)):
             return {}
         # every row of the run feeds k + 1 tokens (filler after a shorter draft, a dummy in an idle row): within
         # each one's chunk limit (a ring's end) and buffers

@@ -71,6 +71,35 @@ def test_last_logits_only(tmp_path):
     assert session.run(["logits"], feeds)[0].shape == (2, 1, 512)
 
 
+@pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-gemma4"])
+def test_a_static_graph_returns_the_trailing_positions_it_is_asked_for(tmp_path, name):
+    """--logits last, static layout: num_logits_to_keep K gives the last K positions' logits of a run over a cache,
+    equal to a --logits all graph's (Gemma 4's KV-shared layers compute those K alone); older manifests without the
+    input still load."""
+    import onnxruntime as ort
+
+    from runtime.manifest import read_manifest
+
+    options = dict(kv_cache="static", max_length=32, verify=False, progress=False)
+    last = export(f"random:{name}", tmp_path / "last", ExportOptions(logits="last", **options))
+    export(f"random:{name}", tmp_path / "all", ExportOptions(logits="all", **options))
+    assert last.graph.inputs[-1] == "num_logits_to_keep" and last.graph.keeps_logits
+    sessions = {k: ort.InferenceSession(str(tmp_path / k / "model.onnx")) for k in ("last", "all")}
+    past = {i.name: np.zeros([2 if d == "batch_size" else d for d in i.shape], np.float32)
+            for i in sessions["all"].get_inputs() if i.name.startswith("past_key_values")}
+    ids = np.array([[2, 5, 6, 7, 8, 9], [2, 9, 4, 3, 8, 7]])  # a prefill from slot 0, as runtime/kv.py feeds it
+    feeds = {"input_ids": ids, "position_ids": np.arange(6)[None].repeat(2, 0), "attention_mask": np.ones_like(ids),
+             **past}
+    every = sessions["all"].run(["logits"], feeds)[0]
+    for keep in (1, 4, 6):
+        kept = sessions["last"].run(["logits"], {**feeds, "num_logits_to_keep": np.array(keep, np.int64)})[0]
+        np.testing.assert_allclose(kept, every[:, -keep:], atol=1e-5)
+    manifest = json.loads((tmp_path / "last" / "manifest.json").read_text())
+    manifest["graph"]["inputs"].remove("num_logits_to_keep")  # as an artifact from before the input
+    (tmp_path / "last" / "manifest.json").write_text(json.dumps(manifest))
+    assert not read_manifest(tmp_path / "last", verify=False).graph.keeps_logits
+
+
 @pytest.mark.parametrize("task", ["feature-extraction", "sequence-classification", "token-classification"])
 def test_other_heads(tmp_path, task):
     manifest = export("random:tiny-gemma-2b", tmp_path / "a", ExportOptions(task=task, progress=False))

@@ -32,7 +32,7 @@ def test_greedy_tokens_equal_transformers_generate(name):
         past, step, tokens = empty_past(config, 2), ids, []
         for _ in range(steps):
             logits, past = model(step, position_ids_from_mask(mask)[:, -step.shape[1]:], mask, past,
-                                 last_logits_only=True)
+                                 logits_to_keep=1)
             step = logits[:, -1:].argmax(-1)
             tokens.append(step)
             mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
@@ -41,18 +41,20 @@ def test_greedy_tokens_equal_transformers_generate(name):
     assert all(len(set(row)) >= 8 for row in tokens.tolist())
 
 
-def test_last_logits_only_skips_positions_in_shared_layers_only():
-    """last_logits_only: the shared layers see the last position alone; logits and present are unchanged."""
+def test_logits_to_keep_skips_positions_in_shared_layers_only():
+    """logits_to_keep=K: the shared layers see the last K positions alone; logits and present are unchanged."""
     config = presets.config("tiny-gemma4")
     model = random_model(config, seed=1)
     ids, mask = left_padded_batch(config.vocab_size, [12, 7])
     with torch.no_grad():
         full, present = model(ids, position_ids_from_mask(mask), mask, empty_past(config, 2))
-        last, present_last = model(ids, position_ids_from_mask(mask), mask, empty_past(config, 2),
-                                   last_logits_only=True)
-    assert last.shape == (2, 1, config.vocab_size)
-    assert float((full[:, -1:] - last).abs().max()) <= 1e-5
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(present, present_last))
+        for keep in (1, 3, torch.tensor(3)):
+            last, present_last = model(ids, position_ids_from_mask(mask), mask, empty_past(config, 2),
+                                       logits_to_keep=keep)
+            k = int(keep)
+            assert last.shape == (2, k, config.vocab_size)
+            assert float((full[:, -k:] - last).abs().max()) <= 1e-5
+            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(present, present_last))
 
 
 def test_past_and_present_exist_for_storing_layers_only():

@@ -231,7 +231,7 @@ def test_a_32k_token_prompt_on_the_real_models_window(tmp_path, real_model_dir, 
             piece = step[:, done:done + size]
             mask = torch.ones(1, done + size if not tokens else ids.shape[1] + len(tokens), dtype=torch.long)
             positions = torch.arange(mask.shape[1] - size, mask.shape[1])[None]
-            logits, past = reference(piece, positions, mask, past, last_logits_only=True)
+            logits, past = reference(piece, positions, mask, past, logits_to_keep=1)
             done += size
             if done == step.shape[1]:
                 if not tokens:

@@ -15,6 +15,8 @@ import pytest
 import runtime
 from runtime import SamplingParams
 from runtime.kv import KVCache
+from runtime.manifest import read_manifest, write_manifest
+from runtime.params import ParamError
 from runtime.serving.options import ServeOptions
 from runtime.serving.scheduler import Failed, Finished, Piece, QueueFull, Scheduler
 
@@ -313,26 +315,30 @@ def test_the_prefix_cache_and_followers_on_every_family(families, name):
 # -- speculative decoding --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def all_logits(tmp_path_factory):
-    """tiny-gemma3, static, its rings of 16 slots, logits for every position (verification reads k + 1)."""
+@pytest.fixture(scope="module", params=["ring", "window"])
+def drafting(request, tmp_path_factory):
+    """tiny-gemma3, static, --logits last (the graph takes num_logits_to_keep: verification reads k + 1): on rings of
+    16 slots (--target onnx), or on GroupQueryAttention's windowed cache of 16 slots, compacted every 9 tokens."""
     from exporter import ExportOptions, export
 
     root = tmp_path_factory.mktemp("spec")
-    export("random:tiny-gemma3", root / "plain", ExportOptions(kv_cache="static", max_length=64, logits="all",
-                                                                verify=False, progress=False))
-    return runtime.load(add_text_files(root / "plain", root / "text"))
+    target = {"ring": "onnx", "window": "ort"}[request.param]
+    export("random:tiny-gemma3", root / "plain", ExportOptions(target=target, kv_cache="static", max_length=64,
+                                                                logits="last", verify=False, progress=False))
+    model = runtime.load(add_text_files(root / "plain", root / "text"))
+    assert model.backend.keeps_logits and model.manifest.kv.sliding_cache == request.param
+    return model
 
 
 REPEATING = ["the of the of the of the of the of", "a b c a b c a b c a b c", "Paris is the capital of France is"]
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
-def test_speculative_decoding_generates_what_plain_decoding_does(all_logits, sampled):
+def test_speculative_decoding_generates_what_plain_decoding_does(drafting, sampled):
     """n-gram drafts verified in one run: greedy and seeded sampled outputs are token for token plain decoding's,
     alone and in a batch (k shrinks as rows join), with drafts accepted (the prompts repeat themselves), across the
     rings' ends (a rejected draft's writes roll back without losing what the window needs)."""
-    model = all_logits
+    model = drafting
     p = params(max_new_tokens=40, **({"temperature": 1.0, "seed": 3} if sampled else {}))
     alone = [model.generate_text(x, p) for x in REPEATING]
     for rows in (1, 3):
@@ -350,12 +356,12 @@ def test_speculative_decoding_generates_what_plain_decoding_does(all_logits, sam
             assert scheduler.spec_stats.num_accepted_tokens > 0
 
 
-def test_speculation_through_the_python_api_and_the_cli(all_logits):
+def test_speculation_through_the_python_api_and_the_cli(drafting):
     from click.testing import CliRunner
 
     from runtime.cli import main
 
-    model = all_logits
+    model = drafting
     p = params(max_new_tokens=30)
     plain = model.generate_text(REPEATING[1], p)
     assert "".join(model.stream(REPEATING[1], p, speculative="ngram", num_speculative_tokens=3)) == plain
@@ -373,11 +379,49 @@ def test_speculation_through_the_python_api_and_the_cli(all_logits):
     assert second == model.generate_text(rendered, params(max_new_tokens=6), chat=True) and first
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
+def test_a_draft_artifact_drafts_and_the_output_is_the_targets(drafting, tiny_text_artifacts, sampled):
+    """--speculative DIR: a draft artifact's rows beside the target's. The draft here is the target's weights in
+    another layout (--logits all, rings), so under greedy every draft token is accepted; the outputs are plain
+    decoding's, alone and in a batch, greedy and seeded."""
+    model = drafting
+    p = params(max_new_tokens=24, **({"temperature": 1.0, "seed": 5} if sampled else {}))
+    alone = [model.generate_text(x, p) for x in PROMPTS[:3]]
+    for rows in (1, 3):
+        scheduler = Scheduler(model, ServeOptions(max_batch_size=rows, speculative=str(tiny_text_artifacts["static"]),
+                                                  num_speculative_tokens=3)).start()
+        try:
+            collectors = [Collector() for _ in PROMPTS[:3]]
+            for prompt, collector in zip(PROMPTS[:3], collectors):
+                scheduler.submit(model.tokenizer.encode(prompt), p, collector)
+            assert all(c.done.wait(60) for c in collectors)
+        finally:
+            scheduler.stop()
+        assert [c.text for c in collectors] == alone
+        stats = scheduler.spec_stats
+        assert stats.num_draft_tokens > 0
+        if not sampled:
+            assert stats.num_accepted_tokens == stats.num_draft_tokens
+
+
+def test_a_draft_that_cannot_draft_for_the_target_is_refused(drafting, tmp_path, tiny_text_artifacts):
+    with pytest.raises(ParamError, match="speculative 'nope' is neither ngram nor an artifact directory"):
+        Scheduler(drafting, ServeOptions(speculative="nope"))
+    other = add_text_files(tiny_text_artifacts["static"], tmp_path / "other")
+    manifest = read_manifest(other, verify=False)
+    (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text().replace("<unk>", "<unknown>"))
+    write_manifest(other, manifest)
+    with pytest.raises(ParamError, match="does not have the target's tokenizer.json"):
+        Scheduler(drafting, ServeOptions(speculative=str(other)))
+
+
 def test_a_graph_without_logits_for_k_positions_is_refused_with_the_fix(tiny_text_artifacts):
     from runtime.serving.scheduler import NotServable
 
+    import dataclasses
+
     model = runtime.load(tiny_text_artifacts["static"])  # --logits all: takes it; make one that does not
-    model.backend.logits_all = False
+    model.manifest = dataclasses.replace(model.manifest, graph=dataclasses.replace(model.manifest.graph, logits="last"))
     with pytest.raises(NotServable, match="returns the last position's logits only.*num_logits_to_keep"):
         Scheduler(model, ServeOptions(speculative="ngram"))
 
