@@ -48,7 +48,7 @@ def load(folder: str | Path, options: LoadOptions | None = None, **given) -> "Ge
                          "graphs")
     from .backends.onnxruntime_backend import OnnxRuntimeBackend
 
-    return GemmaRuntime(manifest, OnnxRuntimeBackend(manifest, o.provider, o.allow_cpu_fallback, o.threads))
+    return GemmaRuntime(manifest, OnnxRuntimeBackend(manifest, o.provider, o.allow_cpu_fallback, o.threads, o.spin))
 
 
 class GemmaRuntime(TransformersGenerate):

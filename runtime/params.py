@@ -195,4 +195,6 @@ class LoadOptions(Options):
     allow_cpu_fallback: bool = option(False, Bound(bool, help="run on the CPU if the provider is not usable"))
     threads: int | None = option(None, Bound(int, ge=1, optional=True,
                                              help="ONNX Runtime's intra-op threads (default: one per core)"))
+    spin: bool = option(True, Bound(bool, help="ONNX Runtime's threads spin between runs (off: they sleep, so "
+                                             "that a draft artifact and its target, run in turn, share the cores)"))
     verify: bool = option(True, Bound(bool, help="check every file's sha256 (about a second per GB)"))

@@ -4,7 +4,7 @@ and how often prompt lookup's drafts match the real model's greedy continuation 
     python scripts/bench_speculative.py proposer [--lengths 1000,4000,16000]
     python scripts/bench_speculative.py verify [--vocab 262144 --k 4]
     python scripts/bench_speculative.py acceptance --artifact DIR [--new-tokens 512 --ks 2,4,6,8 --cache FILE]
-    python scripts/bench_speculative.py decode --artifact DIR [--k 4 --new-tokens 256 --rounds 2]
+    python scripts/bench_speculative.py decode --artifact DIR [--speculative ngram|DRAFT --prose --k 4 --new-tokens 256]
     python scripts/bench_speculative.py engine --artifact DIR [--k 4 --clients 1,8 --new-tokens 128 --rounds 2]
     python scripts/bench_speculative.py prompts            the input-grounded prompts, printed
 
@@ -294,14 +294,26 @@ def bench_acceptance(artifact: str, new_tokens: int, ks: list[int], words: int =
     return results
 
 
-def bench_decode(artifact: str, k: int, new_tokens: int, rounds: int, words: int = 500) -> dict:
-    """Plain against n-gram speculative decoding, one row, each input-grounded prompt, interleaved."""
+def prose_prompts(words: int = 500, text_path: Path = HELDOUT) -> dict[str, str]:
+    """name -> the opening two sentences of each held-out passage: open-ended prose for the model to go on with."""
+    out = {}
+    for i, passage in enumerate(passages(text_path.read_text(), words)):
+        sentences = passage.split(". ")
+        out[f"prose-{i}"] = ". ".join(sentences[:2]) + "."
+    return out
+
+
+def bench_decode(artifact: str, k: int, new_tokens: int, rounds: int, words: int = 500, speculative: str = "ngram",
+                 prose: bool = False, spin: bool = True) -> dict:
+    """Plain against speculative decoding (`speculative`: ngram or a draft artifact), one row, each input-grounded
+    prompt (or open-ended prose), interleaved."""
     import runtime
     from runtime.bench import time_speculative
 
-    model = runtime.load(artifact)
-    prompts = {name: np.array([model.tokenizer.encode(text)]) for name, text in input_grounded_prompts(words).items()}
-    modes = {"plain": {}, f"ngram k={k}": {"speculative": "ngram", "num_speculative_tokens": k}}
+    model = runtime.load(artifact, spin=spin)
+    texts = prose_prompts(words) if prose else input_grounded_prompts(words)
+    prompts = {name: np.array([model.tokenizer.encode(text)]) for name, text in texts.items()}
+    modes = {"plain": {}, f"{speculative} k={k}": {"speculative": speculative, "num_speculative_tokens": k}}
     rates = {name: {mode: [] for mode in modes} for name in prompts}
     acceptance = {name: [] for name in prompts}
     for round_ in range(rounds):
@@ -315,11 +327,12 @@ def bench_decode(artifact: str, k: int, new_tokens: int, rounds: int, words: int
             log.info("round %d %s: %s", round_ + 1, name,
                      ", ".join(f"{mode} {rates[name][mode][-1]:.1f} tok/s" for mode in modes))
     plain, spec = list(modes)
-    rows = {name: {"plain_tokens_per_s": statistics.median(r[plain]), "ngram_tokens_per_s": statistics.median(r[spec]),
+    rows = {name: {"plain_tokens_per_s": statistics.median(r[plain]), "spec_tokens_per_s": statistics.median(r[spec]),
                    "ratio": statistics.median(r[spec]) / statistics.median(r[plain]),
                    "acceptance_rate": statistics.mean(acceptance[name])} for name, r in rates.items()}
     ratios = [row["ratio"] for row in rows.values()]
-    return {"artifact": artifact, "k": k, "new_tokens": new_tokens, "rounds": rounds, "prompts": rows,
+    return {"artifact": artifact, "speculative": speculative, "spin": spin, "k": k, "new_tokens": new_tokens, "rounds": rounds,
+            "prompts": rows,
             "ratio_geomean": float(np.exp(np.mean(np.log(ratios))))}
 
 
@@ -379,6 +392,9 @@ def main() -> None:
     p.add_argument("--cache", type=Path, help="JSON of the greedy continuations: read if it exists, else written")
     p = sub.add_parser("decode")
     p.add_argument("--artifact", required=True)
+    p.add_argument("--speculative", default="ngram", help="ngram, or a draft artifact's directory")
+    p.add_argument("--prose", action="store_true", help="open-ended prose prompts instead of input-grounded ones")
+    p.add_argument("--no-spin", dest="spin", action="store_false", help="the target's threads sleep between runs")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=2)
@@ -399,7 +415,8 @@ def main() -> None:
         out = bench_acceptance(args.artifact, args.new_tokens, [int(k) for k in args.ks.split(",")], args.words,
                                args.cache)
     elif args.command == "decode":
-        out = bench_decode(args.artifact, args.k, args.new_tokens, args.rounds)
+        out = bench_decode(args.artifact, args.k, args.new_tokens, args.rounds, speculative=args.speculative,
+                           prose=args.prose, spin=args.spin)
     elif args.command == "engine":
         out = bench_engine(args.artifact, args.k, [int(c) for c in args.clients.split(",")], args.new_tokens,
                            args.rounds)

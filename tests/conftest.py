@@ -1,8 +1,31 @@
-"""Shared fixtures: the packaged real model (prepared once per machine) and transformers references."""
+"""Shared fixtures: the packaged real model (prepared once per machine) and transformers references.
+
+Under pytest-xdist (scripts/test.sh runs two workers) the session's artifacts are exported once for all workers:
+`shared_folder` makes each under a lock in the run's common directory."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from pathlib import Path
+
 import pytest
+
+
+@contextlib.contextmanager
+def shared_folder(tmp_path_factory, name: str):
+    """A folder of the test run that one worker makes and every worker reads: yields (folder, whether it still needs
+    making); the caller makes it inside the `with`, under the lock."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the workers' common directory
+    folder = root / "shared" / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        done = folder.with_name(name + ".done")
+        yield folder, not done.exists()
+        done.touch()
 
 
 @pytest.fixture(scope="session")
@@ -35,9 +58,10 @@ def real_artifact(tmp_path_factory, real_model_dir):
     """The packaged real model exported once per test session (float32, dynamic KV, all logits)."""
     from exporter import ExportOptions, export
 
-    folder = tmp_path_factory.mktemp("real") / "gemma3-270m"
-    export("gemma3-270m", folder, ExportOptions(progress=False))
-    return folder
+    with shared_folder(tmp_path_factory, "real") as (root, needed):
+        if needed:
+            export("gemma3-270m", root / "gemma3-270m", ExportOptions(progress=False))
+    return root / "gemma3-270m"
 
 
 @pytest.fixture(scope="session")
@@ -45,10 +69,12 @@ def tiny_artifacts(tmp_path_factory):
     """tiny-gemma3 (random weights, sliding window 8) in both KV layouts; token ids only."""
     from exporter import ExportOptions, export
 
-    root = tmp_path_factory.mktemp("tiny")
-    dynamic, static = root / "dynamic", root / "static"
-    export("random:tiny-gemma3", dynamic, ExportOptions(progress=False, verify=False))
-    export("random:tiny-gemma3", static, ExportOptions(progress=False, verify=False, kv_cache="static", max_length=64))
+    with shared_folder(tmp_path_factory, "tiny") as (root, needed):
+        dynamic, static = root / "dynamic", root / "static"
+        if needed:
+            export("random:tiny-gemma3", dynamic, ExportOptions(progress=False, verify=False))
+            export("random:tiny-gemma3", static, ExportOptions(progress=False, verify=False, kv_cache="static",
+                                                                max_length=64))
     return {"dynamic": dynamic, "static": static}
 
 
@@ -58,14 +84,12 @@ def real_static_artifact(tmp_path_factory, real_model_dir):
     --logits last (verified against PyTorch, rows of their own; the sliding-window layers on GroupQueryAttention's
     windowed cache of 640 slots).
     GEMMA_DEPLOY_REAL_STATIC_ARTIFACT=DIR reuses one."""
-    import os
-    from pathlib import Path
-
     from exporter import ExportOptions, export
 
     if os.environ.get("GEMMA_DEPLOY_REAL_STATIC_ARTIFACT"):
         return Path(os.environ["GEMMA_DEPLOY_REAL_STATIC_ARTIFACT"])
-    folder = tmp_path_factory.mktemp("real-static") / "gemma3-270m-static"
-    export("gemma3-270m", folder, ExportOptions(target="ort", kv_cache="static", max_length=8192, logits="last",
-                                                progress=False))
-    return folder
+    with shared_folder(tmp_path_factory, "real-static") as (root, needed):
+        if needed:
+            export("gemma3-270m", root / "gemma3-270m-static", ExportOptions(
+                target="ort", kv_cache="static", max_length=8192, logits="last", progress=False))
+    return root / "gemma3-270m-static"

@@ -36,7 +36,7 @@ class ProviderError(RuntimeError):
 
 class OnnxRuntimeBackend(Backend):
     def __init__(self, manifest: Manifest, provider: str = "cpu", allow_cpu_fallback: bool = False,
-                 threads: int | None = None):
+                 threads: int | None = None, spin: bool = True):
         import onnxruntime as ort
 
         if manifest.precision.dtype == "bf16":
@@ -44,7 +44,7 @@ class OnnxRuntimeBackend(Backend):
                              "kernels); build its TensorRT engine on a GPU, or export with --dtype fp16 or fp32")
         super().__init__(manifest)
         self.ort = ort
-        self.session = self._session(provider, allow_cpu_fallback, threads)
+        self.session = self._session(provider, allow_cpu_fallback, threads, spin)
         self.provider = provider if PROVIDERS[provider] in self.session.get_providers() else "cpu"
         self.device = "cpu" if self.provider == "cpu" else "cuda"
         if manifest.kv is not None:
@@ -55,12 +55,14 @@ class OnnxRuntimeBackend(Backend):
 
     # -- session -------------------------------------------------------------------------------------
 
-    def _session(self, provider: str, allow_cpu_fallback: bool, threads: int | None):
+    def _session(self, provider: str, allow_cpu_fallback: bool, threads: int | None, spin: bool):
         ort = self.ort
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = self._providers(provider, allow_cpu_fallback)
         path = self.manifest.path("model.onnx")
         try:

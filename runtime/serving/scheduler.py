@@ -187,7 +187,9 @@ def draft_model(model, options: ServeOptions) -> DraftModel:
         raise ParamError("speculative", f"speculative {options.speculative!r} is neither ngram nor an artifact "
                                         "directory (no manifest.json there)")
     try:
-        draft = load(folder, options.load)
+        # the draft and the target run in turn: the draft's threads sleep between its runs (--no-spin does it for
+        # the target's too: docs/speculative.md has both figures)
+        draft = load(folder, options.load.replace(spin=False))
     except ArtifactError as e:
         raise ParamError("speculative", f"the draft artifact cannot be loaded: {e}") from None
     target_tokenizer, draft_tokenizer = model.manifest.path("tokenizer.json"), draft.manifest.path("tokenizer.json")
