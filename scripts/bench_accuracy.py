@@ -146,7 +146,7 @@ def windowed_perplexity(run_window, ids: np.ndarray, window: int, bos: int) -> f
 def llama_perplexity(binary: Path, gguf: Path, text: Path, window: int, threads: int | None) -> tuple[float, int]:
     """(llama.cpp's perplexity over `text`, its number of windows)."""
     if not binary.is_file():
-        raise SystemExit(f"{binary} does not exist: build it with bash ../shared/anchors/build_llama_cpp.sh, "
+        raise SystemExit(f"{binary} does not exist: build it with bash scripts/build_llama_cpp.sh, "
                          "or pass --llama-perplexity PATH")
     command = [str(binary), "-m", str(gguf), "-f", str(text), "-c", str(window), "-t", str(threads or 2)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800)

@@ -9,7 +9,7 @@ the static KV layout prefills its rows one after the other, so prefill ms is the
 then the runs go round-robin (one of each in turn), median of --runs per graph. Ours run
 through the runtime (runtime.bench.time_generation); onnxruntime-genai through its generator: prefill is
 the time of append_tokens(prompt) plus the first token, decode the time per following token. llama.cpp through
-its llama-bench (../shared/anchors/build_llama_cpp.sh builds it; --llama-bench to point elsewhere) on a GGUF, one
+its llama-bench (scripts/build_llama_cpp.sh builds it; --llama-bench to point elsewhere) on a GGUF, one
 repetition a round: prefill is its pp test of --prompt-length tokens, decode its tg test of --new-tokens after a
 context of --prompt-length (-d), so both sides decode after the same prompt. Ratios are against the first --genai
 model, else the GGUF, else the first artifact. Run it on an idle machine.
@@ -66,7 +66,7 @@ LLAMA_BENCH = Path.home() / ".cache" / "gemma-deploy" / "llama.cpp" / "bin" / "l
 
 def llama_cpp_generation(binary: Path, gguf: Path, prompt_length: int, new_tokens: int, threads: int):
     if not binary.is_file():
-        raise SystemExit(f"{binary} does not exist: build it with bash ../shared/anchors/build_llama_cpp.sh "
+        raise SystemExit(f"{binary} does not exist: build it with bash scripts/build_llama_cpp.sh "
                          "(about 20 minutes), or pass --llama-bench PATH")
 
     def test(*args: str) -> dict:

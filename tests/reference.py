@@ -161,7 +161,7 @@ def save_folder(model, folder, shards=1):
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
 
-LLAMA_CPP_PYTHON = "0.3.36"  # the sdist ../shared/anchors builds llama.cpp from: its convert_hf_to_gguf.py
+LLAMA_CPP_PYTHON = "0.3.36"  # the sdist scripts/build_llama_cpp.sh builds llama.cpp from: its convert_hf_to_gguf.py
 
 
 def llama_cpp_converter(cache) -> "Path | None":
