@@ -2,6 +2,7 @@
 
     python scripts/bench_serve.py --artifact INT4 [--artifact FP32] [--llama-cpp BIN_DIR] [--gguf FILE]
         [--scenarios throughput,prefix,multiturn,n] [--clients 1,8,16] [--rounds 3] [--max-batch-size 16] [--json]
+        [--speculative ngram|DRAFT]
 
 Every server runs on 127.0.0.1 for the whole run, the measurements taking turns (the machine drifts over minutes);
 medians of --rounds. Each artifact (static KV layout) is served by `gemma-run serve --max-batch-size N`, the first
@@ -17,6 +18,9 @@ and a context of 1,024 tokens a slot.
                  the same 8 clients with nothing warm (they arrive together: the later ones follow the first)
     multiturn    a 10-turn chat re-sent whole each turn (24 new tokens a turn): each turn's time to first token
     n            n=4 against n=1 on a 512-token prompt (64 new tokens): wall time
+
+`--speculative` adds a server of the first artifact with `--speculative ...` to the throughput scenario (its
+prompts are held-out prose: the drafts' acceptance is a plain continuation's, the cost side of speculation).
 
 Run it on an idle machine.
 """
@@ -200,9 +204,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--speculative", default=None, help="also serve the first artifact with --speculative this")
     args = parser.parse_args()
     scenarios = args.scenarios.split(",")
     targets = [ours(folder, args.max_batch_size) for folder in args.artifact]
+    if args.speculative:
+        targets.append(ours(args.artifact[0], args.max_batch_size, "--speculative", args.speculative))
     uncached = ours(args.artifact[0], args.max_batch_size, "--no-prefix-cache") if "prefix" in scenarios else None
     llama = None
     if args.llama_cpp is not None:
