@@ -174,6 +174,10 @@ def check_servable(manifest, options: ServeOptions | None = None) -> None:
         raise NotServable(f"{manifest.folder} returns the last position's logits only; speculative decoding verifies "
                           "k + 1 positions in one run: export it again (its graph then takes num_logits_to_keep) or "
                           "with --logits all")
+    if options is not None and options.speculative not in (None, "ngram") and not (
+            Path(options.speculative) / "manifest.json").is_file():
+        raise ParamError("speculative", f"speculative {options.speculative!r} is neither ngram nor an artifact "
+                                        "directory (no manifest.json there)")
 
 
 def draft_model(model, options: ServeOptions) -> DraftModel:
@@ -183,9 +187,6 @@ def draft_model(model, options: ServeOptions) -> DraftModel:
     from ..model import load
 
     folder = Path(options.speculative)
-    if not (folder / "manifest.json").is_file():
-        raise ParamError("speculative", f"speculative {options.speculative!r} is neither ngram nor an artifact "
-                                        "directory (no manifest.json there)")
     try:
         # the draft and the target run in turn: the draft's threads sleep between its runs (--no-spin does it for
         # the target's too: docs/speculative.md has both figures)
