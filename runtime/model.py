@@ -42,21 +42,23 @@ def load(folder: str | Path, options: LoadOptions | None = None, **given) -> "Ge
     if backend == "tensorrt":
         from .backends.tensorrt_backend import TensorRTBackend
 
-        return GemmaRuntime(manifest, TensorRTBackend(manifest))
+        return GemmaRuntime(manifest, TensorRTBackend(manifest), o)
     if not manifest.path("model.onnx").is_file():
         raise ValueError(f"{folder} has no model.onnx (target {manifest.graph.target!r}); this runtime runs ONNX "
                          "graphs")
     from .backends.onnxruntime_backend import OnnxRuntimeBackend
 
-    return GemmaRuntime(manifest, OnnxRuntimeBackend(manifest, o.provider, o.allow_cpu_fallback, o.threads, o.spin))
+    return GemmaRuntime(manifest, OnnxRuntimeBackend(manifest, o.provider, o.allow_cpu_fallback, o.threads, o.spin),
+                        o)
 
 
 class GemmaRuntime(TransformersGenerate):
     """An artifact with its backend, tokenizer (None for a token-ids-only artifact) and chat template."""
 
-    def __init__(self, manifest: Manifest, backend):
+    def __init__(self, manifest: Manifest, backend, load_options: LoadOptions | None = None):
         self.manifest = manifest
         self.backend = backend
+        self.load_options = load_options or LoadOptions()  # how it was opened: a draft artifact is opened alike
         generation = manifest.generation
         self.eos_token_ids = list(generation.eos_token_ids) if generation else []
         self.pad_token_id = generation.pad_token_id if generation else 0
@@ -159,7 +161,7 @@ class GemmaRuntime(TransformersGenerate):
         from .serving.scheduler import Scheduler
 
         options = ServeOptions(max_batch_size=1, speculative=speculative,
-                               num_speculative_tokens=num_speculative_tokens)
+                               num_speculative_tokens=num_speculative_tokens, load=self.load_options)
         if self._engine is None or self._engine.options != options or self._engine.kv is not self.cache:
             self._engine = Scheduler(self, options)
             self.cache = self._engine.kv

@@ -184,7 +184,7 @@ class DraftModel:
 
     def propose(self, row: int, tokens: Sequence[int], k: int) -> list[int]:
         kv, rows = self.kv, slice(row, row + 1)
-        if kv.max_length is not None and len(tokens) + k > kv.max_length:
+        if len(tokens) + k > kv.max_length:
             return []  # past the draft's buffers: the target goes on alone
         kv.keep(row, kv.prefix(row, tokens))
         fed = len(kv.tokens[row])

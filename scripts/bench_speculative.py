@@ -318,11 +318,11 @@ def bench_decode(artifact: str, k: int, new_tokens: int, rounds: int, words: int
     acceptance = {name: [] for name in prompts}
     for round_ in range(rounds):
         for name, ids in prompts.items():
-            for mode, speculative in modes.items():
-                model.engine(**speculative).kv.clear(0)  # no prefix kept from the other mode's run
-                out = time_speculative(model, ids, new_tokens, **speculative)
+            for mode, given in modes.items():
+                model.engine(**given).kv.clear(0)  # no prefix kept from the other mode's run
+                out = time_speculative(model, ids, new_tokens, **given)
                 rates[name][mode].append(out["decode_tokens_per_s"])
-                if speculative:
+                if given:
                     acceptance[name].append(out["acceptance_rate"])
             log.info("round %d %s: %s", round_ + 1, name,
                      ", ".join(f"{mode} {rates[name][mode][-1]:.1f} tok/s" for mode in modes))

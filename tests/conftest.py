@@ -14,18 +14,20 @@ import pytest
 
 @contextlib.contextmanager
 def shared_folder(tmp_path_factory, name: str):
-    """A folder of the test run that one worker makes and every worker reads: yields (folder, whether it still needs
-    making); the caller makes it inside the `with`, under the lock."""
+    """A folder of the test run that every worker reads, yielded under a lock: the caller exports there what is not
+    there yet (an artifact is complete once its manifest.json exists: exports write it last)."""
     from filelock import FileLock
 
     base = tmp_path_factory.getbasetemp()
     root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the workers' common directory
     folder = root / "shared" / name
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
-        done = folder.with_name(name + ".done")
-        yield folder, not done.exists()
-        done.touch()
+        yield folder
+
+
+def missing(folder: Path) -> bool:
+    return not (folder / "manifest.json").is_file()
 
 
 @pytest.fixture(scope="session")
@@ -58,8 +60,8 @@ def real_artifact(tmp_path_factory, real_model_dir):
     """The packaged real model exported once per test session (float32, dynamic KV, all logits)."""
     from exporter import ExportOptions, export
 
-    with shared_folder(tmp_path_factory, "real") as (root, needed):
-        if needed:
+    with shared_folder(tmp_path_factory, "real") as root:
+        if missing(root / "gemma3-270m"):
             export("gemma3-270m", root / "gemma3-270m", ExportOptions(progress=False))
     return root / "gemma3-270m"
 
@@ -69,10 +71,11 @@ def tiny_artifacts(tmp_path_factory):
     """tiny-gemma3 (random weights, sliding window 8) in both KV layouts; token ids only."""
     from exporter import ExportOptions, export
 
-    with shared_folder(tmp_path_factory, "tiny") as (root, needed):
+    with shared_folder(tmp_path_factory, "tiny") as root:
         dynamic, static = root / "dynamic", root / "static"
-        if needed:
+        if missing(dynamic):
             export("random:tiny-gemma3", dynamic, ExportOptions(progress=False, verify=False))
+        if missing(static):
             export("random:tiny-gemma3", static, ExportOptions(progress=False, verify=False, kv_cache="static",
                                                                 max_length=64))
     return {"dynamic": dynamic, "static": static}
@@ -88,8 +91,8 @@ def real_static_artifact(tmp_path_factory, real_model_dir):
 
     if os.environ.get("GEMMA_DEPLOY_REAL_STATIC_ARTIFACT"):
         return Path(os.environ["GEMMA_DEPLOY_REAL_STATIC_ARTIFACT"])
-    with shared_folder(tmp_path_factory, "real-static") as (root, needed):
-        if needed:
+    with shared_folder(tmp_path_factory, "real-static") as root:
+        if missing(root / "gemma3-270m-static"):
             export("gemma3-270m", root / "gemma3-270m-static", ExportOptions(
                 target="ort", kv_cache="static", max_length=8192, logits="last", progress=False))
     return root / "gemma3-270m-static"

@@ -128,7 +128,7 @@ class Request:
     last_token_at: float = 0.0
     sampler: Callable | None = None
     matcher: object | None = None  # grammar.Matcher: which tokens may come next
-    proposer: object | None = None  # speculative.NgramProposer: drafts for it
+    proposer: object | None = None  # speculative.NgramProposer or DraftRow: drafts for it
     text: TextStream | None = None
     pending: list[int] = field(default_factory=list)  # tokens whose text is held back (a character, a stop string)
     pending_logprobs: list = field(default_factory=list)
@@ -323,8 +323,12 @@ class Scheduler:
         try:
             runs = self.plan()
             self._start_masks(runs)
-            outputs = [self.execute(run) for run in runs]
-            self.update(runs, outputs)
+            outputs = []
+            for run in runs:
+                outputs.append(self.execute(run))
+                if self._forgotten():  # the runs planned after it counted on what a row held
+                    break
+            self.update(runs[:len(outputs)], outputs)
         except Exception as e:  # a bug or a failing backend: every request under way learns it, the loop goes on
             log.exception("scheduler step failed")
             for request in [r for r in self.owner if r is not None]:
@@ -332,6 +336,15 @@ class Scheduler:
                 self._free(request)
         self.steps += 1
         self._gauges()
+
+    def _forgotten(self) -> bool:
+        """Whether a run just cost a request what its row held: on GroupQueryAttention's windowed cache, the dummy
+        token an idle row computes may compact its window, and the cache then forgets the row (runtime/kv.py). The
+        request computes its tokens again from the start (they are all kept: prompt and generated)."""
+        lost = [r for r in self.owner if r is not None and self.kv.lengths[r.row] < r.computed]
+        for r in lost:
+            r.computed = r.cached = int(self.kv.lengths[r.row])
+        return bool(lost)
 
     def generate(self, prompt: list[int], params: SamplingParams, output: Output = Output(),
                  tokens: list[int] | None = None) -> Iterator[str]:

@@ -312,6 +312,28 @@ def test_the_prefix_cache_and_followers_on_every_family(families, name):
     assert one_by_one[1].finished[0].cached_tokens == len(model.tokenizer.encode(LONG))
 
 
+def test_a_prompt_whose_window_an_idle_run_compacts_is_computed_again(fused):
+    """The windowed cache (16 slots, window 8): a row between two decoding rows idles in their run, writing a dummy
+    token at its next slot; at 16 tokens that token compacts the window and the row loses what it held. Its request,
+    half-way through its prompt, computes it again from the start: every completion is still the request's alone."""
+    model = runtime.load(fused["window"])
+    words = (LONG + " " + SHARED).split()
+    eight = next(" ".join(words[:i]) for i in range(1, len(words))
+                 if len(model.tokenizer.encode(" ".join(words[:i]))) == 8)
+    prompts = [eight, SHARED + " " + LONG, eight]  # 8 tokens, 40 or so, 8: rows 0, 1 and 2
+    p = params(max_new_tokens=24)
+    alone = [model.generate_text(x, p) for x in prompts]
+    scheduler = Scheduler(model, ServeOptions(max_batch_size=3, prefix_cache=False)).start()
+    try:
+        collectors = [Collector() for _ in prompts]
+        for prompt, collector in zip(prompts, collectors):
+            scheduler.submit(model.tokenizer.encode(prompt), p, collector)
+        assert all(c.done.wait(60) for c in collectors)
+    finally:
+        scheduler.stop()
+    assert [c.text for c in collectors] == alone
+
+
 # -- speculative decoding --------------------------------------------------------------------------------------
 
 
