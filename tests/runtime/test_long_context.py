@@ -18,13 +18,15 @@ from models.loading import load_model
 from runtime.spec import RING_CHUNK, ArtifactOptions, ModelSpec, resolve
 from tests.reference import left_padded_batch, transformers_reference
 
-CASES = [("tiny-gemma2", "ort", "ring"), ("tiny-gemma2", "ort", "full"), ("tiny-gemma2", "ort", "window"),
-         ("tiny-gemma3", "ort", "ring"), ("tiny-gemma3", "ort", "full"), ("tiny-gemma3", "ort", "window"),
-         ("tiny-gemma3", "onnx", "ring")]
+# "full" on the fused graph is also what tests/exporter/test_fusions.py and the scheduler's fused tests run: slow here
+CASES = [pytest.param(case, id="-".join(case), marks=[pytest.mark.slow] if case[1:] == ("ort", "full") else [])
+         for case in [("tiny-gemma2", "ort", "ring"), ("tiny-gemma2", "ort", "full"), ("tiny-gemma2", "ort", "window"),
+                      ("tiny-gemma3", "ort", "ring"), ("tiny-gemma3", "ort", "full"), ("tiny-gemma3", "ort", "window"),
+                      ("tiny-gemma3", "onnx", "ring")]]
 MAX_LENGTH, PROMPTS, NEW = 96, [45, 29], 30
 
 
-@pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
+@pytest.fixture(scope="module", params=CASES)
 def case(request, tmp_path_factory):
     name, target, sliding_cache = request.param
     folder = tmp_path_factory.mktemp("long") / name
