@@ -323,17 +323,6 @@ class _QDQ:
         if graph.opset_imports.get("", 0) < 21:  # blocked DequantizeLinear and int4 tensors: opset 21
             graph.opset_imports[""] = 21
 
-    def _widened(self, stored, dtype):
-        """Scales exact in float16 (Blocks) stored so, half the bytes, and cast to the graph's type by a node at the
-        graph's start (before the table's lookup, which reads them too); ONNX Runtime folds it when it loads."""
-        import onnx_ir as ir
-
-        wide = ir.DataType.from_numpy(np.dtype(dtype))
-        output = ir.Value(name=f"{stored.name}_{wide.name.lower()}", type=ir.TensorType(wide), shape=stored.shape)
-        cast = ir.node("Cast", [stored], {"to": wide}, name=f"{stored.name}_widen", outputs=[output])
-        self.graph.insert_before(next(iter(self.graph)), [cast])
-        return output
-
     def matmul(self, node, blocks: Blocks, value) -> None:
         import onnx_ir as ir
 
