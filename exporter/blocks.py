@@ -27,6 +27,7 @@ class Blocks:
     bits: int
     block_size: int
     K: int
+    offsets: np.ndarray | None = None  # float16 [N, K_blocks]: added to each block's values (grid_blocks)
 
     def dequantize(self) -> np.ndarray:
         """The float32 weight [K, N] this encodes."""
@@ -37,6 +38,8 @@ class Blocks:
             q = self.packed.reshape(N, k_blocks, self.block_size)
         zero = self._zero_points_unpacked(N, k_blocks)
         w = (q.astype(np.float32) - zero[..., None]) * self.scales.astype(np.float32)[..., None]
+        if self.offsets is not None:
+            w += self.offsets.astype(np.float32)[..., None]
         return np.ascontiguousarray(w.reshape(N, -1)[:, : self.K].T)
 
     def _zero_points_unpacked(self, N: int, k_blocks: int) -> np.ndarray:
@@ -138,6 +141,36 @@ def int8_blocks(weight: np.ndarray, block_size: int = GGML_BLOCK) -> Blocks:
     zero = np.clip(np.rint(-low * inverse), 0, 255)
     q = np.clip(np.rint(w * inverse[..., None]) + zero[..., None], 0, 255).astype(np.uint8)
     return Blocks(q, scale, zero.astype(np.uint8), 8, block_size, weight.shape[0])
+
+
+def grid_blocks(weight: np.ndarray, block_size: int = GGML_BLOCK, tolerance: float = 1e-3) -> Blocks:
+    """4-bit blocks of a weight whose blocks each lie on a grid of at most 16 evenly spaced values that need not hold
+    0: a GGUF's Q4_K (a scale and a minimum per sub-block of 32: s * q - m), Q4_1. MatMulNBits' integer zero point
+    puts 0 on its grid, so each block keeps the rest as a float offset (`Blocks.offsets`, added by a second product
+    in the graph: exporter/quantize.py). The scale is the block's step (the fewest steps from its least value that
+    reach every value within `tolerance` of a step), rounded to float16, and the offset the mean remainder, in
+    float16: a value comes back within about 1/500 of its step. A block on no such grid is rounded to 15 steps."""
+    w = _blocked(weight, block_size)
+    low, span = w.min(-1), w.max(-1) - w.min(-1)
+    steps = np.full(low.shape, 15)
+    found = span == 0
+    for count in range(1, 16):
+        position = (w - low[..., None]) / np.where(found, 1, span / count)[..., None]
+        fits = ~found & (np.abs(position - np.rint(position)).max(-1) < tolerance)
+        steps[fits] = count
+        found |= fits
+    scale = (span / steps).astype(np.float16)
+    wide = scale.astype(np.float32)
+    inverse = np.divide(1.0, wide, out=np.zeros_like(wide), where=wide != 0)
+    q = np.clip(np.rint((w - low[..., None]) * inverse[..., None]), 0, 15)
+    zero = np.clip(np.rint(-low * inverse), 0, 15)
+    offsets = (w - wide[..., None] * (q - zero[..., None])).mean(-1).astype(np.float16)
+    return Blocks(pack_nibbles(q), scale, pack_nibbles(_even(zero)), 4, block_size, weight.shape[0], offsets)
+
+
+def _even(zero: np.ndarray) -> np.ndarray:
+    """Per-block zero points [N, K_blocks] padded to an even count, to pack two a byte."""
+    return np.pad(zero, ((0, 0), (0, zero.shape[1] % 2)))
 
 
 def _blocked(weight: np.ndarray, block_size: int) -> np.ndarray:

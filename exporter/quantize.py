@@ -26,7 +26,7 @@ import numpy as np
 from runtime.manifest import QuantResult
 from runtime.spec import QuantSpec
 
-from .blocks import GGML_BLOCK, GGML_EXACT, Blocks, ggml_blocks, hqq, int8_blocks, rtn
+from .blocks import GGML_BLOCK, GGML_EXACT, Blocks, ggml_blocks, grid_blocks, hqq, int8_blocks, rtn
 from .graph_io import save_in_place
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def _blocks(name: str, tied: bool, weight: np.ndarray, quant: QuantSpec, select:
     """One weight's blocks, or None to leave it in float. A layer's int8 is ggml's Q8_0 (blocks of 32, a scale each),
     the tied table's Q8_0's rule on blocks of TABLE_BLOCK."""
     if quant.method == "gguf" and not (tied and quant.lm_head != "gguf"):
-        return _carried(weight, _ggml_type(ggml_types, name, tied))
+        return _carried(weight, _ggml_type(ggml_types, name, tied), lookup=tied)
     bits = select(name, tied)
     if bits is None:
         return None
@@ -160,17 +160,19 @@ def _ggml_type(types: dict[str, str], name: str, tied: bool) -> str:
                      "export from the GGUF the weights came from")
 
 
-def _carried(weight: np.ndarray, ggml_type: str) -> Blocks | None:
-    """A GGUF tensor's blocks in MatMulNBits: the GGML_EXACT formats as they are; float tensors stay float; the
-    k-quants to 8 bits in blocks of 32. Q6_K (a signed 6-bit value times a scale per 16) symmetric, by Q8_0's rule;
-    Q4_K, Q5_K (a scale and a minimum per sub-block of 32) with a zero point: a Q4_K sub-block spans 15 of its steps,
-    so the error is within 1/34 of a step. 4 bits would not hold them: a Q4_K minimum is rarely a whole number of
-    steps, and an integer zero point moves each block by up to half a step (+5% perplexity on the packaged model,
-    docs/precision.md)."""
+def _carried(weight: np.ndarray, ggml_type: str, lookup: bool = False) -> Blocks | None:
+    """A GGUF tensor's blocks in MatMulNBits: the GGML_EXACT formats as they are; float tensors stay float; Q4_K
+    and Q4_1 (16 levels from a minimum per block of 32, which an integer zero point cannot hold) as 4-bit blocks
+    with a float offset per block (`grid_blocks`: within 1/100 of a step; a table also looked up takes 8 bits, as
+    GatherBlockQuantized adds no offsets); Q6_K (a signed 6-bit value times a scale per 16) as symmetric 8-bit blocks,
+    by Q8_0's rule; the other k-quants (Q5_K: 32 levels from a minimum) as 8-bit blocks with a zero point, within
+    1/16 of their own step."""
     if ggml_type in GGML_EXACT:
         return ggml_blocks(weight, ggml_type)
     if ggml_type in ("F32", "F16", "BF16"):
         return None
+    if ggml_type in ("Q4_K", "Q4_1") and weight.shape[0] % GGML_BLOCK == 0 and not lookup:
+        return grid_blocks(weight)
     if ggml_type == "Q6_K":
         return ggml_blocks(weight, "Q8_0")
     return int8_blocks(weight, GGML_BLOCK)
@@ -261,14 +263,32 @@ class _MatMulNBits:
         import onnx_ir as ir
 
         base, dtype = value.name, value.const_value.numpy().dtype
-        packed, scales, zero_points = self._weights(blocks, base, dtype)
+        stored = blocks if blocks.offsets is None else _with_block_sums(blocks)
+        packed, scales, zero_points = self._weights(stored, base, dtype)
         self.cache = (packed, scales, zero_points)
         inputs = [node.inputs[0], packed, scales] + ([zero_points] if zero_points is not None else [])
-        attributes = {"K": blocks.K, "N": blocks.packed.shape[0], "bits": blocks.bits, "block_size": blocks.block_size}
+        attributes = {"K": blocks.K, "N": stored.packed.shape[0], "bits": blocks.bits, "block_size": blocks.block_size}
         if self.options.accuracy_level:
             attributes["accuracy_level"] = self.options.accuracy_level
-        new = ir.node("MatMulNBits", inputs, attributes, domain="com.microsoft", name=f"{node.name}_Q{blocks.bits}")
-        _replace(self.graph, node, [new])
+        new = [ir.node("MatMulNBits", inputs, attributes, domain="com.microsoft", name=f"{node.name}_Q{blocks.bits}")]
+        if blocks.offsets is not None:
+            new += self._offsets(new[0].outputs[0], blocks, base, dtype, node.outputs[0])
+        _replace(self.graph, node, new)
+
+    def _offsets(self, out, blocks: Blocks, base: str, dtype, product) -> list:
+        """x @ W = MatMulNBits' product + (x's sum over each block) @ the blocks' offsets: the product's last
+        K_blocks columns are those sums (`_with_block_sums`), Split off and multiplied by the offsets [K_blocks, N]
+        (float16, widened like the scales)."""
+        import onnx_ir as ir
+
+        N, k_blocks = blocks.offsets.shape
+        widths = self._init(f"{base}_split", np.array([N, k_blocks], np.int64))
+        split = ir.node("Split", [out, widths], {"axis": -1}, num_outputs=2, name=f"{base}_split")
+        offsets = self._widened(self._init(f"{base}_offsets", np.ascontiguousarray(blocks.offsets.T)), dtype)
+        correction = ir.node("MatMul", [split.outputs[1], offsets], name=f"{base}_offsets")
+        for value in (split.outputs[0], correction.outputs[0]):  # the product's shape: the norm after it fuses the Add
+            value.shape, value.type = product.shape, product.type
+        return [split, correction, ir.node("Add", [split.outputs[0], correction.outputs[0]], name=f"{base}_add")]
 
     def table(self, gather, blocks: Blocks, base: str, dtype) -> None:
         """Gather(T [V, C], ids) -> [ids.., C] becomes GatherBlockQuantized on T's rows, packed."""
@@ -352,6 +372,18 @@ class _QDQ:
                      name=f"{base}_DQ")
         self.graph.insert_before(gather, [dq])
         gather.replace_input_with(0, dq.outputs[0])
+
+
+def _with_block_sums(blocks: Blocks) -> Blocks:
+    """The blocks with K_blocks more output columns, each the sum of the input over one block: 1 at that block's
+    rows and 0 elsewhere (scale 1, zero point 0), exact in 4 bits."""
+    N, k_blocks, width = blocks.packed.shape
+    ones = np.eye(k_blocks, dtype=np.uint8)[..., None] * np.uint8(0x11)  # two 1s a byte: the block's row
+    sums = np.broadcast_to(ones, (k_blocks, k_blocks, width))
+    zero = np.zeros((k_blocks, blocks.zero_points.shape[1]), np.uint8)
+    return Blocks(np.concatenate([blocks.packed, sums]),
+                  np.concatenate([blocks.scales, np.ones((k_blocks, k_blocks), blocks.scales.dtype)]),
+                  np.concatenate([blocks.zero_points, zero]), blocks.bits, blocks.block_size, blocks.K)
 
 
 def _initializer(graph, name: str, array: np.ndarray, dtype=None):

@@ -54,15 +54,18 @@ def fuse_for_ort(path: Path, spec) -> dict[str, int]:
 
 
 def pack_for_ort(path: Path) -> dict[str, int]:
-    """After quantization: the MatMulNBits that read one input (q/k/v, gate/up) packed into one and a Split."""
+    """After quantization: the MatMulNBits that read one input (q/k/v, gate/up) packed into one and a Split; the Add
+    of a GGUF block's offsets (exporter/quantize.py) taken into the norm after it, as its skip input."""
     import onnx_ir as ir
     import onnx_ir.passes.common  # noqa: F401
+    from onnxscript.rewriter.ort_fusions.skip_normalization import skip_rms_normalization_ruleset
 
     from .packed_matmul import packed_attention_rules, packed_mlp_rules
 
     model = ir.load(path)
     counts = {"packed_attention": packed_attention_rules.apply_to_model(model),
-              "packed_mlp": packed_mlp_rules.apply_to_model(model)}
+              "packed_mlp": packed_mlp_rules.apply_to_model(model),
+              "skip_rms_offsets": skip_rms_normalization_ruleset.apply_to_model(model)}
     ir.passes.common.RemoveUnusedNodesPass()(model)  # the weights that were packed
     fired = {name: count for name, count in counts.items() if count}
     save_in_place(model, path)

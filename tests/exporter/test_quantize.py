@@ -530,7 +530,7 @@ def test_ggml_blocks_give_back_a_gguf_block_bit_for_bit(ggml_type):
 
 def test_gguf_method_carries_the_packaged_models_blocks(real_model_dir):
     """The packaged model's float weights are its GGUF's blocks: the Q8_0 table and the Q5_0 tensors come back
-    bit for bit; the k-quants go to 8 bits, within 1/34 of their own step."""
+    bit for bit; its Q4_K tensors go to 4 bits with an offset a block, within 1/100 of their own step."""
     from safetensors.numpy import load_file
 
     from exporter.quantize import _carried, _ggml_type
@@ -547,12 +547,70 @@ def test_gguf_method_carries_the_packaged_models_blocks(real_model_dir):
         blocks = _carried(w, ggml_type)
         if ggml_type in ("Q8_0", "Q5_0"):
             np.testing.assert_array_equal(blocks.dequantize(), w)
-        else:
-            # a Q4_K sub-block of 32 spans at most 15 of its steps; 8 bits round within half of 1/255 of it
-            assert ggml_type == "Q4_K" and blocks.bits == 8
-            by_block = w.reshape(-1, 32, w.shape[1])
-            error = np.abs(blocks.dequantize() - w).reshape(by_block.shape).max(1)
-            assert (error <= (by_block.max(1) - by_block.min(1)) / 510 * 1.001).all()
+        else:  # Q4_K: 4 bits and an offset a block, within 1/100 of the block's own step
+            assert ggml_type == "Q4_K" and blocks.bits == 4 and blocks.offsets is not None
+            error = np.abs(blocks.dequantize() - w).reshape(-1, 32, w.shape[1]).max(1)
+            assert (error <= blocks.scales.astype(np.float32).T / 100).all()
+
+
+@pytest.mark.parametrize("ggml_type", ["Q4_K", "Q4_1"])
+def test_grid_blocks_hold_a_gguf_block_and_the_graph_adds_its_offsets(tmp_path, ggml_type):
+    """A block of 16 levels from a minimum (gguf's own quantizer) is 4 bits and a float offset, within 1/100 of its
+    step; the pass writes MatMulNBits with the blocks' sums as extra columns, their product with the offsets, and
+    (after packing) their sum taken into the norm after it, as its skip: the graph equals x @ (the dequantized W)."""
+    import onnx_ir as ir
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from exporter.blocks import grid_blocks
+    from exporter.fusions import pack_for_ort
+    from exporter.quantize import quantize_graph
+    from runtime.spec import QuantSpec
+
+    rng = np.random.default_rng(0)
+    K, N = 512, 48
+    if ggml_type == "Q4_K":  # gguf-py does not quantize it: ggml's dequantization of random blocks, 0 in each range
+        d = rng.uniform(0.001, 0.01, (N, K // 256, 1)).astype(np.float16).astype(np.float32)
+        d_min = (d * 15).astype(np.float16).astype(np.float32)
+        scale = d * rng.integers(1, 64, (N, K // 256, 8))
+        minimum = d_min * np.clip(np.rint(scale * rng.uniform(0, 15, scale.shape) / d_min), 0, 63)
+        q = rng.integers(0, 16, (N, K // 32, 32))
+        stored = (scale.reshape(N, -1, 1) * q - minimum.reshape(N, -1, 1)).reshape(N, K).T
+    else:
+        kind = getattr(GGMLQuantizationType, ggml_type)
+        stored = dequantize(quantize(rng.standard_normal((N, K)).astype(np.float32), kind), kind).reshape(N, K).T
+    stored = np.ascontiguousarray(stored, dtype=np.float32)
+    blocks = grid_blocks(stored)
+    assert blocks.bits == 4 and blocks.scales.dtype == blocks.offsets.dtype == np.float16
+    error = np.abs(blocks.dequantize() - stored).reshape(K // 32, 32, N).max(1)
+    assert (error <= blocks.scales.astype(np.float32).T / 100).all()
+    assert (error.max() == 0) == (ggml_type == "Q4_1")  # Q4_1's scale and minimum are float16 already: exact
+    fresh = rng.standard_normal((K, N)).astype(np.float32)  # on no grid: rounded to 15 steps, within half of one
+    assert np.abs(grid_blocks(fresh).dequantize() - fresh).max() < 0.55 * (np.ptp(fresh, 0).max() / 15)
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", K])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", N])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("SimplifiedLayerNormalization", ["h", "g"], ["y"], axis=-1, epsilon=1e-6)]
+    graph = helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(stored, "W"),
+                                                       numpy_helper.from_array(np.ones(N, np.float32), "g")],
+                              value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, "S", N])])
+    path = tmp_path / "model.onnx"
+    ir.save(ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])), path)
+    quant = QuantSpec(method="gguf", bits=4, block_size=32, symmetric=False, lm_head="int8", format="matmulnbits",
+                      accuracy_level=1, int8_weights=())
+    result, dequantized = quantize_graph(path, quant, progress=False, ggml_types={"W": ggml_type})
+    assert result.weights == {"int4": 1, "int8": 0}
+    np.testing.assert_array_equal(dequantized["W"], blocks.dequantize())
+    assert pack_for_ort(path) == {"skip_rms_offsets": 1}
+    ops, _ = _ops(tmp_path)
+    assert ops == {"Cast": 2, "MatMulNBits": 1, "Split": 1, "MatMul": 1, "SkipSimplifiedLayerNormalization": 1}
+
+    feed = rng.standard_normal((1, 5, K)).astype(np.float32)
+    (out,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["y"], {"x": feed})
+    h = feed @ dequantized["W"]
+    expected = h / np.sqrt((h * h).mean(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
 def test_gguf_method_needs_a_gguf_and_takes_no_recipe(tmp_path):
