@@ -308,7 +308,7 @@ class ArtifactOptions:
     sliding_cache: str | None = None  # static layout: ring where the model has sliding-window layers, else full
     logits: str = "all"
     quant: str | None = None  # int4: weight-only, exporter/quantize.py
-    quant_method: str | None = None  # gptq; rtn for --target trt
+    quant_method: str | None = None  # rtn for --target trt, else gguf for a GGUF source, else gptq
     block_size: int = 32
     symmetric: bool | None = None  # symmetric for --target trt, zero points otherwise
     lm_head: str | None = None  # int8 (Q8_0's rule on blocks of 128); int4 for --target trt

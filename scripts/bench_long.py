@@ -1,15 +1,18 @@
-"""Long context: sliding-window layers on a ring against full buffers, in one run: KV bytes and decode tokens/s.
+"""Long context: sliding-window layers on a window or a ring against full buffers, in one run: KV bytes and decode
+tokens/s.
 
     python scripts/bench_long.py [--model gemma3-270m] [--contexts 2048,8192,32000] [--new-tokens 32] \\
         [--rounds 3] [--target ort] [--workdir /tmp/bench-long] [--plot long.png] [--json]
 
-Exports the model twice with --kv-cache static --max-length (the longest context + --new-tokens) --logits last,
---sliding-cache ring and full (kept in --workdir and reused), and prints:
-- KV bytes of one row for an artifact whose --max-length is each context, ring and full (the buffers the runtime
-  allocates: manifest kv.slots), and their ratio;
+Exports the model with --kv-cache static --max-length (the longest context + --new-tokens) --logits last, once per
+--sliding-cache: window (the kernel's windowed cache, --target ort's default), ring and full (--target onnx: ring and
+full); kept in --workdir and reused. Prints:
+- KV bytes of one row for an artifact whose --max-length is each context, per layout (the buffers the runtime
+  allocates: manifest kv.slots);
 - decode tokens/s after a cache of each context: --new-tokens decode steps of one row after its length is set to
-  the context (the cache's contents do not change the work a step does, so no prefill is run), rounds
-  interleaved (ring, full, ring, full...), median per artifact, and the ratio ring / full;
+  the context and its slots filled (what they hold does not change the work a step does, so no prefill is run;
+  slots never written would, as they read from one page of zeros), rounds
+  interleaved (window, ring, full, window...), median per artifact, and each layout's ratio to full;
 - each artifact's parity (its manifest: verified against PyTorch at export).
 With --genai DIR (an onnxruntime-genai folder: scripts/build_genai_baseline.py) its decode after a real prefill of
 each context joins, where it runs that long. --plot draws decode tokens/s against context (needs matplotlib).
@@ -27,15 +30,17 @@ from pathlib import Path
 
 import numpy as np
 
-MODES = ("ring", "full")
+def layouts(target: str) -> tuple[str, ...]:
+    """The --sliding-cache layouts compared (the windowed cache is GroupQueryAttention's: --target ort only)."""
+    return ("window", "ring", "full") if target == "ort" else ("ring", "full")
 
 
-def export_pair(model: str, target: str, max_length: int, workdir: Path) -> dict[str, Path]:
+def export_all(model: str, target: str, max_length: int, workdir: Path) -> dict[str, Path]:
     from exporter import ExportOptions, export
     from runtime.manifest import read_manifest
 
     folders = {}
-    for mode in MODES:
+    for mode in layouts(target):
         folder = workdir / f"{mode}-{target}-{max_length}"
         try:
             manifest = read_manifest(folder, verify=False)
@@ -49,12 +54,12 @@ def export_pair(model: str, target: str, max_length: int, workdir: Path) -> dict
     return folders
 
 
-def kv_bytes(manifest, context: int) -> dict[str, int]:
+def kv_bytes(manifest, context: int, target: str, modes) -> dict[str, int]:
     """One row's KV bytes for an artifact of --max-length `context`, per mode (the spec's slots)."""
     from runtime.spec import ArtifactOptions, resolve
 
-    return {mode: resolve(ArtifactOptions(kv_cache="static", max_length=context, sliding_cache=mode),
-                          manifest.model).kv.bytes_per_row() for mode in MODES}
+    return {mode: resolve(ArtifactOptions(target=target, kv_cache="static", max_length=context,
+                                          sliding_cache=mode), manifest.model).kv.bytes_per_row() for mode in modes}
 
 
 def ours_decode(model, context: int, new_tokens: int):
@@ -64,6 +69,7 @@ def ours_decode(model, context: int, new_tokens: int):
     def once() -> float:
         cache = model.new_cache(1, context + new_tokens)
         cache.assume(0, context)
+        model.backend.fill(0.01)  # slots never written would read faster than a computed context's
         start = time.perf_counter()
         for _ in range(new_tokens):
             cache.feed(slice(0, 1), token)
@@ -111,9 +117,10 @@ def main() -> int:
     import runtime
 
     contexts = [int(c) for c in args.contexts.split(",")]
-    folders = export_pair(args.model, args.target, max(contexts) + args.new_tokens, args.workdir)
+    modes = layouts(args.target)
+    folders = export_all(args.model, args.target, max(contexts) + args.new_tokens, args.workdir)
     models = {mode: runtime.load(folder, verify=False) for mode, folder in folders.items()}
-    runners = {(mode, c): ours_decode(models[mode], c, args.new_tokens) for c in contexts for mode in MODES}
+    runners = {(mode, c): ours_decode(models[mode], c, args.new_tokens) for c in contexts for mode in modes}
     if args.genai:
         runners |= {("genai", c): genai_decode(args.genai, c, args.new_tokens) for c in contexts}
     samples = {key: [] for key in runners}
@@ -131,31 +138,33 @@ def main() -> int:
     manifest = models["ring"].manifest
     rows = []
     for c in contexts:
-        row = {"context": c, "kv_bytes": kv_bytes(manifest, c)}
-        row["kv_ratio"] = round(row["kv_bytes"]["ring"] / row["kv_bytes"]["full"], 4)
+        row = {"context": c, "kv_bytes": kv_bytes(manifest, c, args.target, modes)}
         row["decode_tokens_per_s"] = {mode: round(statistics.median(samples[(mode, c)]), 2)
-                                      for mode in [*MODES, "genai"] if samples.get((mode, c))}
-        row["decode_ratio"] = round(row["decode_tokens_per_s"]["ring"] / row["decode_tokens_per_s"]["full"], 3)
+                                      for mode in [*modes, "genai"] if samples.get((mode, c))}
+        row["decode_ratio_to_full"] = {mode: round(row["decode_tokens_per_s"][mode] / row["decode_tokens_per_s"]["full"], 3)
+                                       for mode in modes if mode != "full"}
         rows.append(row)
-    parity = {mode: models[mode].manifest.parity.max_abs_diff for mode in MODES}
+    parity = {mode: models[mode].manifest.parity.max_abs_diff for mode in modes}
     if args.json:
         print(json.dumps({"model": args.model, "target": args.target, "new_tokens": args.new_tokens,
                           "rounds": args.rounds, "ring_size": manifest.kv.ring_size, "parity_max_abs_diff": parity,
                           "rows": rows}, indent=2))
     else:
         kv = manifest.kv
-        print(f"{args.model}, --target {args.target}: {len(kv.ring_layers)} of {kv.num_layers} layers on a ring of "
+        print(f"{args.model}, --target {args.target}: {len(kv.ring_layers)} of {kv.num_layers} layers sliding, "
               f"{kv.ring_size} slots; decode {args.new_tokens} steps, median of {args.rounds} interleaved rounds")
-        print(f"{'context':>8} {'KV ring MiB':>12} {'KV full MiB':>12} {'ring/full':>10} {'ring tok/s':>11} "
-              f"{'full tok/s':>11} {'ring/full':>10}" + (f" {'genai tok/s':>12}" if args.genai else ""))
+        header = [f"KV {m} MiB" for m in modes] + [f"{m} tok/s" for m in modes] + [f"{m}/full" for m in modes[:-1]]
+        print(f"{'context':>8} " + " ".join(f"{h:>13}" for h in header) + (f" {'genai tok/s':>12}" if args.genai else ""))
         for r in rows:
             speed = r["decode_tokens_per_s"]
-            line = (f"{r['context']:8d} {r['kv_bytes']['ring'] / 2**20:12.1f} {r['kv_bytes']['full'] / 2**20:12.1f} "
-                    f"{r['kv_ratio']:10.3f} {speed['ring']:11.1f} {speed['full']:11.1f} {r['decode_ratio']:10.2f}")
+            cells = ([f"{r['kv_bytes'][m] / 2**20:13.1f}" for m in modes] + [f"{speed[m]:13.1f}" for m in modes]
+                     + [f"{r['decode_ratio_to_full'][m]:13.2f}" for m in modes[:-1]])
+            line = f"{r['context']:8d} " + " ".join(cells)
             if args.genai:
                 line += f" {speed['genai']:12.1f}" if "genai" in speed else f" {'failed':>12}"
             print(line)
-        print(f"parity at export (max |logit diff| against PyTorch): ring {parity['ring']:.2e}, full {parity['full']:.2e}")
+        print("parity at export (max |logit diff| against PyTorch): "
+              + ", ".join(f"{m} {parity[m]:.2e}" for m in modes))
     if args.plot:
         import matplotlib
 
@@ -163,14 +172,14 @@ def main() -> int:
         import matplotlib.pyplot as plt
 
         figure, axis = plt.subplots(figsize=(6, 4))
-        for mode in [*MODES, "genai"]:
+        for mode in [*modes, "genai"]:
             points = [(r["context"], r["decode_tokens_per_s"][mode]) for r in rows if mode in r["decode_tokens_per_s"]]
             if points:
                 axis.plot(*zip(*points), marker="o", label=mode if mode != "genai" else "onnxruntime-genai")
         axis.set_xscale("log", base=2)
         axis.set_xlabel("context (tokens)")
         axis.set_ylabel("decode tokens/s")
-        axis.set_title(f"{args.model}: sliding-window layers on a ring vs full buffers")
+        axis.set_title(f"{args.model}: sliding-window layers' caches against full buffers")
         axis.legend()
         axis.grid(True, alpha=0.3)
         figure.tight_layout()

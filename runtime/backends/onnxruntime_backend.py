@@ -120,6 +120,13 @@ class OnnxRuntimeBackend(Backend):
             end = array.shape[2] if ring else length
             array[target, :, :end] = array[source, :, :end]
 
+    def fill(self, value: float) -> None:
+        """Benchmarks: write `value` to every slot of the static cache. Memory never written maps one shared page of
+        zeros, which a step reads from the CPU's cache, not from memory: a decode after `KVCache.assume` over such
+        slots measured up to 1.3x faster than over a context that was computed."""
+        for array in self._arrays:
+            array.fill(value)
+
     def _kv_value(self, shape):
         return self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), self.device, 0)
 

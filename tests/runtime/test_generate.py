@@ -46,6 +46,20 @@ def test_static_layout_allocates_nothing_per_step(tiny_artifacts):
     assert len(set(seen[0])) == 12  # one buffer each for 6 layers' keys and values: past and present alike
 
 
+def test_assumed_context_reads_the_filled_slots(tiny_artifacts):
+    """scripts/bench_long.py's decode after a context it did not compute: KVCache.assume counts the tokens, and
+    the backend's fill writes the very buffers a step reads (its logits follow the value written)."""
+    model = runtime.load(tiny_artifacts["static"])
+    logits = []
+    for value in (0.0, 0.5, 0.5):
+        cache = model.new_cache(1, 40)
+        cache.assume(0, 30)
+        model.backend.fill(value)
+        logits.append(cache.feed(slice(0, 1), np.array([[7]])))
+    assert cache.lengths[0] == 31
+    assert not np.allclose(logits[0], logits[1]) and np.array_equal(logits[1], logits[2])
+
+
 def test_context_limits(tiny_artifacts):
     static = runtime.load(tiny_artifacts["static"])  # max_length 64: the buffers cannot grow
     with pytest.raises(ContextLengthError, match="the prompt has 64 tokens but the context holds 64"):
