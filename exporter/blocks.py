@@ -128,9 +128,9 @@ def ggml_blocks(weight: np.ndarray, ggml_type: str, block_size: int = GGML_BLOCK
 
 
 def int8_blocks(weight: np.ndarray, block_size: int = GGML_BLOCK) -> Blocks:
-    """8-bit blocks with a zero point, the scale rounded to fp16 first: a block's range in 255 steps. A GGUF's
-    k-quant tensors (Q4_K, Q5_K: a scale and a minimum per sub-block, which MatMulNBits' integer zero points hold only
-    to a step) come within 1/34 of their own step (a Q4_K sub-block spans 15 of its steps)."""
+    """8-bit blocks with a zero point, the scale rounded to fp16 first: a block's range in 255 steps. A GGUF's Q5_K
+    tensors (32 levels from a minimum per sub-block, which MatMulNBits' integer zero points hold only to a step) come
+    within 1/16 of their own step (a sub-block spans 31 of its steps)."""
     w = _blocked(weight, block_size)
     low, high = np.minimum(w.min(-1), 0), np.maximum(w.max(-1), 0)
     exact = (high - low) / 255
