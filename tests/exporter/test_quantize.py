@@ -613,6 +613,39 @@ def test_grid_blocks_hold_a_gguf_block_and_the_graph_adds_its_offsets(tmp_path, 
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
+def test_a_gguf_of_q4_k_projections_exports_fused_and_equals_its_reference(tmp_path, monkeypatch):
+    """A GGUF whose every projection is Q4_K (tiny-gemma3, its types stood in for): each projection takes the
+    offsets' Split and MatMul, q/k/v and gate/up stay unpacked (the packing rules do not match them), the Adds
+    after o and down go into the norms, and the fused graph equals the PyTorch model holding the dequantized
+    weights."""
+    from models.loading import Checkpoint
+
+    def types(self):
+        return {name: "Q8_0" if "embed" in name else "Q4_K" for name in _projection_names(self.config)}
+
+    monkeypatch.setattr(Checkpoint, "ggml_types", types)
+    config = presets.config("tiny-gemma3")
+    L = config.num_hidden_layers
+    manifest = export("random:tiny-gemma3", tmp_path / "a",
+                      ExportOptions(target="ort", quant="int4", accuracy_level=1, progress=False))
+    assert manifest.quant.method == "gguf" and manifest.quantized.weights == {"int4": LINEARS_PER_LAYER * L,
+                                                                             "int8": 1}
+    assert manifest.parity.passed and manifest.parity.max_abs_diff <= 1e-4 and manifest.parity.greedy_agreement == 1
+    assert manifest.fusions["skip_rms_offsets"] == 2 * L and "packed_attention" not in manifest.fusions
+    ops, graph = _ops(tmp_path / "a")
+    offsets = [n for n in graph.node if n.op_type == "MatMul" and n.name.endswith("_offsets")]
+    assert ops["Split"] == len(offsets) == LINEARS_PER_LAYER * L and ops["GroupQueryAttention"] == L
+    assert ops["Add"] == (LINEARS_PER_LAYER - 2) * L  # q, k, v, gate, up: no norm right after them
+
+
+def _projection_names(config) -> list[str]:
+    """The Hugging Face names of the embedding and every layer's projections."""
+    parts = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj"]
+    layers = range(config.num_hidden_layers)
+    return ["model.embed_tokens.weight"] + [f"model.layers.{i}.{part}.weight" for i in layers for part in parts]
+
+
 def test_gguf_method_needs_a_gguf_and_takes_no_recipe(tmp_path):
     with pytest.raises(ValueError, match="has no GGUF: pass a .gguf file"):
         export("random:tiny-gemma3", tmp_path / "a", ExportOptions(quant="int4", quant_method="gguf", progress=False))
