@@ -82,12 +82,15 @@ def params(**kw) -> SamplingParams:
 
 
 def serve(model, prompts, each=None, **options) -> list[Collector]:
-    """Submit every prompt at once (each with `each(i)` params, else greedy), wait, stop; the collectors."""
-    scheduler = Scheduler(model, ServeOptions(**options)).start()
+    """Submit every prompt at once (each with `each(i)` params, else greedy), wait, stop; the collectors. They are
+    all queued before the scheduler's first step: started first, it could run the first request alone for a few
+    steps while the others were still being tokenized, and a windowed cache compacts within them."""
+    scheduler = Scheduler(model, ServeOptions(**options))
     try:
         collectors = [Collector() for _ in prompts]
         for i, (prompt, collector) in enumerate(zip(prompts, collectors)):
             scheduler.submit(model.tokenizer.encode(prompt), each(i) if each else params(), collector)
+        scheduler.start()
         assert all(c.done.wait(60) for c in collectors)
     finally:
         scheduler.stop()
