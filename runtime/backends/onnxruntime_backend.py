@@ -123,7 +123,7 @@ class OnnxRuntimeBackend(Backend):
     def fill(self, value: float) -> None:
         """Benchmarks: write `value` to every slot of the static cache. Memory never written maps one shared page of
         zeros, which a step reads from the CPU's cache, not from memory: a decode after `KVCache.assume` over such
-        slots measured up to 1.3x faster than over a context that was computed."""
+        slots measured up to 1.6x faster than over a context that was computed (full buffers at 32k)."""
         for array in self._arrays:
             array.fill(value)
 
