@@ -177,6 +177,7 @@ def runtime_steps(model, ids, tokens):
 
 
 @pytest.mark.real
+@pytest.mark.slow  # transformers' 8,000-token reference takes minutes; the tiny models' windows run by default
 def test_an_8000_token_prompt_on_the_real_models_window(real_static_artifact, real_8000):
     """The sliding-window layers keep 640 slots of the 8,192 (GroupQueryAttention's windowed cache): the prompt
     prefills in one run. Last-position logits within 1e-3 of transformers', and 20 greedy tokens equal (each step's
